@@ -32,7 +32,7 @@ from pathlib import Path
 __all__ = ["ModelSpec", "make_model", "VOCAB_WORDS", "SPECIAL_TOKENS", "EOS_TOKEN"]
 
 MARKER = "resilient_ep_model.json"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -184,6 +184,7 @@ def make_model(
         _build(spec, tmp)
         marker.unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
+            f.chmod(0o644)
             os.replace(f, out / f.name)
         (out / MARKER).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
     finally:
@@ -215,6 +216,14 @@ def _save_tokenizer(spec: ModelSpec, out: Path) -> None:
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(out)
+    # transformers 5 writes tokenizer_class "TokenizersBackend", unknown to transformers 4;
+    # "PreTrainedTokenizerFast" loads in both. Older readers also look for special_tokens_map.json.
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
+    special = {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": UNK_TOKEN}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
 
 
 def _config(spec: ModelSpec):
@@ -263,6 +272,7 @@ def _save_model(spec: ModelSpec, out: Path) -> None:
     raw = json.loads(cfg_path.read_text())
     raw.setdefault("num_experts", spec.num_experts)
     raw.setdefault("rope_theta", spec.rope_theta)
+    raw.setdefault("torch_dtype", "float32")
     cfg_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
