@@ -1,0 +1,376 @@
+"""Resilience configuration: nested frozen dataclasses, one docstring per field.
+
+Three ways in, one object out:
+
+- ``ResilienceConfig.from_yaml(path)``: the engine config YAML (``examples/resilience.yaml``);
+- ``ResilienceConfig.from_dict(d)``: what an engine flag passes (``--additional-config``);
+- ``cfg.with_overrides(["detector.heartbeat_interval_ms=20", ...])``: ``key.sub=value`` strings.
+
+Every error is a :class:`ConfigError` that names the dotted field and the offending value,
+for example ``placement.redundant_slots_per_rank: must be >= 0, got -1``. ``enabled=False``
+turns the whole layer into a no-op; every other default works out of the box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DetectorConfig",
+    "PlacementConfig",
+    "TransportConfig",
+    "KVCheckpointConfig",
+    "ShadowConfig",
+    "RepairConfig",
+    "RecoveryConfig",
+    "MetricsConfig",
+    "ResilienceConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible.
+
+    ``field`` is the dotted path (``kv_checkpoint.interval_tokens``), ``value`` what was given.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str):
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}: {reason}, got {value!r}")
+
+
+def _check(cond: bool, field: str, value: Any, reason: str) -> None:
+    if not cond:
+        raise ConfigError(field, value, reason)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Failure detection: crashes from the transport, hangs from heartbeats."""
+
+    heartbeat_interval_ms: float = 50.0
+    """How often each rank sends a heartbeat to every peer."""
+
+    heartbeat_timeout_ms: float = 150.0
+    """A peer silent for this long is declared hung and fenced. Must exceed the interval."""
+
+    crash_detection: bool = True
+    """Declare a peer dead as soon as its connection drops (socket monitor), without waiting
+    for the heartbeat timeout."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.heartbeat_interval_ms > 0, f"{prefix}.heartbeat_interval_ms",
+               self.heartbeat_interval_ms, "must be > 0")
+        _check(self.heartbeat_timeout_ms > self.heartbeat_interval_ms,
+               f"{prefix}.heartbeat_timeout_ms", self.heartbeat_timeout_ms,
+               f"must be > heartbeat_interval_ms ({self.heartbeat_interval_ms})")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where logical experts and their replicas live."""
+
+    redundant_slots_per_rank: int = 1
+    """Extra physical expert slots on each rank, filled with replicas of hot or exposed experts."""
+
+    fault_aware: bool = True
+    """Spread replicas of one expert over distinct ranks and nodes to maximise the chance that
+    every expert keeps a live replica after failures. False: place by load alone."""
+
+    max_balancedness_loss: float = 0.05
+    """Fault-aware placement gives up at most this fraction of balancedness
+    (mean rank load / max rank load) against load-only placement."""
+
+    ranks_per_node: int = 8
+    """Ranks that share a node (and fail together when the node does)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.redundant_slots_per_rank >= 0, f"{prefix}.redundant_slots_per_rank",
+               self.redundant_slots_per_rank, "must be >= 0")
+        _check(0.0 <= self.max_balancedness_loss < 1.0, f"{prefix}.max_balancedness_loss",
+               self.max_balancedness_loss, "must be in [0, 1)")
+        _check(self.ranks_per_node >= 1, f"{prefix}.ranks_per_node", self.ranks_per_node,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Dispatch/combine and control messages between ranks."""
+
+    backend: Literal["zmq", "deepep", "nccl"] = "zmq"
+    """``zmq``: ZeroMQ over ipc:// or tcp://127.0.0.1 (CPU, any machine). ``deepep``: DeepEP
+    low-latency kernels with rank masks (GPU). ``nccl``: NCCL all-to-all (GPU, no masking)."""
+
+    address: Literal["ipc", "tcp"] = "ipc"
+    """zmq only: ``ipc`` (Unix sockets in a private temp dir) or ``tcp`` (127.0.0.1)."""
+
+    step_timeout_ms: float = 2000.0
+    """Deadline of one dispatch or combine receive. A peer that misses it is suspected and
+    the detector decides; nothing waits forever."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.step_timeout_ms > 0, f"{prefix}.step_timeout_ms", self.step_timeout_ms,
+               "must be > 0")
+
+
+@dataclass(frozen=True)
+class KVCheckpointConfig:
+    """Asynchronous, incremental checkpoints of running requests' KV blocks."""
+
+    enabled: bool = True
+    """Checkpoint KV blocks so a request whose rank dies resumes instead of re-prefilling."""
+
+    interval_tokens: int = 16
+    """Bound on the lag: a request's checkpoint never trails its KV cache by more tokens."""
+
+    store: Literal["peer", "shm", "file"] = "peer"
+    """``peer``: host memory of other ranks; ``shm``: local shared memory; ``file``: files
+    (survive a host restart)."""
+
+    replicas: int = 1
+    """Copies of each checkpoint, on distinct stores/ranks."""
+
+    path: str = ""
+    """``file`` store only: directory for checkpoint files (default: a temp dir)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.interval_tokens >= 1, f"{prefix}.interval_tokens", self.interval_tokens,
+               "must be >= 1")
+        _check(self.replicas >= 1, f"{prefix}.replicas", self.replicas, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow experts: copies of other ranks' experts kept in residual memory."""
+
+    enabled: bool = False
+    """Keep shadow copies of experts that would otherwise lose their last replica."""
+
+    memory_fraction: float = 0.1
+    """Fraction of free device memory shadows may use."""
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 <= self.memory_fraction <= 1.0, f"{prefix}.memory_fraction",
+               self.memory_fraction, "must be in [0, 1]")
+
+
+RepairSource = Literal["shadow", "peer", "host", "remote", "disk"]
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Restoring coverage when an expert lost every live replica."""
+
+    sources: tuple[RepairSource, ...] = ("shadow", "peer", "host", "remote", "disk")
+    """Weight sources, cheapest first; the first that holds the expert is used."""
+
+    host_backup: bool = True
+    """Keep a host-memory copy of this rank's experts for repair."""
+
+    def validate(self, prefix: str) -> None:
+        allowed = typing.get_args(RepairSource)
+        for i, s in enumerate(self.sources):
+            _check(s in allowed, f"{prefix}.sources[{i}]", s, f"must be one of {list(allowed)}")
+        _check(len(self.sources) > 0, f"{prefix}.sources", list(self.sources),
+               "must name at least one source")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """What the instance does when a rank fails."""
+
+    on_uncovered: Literal["degrade", "fail"] = "degrade"
+    """A token routed to an expert with no live replica: ``degrade`` drops that expert from
+    the token's top-k and renormalises the rest (the output is no longer exact); ``fail``
+    finishes the request with an error that names the experts."""
+
+    migrate_requests: bool = True
+    """Move the dead rank's requests to survivors (resume from KV checkpoint or recompute)."""
+
+    max_failures: int = 0
+    """Stop serving once more than this many ranks are down at once (0: until one is left)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures,
+               "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What is recorded and where it is shown."""
+
+    enabled: bool = True
+    """Record per-step timings, stalls and recovery events."""
+
+    timeline_path: str = ""
+    """Write the per-step timeline as JSON lines here (empty: keep in memory only)."""
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """The whole resilience layer. ``enabled=False`` is a no-op."""
+
+    enabled: bool = True
+    """Master switch."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    """Failure detection (crash and hang)."""
+
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Expert placement with replicas."""
+
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Dispatch/combine transport."""
+
+    kv_checkpoint: KVCheckpointConfig = field(default_factory=KVCheckpointConfig)
+    """KV-cache checkpointing."""
+
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    """Shadow experts."""
+
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    """Weight repair."""
+
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    """Recovery policy."""
+
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Metrics and timelines."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            validate = getattr(section, "validate", None)
+            if validate is not None:
+                validate(f.name)
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ResilienceConfig":
+        """Build from a plain dict (YAML, JSON, ``--additional-config``). Unknown keys,
+        wrong types and impossible values raise :class:`ConfigError`."""
+        if data is None:
+            return cls()
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ResilienceConfig":
+        """Load a YAML file; a top-level ``resilience:`` key is accepted and unwrapped."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError("resilience_config", str(path), f"cannot read file ({e.strerror})")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("resilience_config", str(path), f"invalid YAML ({e})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("resilience_config", str(path), "top level must be a mapping")
+        if set(data) == {"resilience"}:
+            data = data["resilience"] or {}
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "ResilienceConfig":
+        """Apply ``dotted.key=value`` strings (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("override", item, "must look like key.sub=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            node = data
+            parts = key.split(".")
+            for depth, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(".".join(parts[: depth + 1]), item, "unknown section")
+                node = node[part]
+            node[parts[-1]] = value
+        return ResilienceConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists), the inverse of :meth:`from_dict`."""
+
+        def conv(v: Any) -> Any:
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+
+        return conv(self)
+
+
+# --------------------------------------------------------------------- generic builder
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "resilience"
+    if not isinstance(data, dict):
+        raise ConfigError(where, data, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(dotted, value, f"unknown key (known: {sorted(known)})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not e.field.startswith(prefix):
+            raise ConfigError(f"{prefix}.{e.field}", e.value, e.reason) from None
+        raise
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(dotted, value, f"must be one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(dotted, value, "must be a list")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(alt, value, dotted)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(dotted, value, " or ".join(errors))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(dotted, value, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(dotted, value, "must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(dotted, value, "must be a string")
+        return value
+    return value

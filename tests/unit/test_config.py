@@ -1,0 +1,75 @@
+import pytest
+
+from resilient_ep.config import ConfigError, ResilienceConfig
+
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "resilience.yaml"
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = ResilienceConfig()
+    assert cfg.enabled and cfg.detector.heartbeat_interval_ms == 50.0
+    assert ResilienceConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_example_yaml_loads_and_differs_from_nothing_unknown():
+    cfg = ResilienceConfig.from_yaml(EXAMPLE)
+    assert isinstance(cfg, ResilienceConfig)
+
+
+def test_yaml_with_resilience_wrapper(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("resilience:\n  detector:\n    heartbeat_interval_ms: 20\n    heartbeat_timeout_ms: 80\n")
+    cfg = ResilienceConfig.from_yaml(f)
+    assert cfg.detector.heartbeat_interval_ms == 20.0 and cfg.detector.heartbeat_timeout_ms == 80.0
+
+
+@pytest.mark.parametrize("data, field, fragment", [
+    pytest.param({"detectr": {}}, "detectr", "unknown key", id="unknown_section"),
+    pytest.param({"detector": {"interval": 3}}, "detector.interval", "unknown key", id="unknown_field"),
+    pytest.param({"detector": {"heartbeat_interval_ms": "fast"}}, "detector.heartbeat_interval_ms",
+                 "number", id="wrong_type"),
+    pytest.param({"kv_checkpoint": {"interval_tokens": 0}}, "kv_checkpoint.interval_tokens", ">= 1",
+                 id="impossible_value"),
+    pytest.param({"detector": {"heartbeat_timeout_ms": 10}}, "detector.heartbeat_timeout_ms",
+                 "heartbeat_interval_ms", id="cross_field"),
+    pytest.param({"transport": {"backend": "mpi"}}, "transport.backend", "one of", id="bad_choice"),
+    pytest.param({"repair": {"sources": ["shadow", "tape"]}}, "repair.sources[1]", "one of",
+                 id="bad_list_item"),
+    pytest.param({"enabled": "yes"}, "enabled", "true or false", id="bool_as_string"),
+    pytest.param({"placement": {"redundant_slots_per_rank": 1.5}}, "placement.redundant_slots_per_rank",
+                 "integer", id="float_for_int"),
+])
+def test_errors_name_the_field_and_value(data, field, fragment):
+    with pytest.raises(ConfigError) as ei:
+        ResilienceConfig.from_dict(data)
+    assert ei.value.field == field
+    assert fragment in str(ei.value)
+    assert field in str(ei.value)
+
+
+def test_overrides():
+    cfg = ResilienceConfig().with_overrides(["detector.heartbeat_timeout_ms=300",
+                                             "recovery.on_uncovered=fail", "enabled=false"])
+    assert cfg.detector.heartbeat_timeout_ms == 300.0
+    assert cfg.recovery.on_uncovered == "fail"
+    assert cfg.enabled is False
+
+
+@pytest.mark.parametrize("item, field", [
+    pytest.param("detector.nope=1", "detector.nope", id="unknown_leaf"),
+    pytest.param("nosuch.section.key=1", "nosuch", id="unknown_section"),
+    pytest.param("detector", "override", id="no_equals"),
+])
+def test_bad_overrides(item, field):
+    with pytest.raises(ConfigError) as ei:
+        ResilienceConfig().with_overrides([item])
+    assert ei.value.field == field
+
+
+def test_bad_yaml_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("detector: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        ResilienceConfig.from_yaml(f)
+    with pytest.raises(ConfigError, match="cannot read"):
+        ResilienceConfig.from_yaml(tmp_path / "missing.yaml")
