@@ -1,0 +1,150 @@
+"""The resilience flags on vLLM's ``EngineArgs``, and where they take effect.
+
+vLLM offers no hook for plugin flags, so three ``EngineArgs`` methods are wrapped (each
+wrapper checks the upstream signature, is marked, and installs once):
+
+- ``EngineArgs.add_cli_args``: adds the ``Resilience`` group (``--enable-resilience``,
+  ``--resilience-config FILE.yaml``, ``--resilience-set key.sub=value``). vLLM loads general
+  plugins before it builds any parser (``AsyncEngineArgs.add_cli_args``), so ``vllm serve``
+  shows them.
+- ``EngineArgs.from_cli_args``: carries the flags into ``additional_config["resilience"]``
+  (flags win over ``--additional-config``), and adds the ``/resilience/status`` middleware to
+  the API server's ``--middleware`` list.
+- ``EngineArgs.create_engine_config``: the one place every entry (``vllm serve``, ``LLM()``,
+  ``AsyncLLM``) passes before engine processes start. When resilience is on it validates and
+  resolves the config (a bad value fails here, naming the dotted field), installs the worker
+  extension, and activates the plugin for this process and the ones it starts (see
+  ``plugin.activate``). When off it changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+from .config import KEY, is_enabled, normalize
+
+__all__ = ["install", "is_installed", "STATUS_MIDDLEWARE", "WORKER_EXTENSION"]
+
+NAME = "vllm-engine-args-hooks"
+STATUS_MIDDLEWARE = "resilient_ep.engines.vllm.status.ResilienceStatusMiddleware"
+WORKER_EXTENSION = "resilient_ep.engines.vllm.worker.ResilienceWorkerExtension"
+_FLAGS = ("--enable-resilience", "--resilience-config", "--resilience-set")
+
+
+def add_resilience_args(parser: Any) -> Any:
+    """Add the Resilience group to ``parser`` (once per parser)."""
+    if "--enable-resilience" in getattr(parser, "_option_string_actions", {}):
+        return parser
+    group = parser.add_argument_group(
+        title="Resilience",
+        description="resilient-ep: keep serving when an expert-parallel rank fails.",
+    )
+    group.add_argument("--enable-resilience", action="store_true", default=False,
+                       help="Turn on the resilience layer (same as --additional-config "
+                            "'{\"resilience\": {}}').")
+    group.add_argument("--resilience-config", metavar="FILE.yaml", default=None,
+                       help="Resilience settings (YAML); implies --enable-resilience.")
+    group.add_argument("--resilience-set", metavar="KEY=VALUE", action="append", default=None,
+                       help="Override one setting, e.g. detector.heartbeat_interval_ms=20 "
+                            "(repeatable); implies --enable-resilience.")
+    return parser
+
+
+def merge_flags(args: argparse.Namespace, additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``additional_config`` with the resilience flags of ``args`` folded in."""
+    out = dict(additional_config or {})
+    enable = bool(getattr(args, "enable_resilience", False))
+    path = getattr(args, "resilience_config", None)
+    overrides = list(getattr(args, "resilience_set", None) or [])
+    if not (enable or path or overrides):
+        return out
+    raw = out.get(KEY)
+    section = dict(raw) if isinstance(raw, dict) else {}
+    section["enabled"] = True
+    if path:
+        section["config_file"] = str(path)
+    if overrides:
+        section["overrides"] = list(section.get("overrides") or []) + overrides
+    out[KEY] = section
+    return out
+
+
+def _engine_args_cls():
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs
+
+
+def check() -> None:
+    from .patches import PatchError, check_version, expect_signature
+
+    check_version(NAME)
+    cls = _engine_args_cls()
+    expect_signature(NAME, cls.add_cli_args, ("parser",))
+    expect_signature(NAME, cls.__dict__["from_cli_args"].__func__, ("cls", "args"))
+    expect_signature(NAME, cls.create_engine_config, ("self", "usage_context", "headless"))
+    for field in ("additional_config", "worker_extension_cls"):
+        if field not in cls.__dataclass_fields__:
+            raise PatchError(f"{NAME}: EngineArgs has no field {field}")
+
+
+def is_installed() -> bool:
+    from .patches import is_marked
+
+    cls = _engine_args_cls()
+    return is_marked(cls.__dict__["create_engine_config"], NAME)
+
+
+def install() -> None:
+    """Wrap the three ``EngineArgs`` methods (idempotent)."""
+    from .patches import is_marked, mark
+
+    cls = _engine_args_cls()
+    if is_marked(cls.__dict__["create_engine_config"], NAME):
+        return
+    check()
+
+    orig_add = cls.__dict__["add_cli_args"].__func__  # staticmethod
+
+    @functools.wraps(orig_add)
+    def add_cli_args(parser):
+        return add_resilience_args(orig_add(parser))
+
+    orig_from = cls.__dict__["from_cli_args"].__func__  # classmethod
+
+    @functools.wraps(orig_from)
+    def from_cli_args(klass, args):
+        engine_args = orig_from(klass, args)
+        engine_args.additional_config = merge_flags(args, engine_args.additional_config)
+        if is_enabled(engine_args.additional_config):
+            middleware = getattr(args, "middleware", None)
+            if isinstance(middleware, list) and STATUS_MIDDLEWARE not in middleware:
+                middleware.append(STATUS_MIDDLEWARE)
+        return engine_args
+
+    orig_create = cls.__dict__["create_engine_config"]
+
+    @functools.wraps(orig_create)
+    def create_engine_config(self, usage_context=None, headless=False):
+        from . import plugin
+
+        if is_enabled(self.additional_config):
+            self.additional_config = dict(self.additional_config)
+            normalize(self.additional_config)
+            if not self.worker_extension_cls:
+                self.worker_extension_cls = WORKER_EXTENSION
+            elif self.worker_extension_cls != WORKER_EXTENSION:
+                raise ValueError(
+                    f"--enable-resilience installs worker_extension_cls={WORKER_EXTENSION}; "
+                    f"{self.worker_extension_cls} is set already (subclass ours to combine them)"
+                )
+            plugin.activate()
+        else:
+            plugin.deactivate_children()
+        return orig_create(self, usage_context, headless)
+
+    cls.add_cli_args = staticmethod(mark(add_cli_args, NAME, orig_add))
+    cls.from_cli_args = classmethod(mark(from_cli_args, NAME, orig_from))
+    cls.create_engine_config = mark(create_engine_config, NAME, orig_create)

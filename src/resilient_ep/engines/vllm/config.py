@@ -1,0 +1,130 @@
+"""vLLM's configuration -> the core's neutral :class:`ResilienceConfig`.
+
+Three ways in, all ending in ``VllmConfig.additional_config["resilience"]``:
+
+- ``vllm serve MODEL --enable-resilience [--resilience-config FILE.yaml]
+  [--resilience-set key.sub=value ...]`` (flags added by ``cli_args.py``);
+- ``vllm serve MODEL --additional-config '{"resilience": {...}}'``;
+- ``LLM(MODEL, additional_config={"resilience": {...}})``.
+
+The ``resilience`` dict holds :class:`ResilienceConfig` fields plus two adapter keys:
+``config_file`` (a YAML file, read in the front-end process) and ``overrides``
+(``["key.sub=value", ...]``). :func:`normalize` resolves both in the front end and writes the
+full, validated config back, so engine processes need neither the file nor the flags.
+A ``resilience`` key that is absent, or ``{"enabled": false}``, leaves vLLM untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from resilient_ep.config import ConfigError, ResilienceConfig
+
+__all__ = ["KEY", "VllmTopology", "resilience_settings", "is_enabled", "normalize",
+           "resilience_config", "topology"]
+
+KEY = "resilience"
+_ADAPTER_KEYS = ("config_file", "overrides")
+
+
+def resilience_settings(additional_config: Any) -> dict[str, Any] | None:
+    """The raw ``resilience`` dict of an ``additional_config`` (None when absent)."""
+    if not additional_config:
+        return None
+    if not isinstance(additional_config, dict):
+        raise ConfigError("additional_config", additional_config, "must be a mapping")
+    raw = additional_config.get(KEY)
+    if raw is None:
+        return None
+    if raw is True:  # {"resilience": true}: on with defaults
+        return {}
+    if raw is False:
+        return {"enabled": False}
+    if not isinstance(raw, dict):
+        raise ConfigError(KEY, raw, "must be a mapping (or true/false)")
+    return raw
+
+
+def is_enabled(additional_config: Any) -> bool:
+    raw = resilience_settings(additional_config)
+    return raw is not None and raw.get("enabled", True) is not False
+
+
+def resilience_config(additional_config: Any) -> ResilienceConfig | None:
+    """Validated config from an ``additional_config``; None when resilience is off."""
+    raw = resilience_settings(additional_config)
+    if raw is None:
+        return None
+    data = {k: v for k, v in raw.items() if k not in _ADAPTER_KEYS}
+    path = raw.get("config_file")
+    if path:
+        base = ResilienceConfig.from_yaml(path).to_dict()
+        cfg = ResilienceConfig.from_dict(_merge(base, data))
+    else:
+        cfg = ResilienceConfig.from_dict(data)
+    overrides = raw.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"{KEY}.overrides", overrides, "must be a list of key.sub=value")
+    if overrides:
+        cfg = cfg.with_overrides(list(overrides))
+    return cfg if cfg.enabled else None
+
+
+def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Resolve file and overrides in place; returns the additional_config (None if off)."""
+    cfg = resilience_config(additional_config)
+    if cfg is None:
+        return None
+    assert additional_config is not None
+    additional_config[KEY] = cfg.to_dict()
+    return additional_config
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class VllmTopology:
+    """The parallel layout of one vLLM instance, in the core's terms.
+
+    ``ep_size`` ranks hold experts: rank ``dp_rank * tp_size + tp_rank`` for every data-parallel
+    engine (``dp_size`` of them) and tensor-parallel worker (``tp_size`` each), as vLLM's
+    ``--enable-expert-parallel`` lays them out. ``num_redundant_experts`` physical slots beyond
+    the logical experts serve as replicas.
+    """
+
+    dp_size: int
+    tp_size: int
+    pp_size: int
+    expert_parallel: bool
+    num_redundant_experts: int
+
+    @property
+    def ep_size(self) -> int:
+        return self.dp_size * self.tp_size if self.expert_parallel else 1
+
+    def ep_rank(self, dp_rank: int, tp_rank: int) -> int:
+        return dp_rank * self.tp_size + tp_rank if self.expert_parallel else 0
+
+
+def topology(vllm_config: Any) -> VllmTopology:
+    """Read the parallel layout from a ``VllmConfig`` (or anything with ``parallel_config``)."""
+    pc = vllm_config.parallel_config
+    eplb = getattr(pc, "eplb_config", None)
+    return VllmTopology(
+        dp_size=int(pc.data_parallel_size),
+        tp_size=int(pc.tensor_parallel_size),
+        pp_size=int(pc.pipeline_parallel_size),
+        expert_parallel=bool(pc.enable_expert_parallel),
+        num_redundant_experts=int(getattr(eplb, "num_redundant_experts", 0) or 0),
+    )

@@ -1,0 +1,102 @@
+"""Runtime patches for what vLLM lacks, one module per upstream symbol.
+
+Each module names its ledger entry (``patches/vllm-<name>.md`` at the repository root: why,
+how, the vLLM version checked, when it can go, and the change as a diff against upstream)
+and exposes the same small interface:
+
+- ``NAME``: the ledger entry's name (``vllm-<name>``);
+- ``check()``: raises :class:`PatchError` unless the installed vLLM still has the upstream
+  symbol this patch was written against (version and signature);
+- ``apply()``: installs the patch; applying twice is a no-op (the replacement is marked);
+- ``is_applied()``.
+
+Patches are applied only where resilience is enabled (see ``plugin.py``): without
+``--enable-resilience`` the plugin leaves vLLM exactly as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["PatchError", "CPU_EP_PATCHES", "apply_patches", "applied_patches",
+           "expect_signature", "mark", "is_marked", "vllm_version"]
+
+# The vLLM versions every patch here was checked against. Anything else fails loudly.
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+
+# Patches that make expert parallelism work on vLLM's CPU backend.
+CPU_EP_PATCHES = (
+    "resilient_ep.engines.vllm.patches.cpu_moe_expert_map",
+    "resilient_ep.engines.vllm.patches.cpu_communicator_gatherv",
+)
+
+_MARK = "__resilient_ep_patch__"
+
+
+class PatchError(RuntimeError):
+    """The installed vLLM is not the one a patch was written against."""
+
+
+def vllm_version() -> str:
+    from vllm import __version__
+
+    return __version__.split("+", 1)[0]
+
+
+def check_version(name: str) -> None:
+    version = vllm_version()
+    if version not in SUPPORTED_VLLM_VERSIONS:
+        raise PatchError(
+            f"{name}: written against vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, "
+            f"found {version}; re-check patches/{name}.md against this vLLM before use"
+        )
+
+
+def expect_signature(name: str, func: Callable[..., Any], params: Iterable[str]) -> None:
+    """Raise :class:`PatchError` unless ``func`` takes exactly ``params`` (in order)."""
+    target = getattr(func, "__wrapped__", func) if is_marked(func) else func
+    got = list(inspect.signature(target).parameters)
+    want = list(params)
+    if got != want:
+        raise PatchError(
+            f"{name}: {getattr(target, '__qualname__', target)} takes {got}, "
+            f"the patch expects {want}; see patches/{name}.md"
+        )
+
+
+def mark(func: Callable[..., Any], name: str, wrapped: Callable[..., Any] | None) -> Callable[..., Any]:
+    setattr(func, _MARK, name)
+    if wrapped is not None:
+        func.__wrapped__ = wrapped  # type: ignore[attr-defined]
+    return func
+
+
+def is_marked(func: Any, name: str | None = None) -> bool:
+    got = getattr(func, _MARK, None)
+    return got is not None and (name is None or got == name)
+
+
+def apply_patches(modules: Iterable[str] = CPU_EP_PATCHES) -> list[str]:
+    """Check and apply the named patch modules; returns the ledger names applied."""
+    names = []
+    for path in modules:
+        mod = importlib.import_module(path)
+        mod.check()
+        mod.apply()
+        names.append(mod.NAME)
+    return names
+
+
+def applied_patches(modules: Iterable[str] = CPU_EP_PATCHES) -> list[str]:
+    """Ledger names of the patches installed in this process (imports nothing new)."""
+    import sys
+
+    out = []
+    for path in modules:
+        mod = sys.modules.get(path)
+        if mod is not None and mod.is_applied():
+            out.append(mod.NAME)
+    return out

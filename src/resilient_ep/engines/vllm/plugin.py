@@ -1,0 +1,100 @@
+"""The ``vllm.general_plugins`` entry point of resilient-ep.
+
+vLLM calls :func:`register` in every process it starts (API server, engine cores, workers),
+sometimes more than once, and before it builds its CLI parser. It must be cheap and
+idempotent: it wraps three ``EngineArgs`` methods (``cli_args.install``) and nothing else
+unless resilience is on.
+
+Resilience is turned on per engine, in the front-end process, by ``--enable-resilience``,
+``--resilience-config``, ``--additional-config '{"resilience": {...}}'`` or
+``LLM(..., additional_config={"resilience": {...}})``. The front end then calls
+:func:`activate`, which marks the processes it is about to start through the environment
+(``RESILIENT_EP_VLLM_ACTIVE=1``); their ``register()`` sees it and installs what the
+resilience path needs there (on the CPU backend: the expert-parallel patches of ``patches/``).
+Without any of these switches vLLM runs exactly as without the plugin.
+
+Set ``RESILIENT_EP_PLUGIN_TRACE=FILE`` to append one JSON line per ``register()`` call
+(pid, whether it was the first call in the process, what it applied); tests use it to show
+that the plugin loads in every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+__all__ = ["register", "activate", "deactivate_children", "is_active", "ACTIVE_ENV"]
+
+ACTIVE_ENV = "RESILIENT_EP_VLLM_ACTIVE"
+TRACE_ENV = "RESILIENT_EP_PLUGIN_TRACE"
+
+_registered = False
+_active = False
+_applied: list[str] = []
+
+
+def register() -> None:
+    """Entry point (``vllm.general_plugins``). Idempotent; imports no model code."""
+    global _registered
+    first = not _registered
+    if first:
+        from .cli_args import install
+
+        install()
+        _registered = True
+        if os.environ.get(ACTIVE_ENV) == "1":
+            activate()
+    _trace("register", first=first)
+
+
+def is_active() -> bool:
+    return _active
+
+
+def activate() -> list[str]:
+    """Turn resilience on in this process and in the processes it starts from now on."""
+    global _active
+    os.environ[ACTIVE_ENV] = "1"
+    if not _active:
+        _active = True
+        _applied.extend(_apply_backend_patches())
+        _trace("activate")
+    return list(_applied)
+
+
+def deactivate_children() -> None:
+    """An engine without resilience is being created: its processes must not inherit the
+    switch from an earlier engine of this process."""
+    os.environ.pop(ACTIVE_ENV, None)
+
+
+def _apply_backend_patches() -> list[str]:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    from .patches import CPU_EP_PATCHES, apply_patches
+
+    return apply_patches(CPU_EP_PATCHES)
+
+
+def _process_title() -> str:
+    """What ``ps`` shows (vLLM renames its processes, e.g. ``VLLM::EngineCore_DP0``)."""
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return os.path.basename(sys.argv[0]) if sys.argv else ""
+
+
+def _trace(event: str, **extra) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    record = {"event": event, "pid": os.getpid(), "ppid": os.getppid(), "time": time.time(),
+              "title": _process_title(),
+              "active": _active, "applied": list(_applied), **extra}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

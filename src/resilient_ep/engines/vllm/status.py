@@ -1,0 +1,145 @@
+"""``GET /resilience/status`` on vLLM's OpenAI API server.
+
+Installed through vLLM's own ``--middleware`` option (``cli_args.py`` appends
+:data:`~resilient_ep.engines.vllm.cli_args.STATUS_MIDDLEWARE` when resilience is on), as a
+pure ASGI middleware that answers one path and passes everything else through.
+
+The answer has the reference runtime's shape::
+
+    {"engine": "vllm", "epoch": 0,
+     "ranks": [{"rank": 0, "pid": 1234, "state": "live", "dp_rank": 0, "tp_rank": 0,
+                "engine_pid": 1234, "num_local_experts": 4}, ...],
+     "uncovered_experts": [],          # [layer, expert] pairs with no live replica
+     "num_experts": 8}
+
+``rank`` is the expert-parallel rank (``dp_rank * tp_size + tp_rank``); ``pid`` is that
+rank's worker process (with TP=1 it is the engine-core process itself, ``engine_pid``).
+Who is who is asked once from the workers (``collective_rpc`` of the worker extension, with a
+deadline) and cached; ``state`` is then re-read from the process table on every request
+(``live`` / ``dead``), and ``uncovered_experts`` is computed from the experts the live ranks
+hold. ``epoch`` stays 0 until failover exists in the vLLM adapter: today vLLM itself stops
+the whole instance when an engine rank dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+__all__ = ["ResilienceStatusMiddleware", "build_status", "PATH"]
+
+PATH = "/resilience/status"
+RPC_TIMEOUT_S = 10.0
+RANK_INFO_METHOD = "resilient_ep_rank_info"
+
+
+def _pid_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return "dead" if state in ("Z", "X") else "live"
+    except FileNotFoundError:
+        return "dead"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return "live"
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        return "live"
+
+
+def build_status(infos: list[dict[str, Any]], epoch: int = 0) -> dict[str, Any]:
+    """The status document from the workers' ``resilient_ep_rank_info`` answers."""
+    ranks = []
+    held: dict[tuple[int, int], int] = {}  # (layer, expert) -> live replicas
+    num_experts = 0
+    for info in sorted(infos, key=lambda i: i["ep_rank"]):
+        state = _pid_state(int(info["pid"]))
+        layers = info.get("local_experts") or []
+        ranks.append({
+            "rank": int(info["ep_rank"]), "pid": int(info["pid"]), "state": state,
+            "dp_rank": int(info["dp_rank"]), "tp_rank": int(info["tp_rank"]),
+            "engine_pid": int(info["engine_pid"]),
+            "num_local_experts": len(layers[0]) if layers else 0,
+        })
+        for layer, experts in enumerate(layers):
+            for e in experts:
+                num_experts = max(num_experts, e + 1)
+                held.setdefault((layer, e), 0)
+                if state == "live":
+                    held[(layer, e)] += 1
+    uncovered = sorted([layer, e] for (layer, e), n in held.items() if n == 0)
+    return {"engine": "vllm", "epoch": epoch, "ranks": ranks,
+            "uncovered_experts": uncovered, "num_experts": num_experts}
+
+
+async def query_rank_infos(engine_client: Any, timeout_s: float = RPC_TIMEOUT_S) -> list[dict]:
+    """Ask every worker of every engine (all DP ranks, not only the first)."""
+    core = engine_client.engine_core
+    call_all = getattr(core, "call_utility_all_async", None)
+    if call_all is not None:
+        per_engine = await asyncio.wait_for(
+            call_all("collective_rpc", RANK_INFO_METHOD, timeout_s, (), None), timeout_s)
+    else:  # in-process engine core
+        per_engine = [await asyncio.wait_for(
+            engine_client.collective_rpc(RANK_INFO_METHOD, timeout=timeout_s), timeout_s)]
+    return [info for workers in per_engine for info in workers]
+
+
+class ResilienceStatusMiddleware:
+    """Pure ASGI middleware answering ``GET /resilience/status``."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self._infos: list[dict[str, Any]] | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("path") != PATH:
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await _respond(send, 405, {"error": "method not allowed"})
+            return
+        starlette_app = scope.get("app")
+        state = getattr(starlette_app, "state", None)
+        if not _authorized(scope, state):
+            await _respond(send, 401, {"error": "Unauthorized"})
+            return
+        engine_client = getattr(state, "engine_client", None)
+        if engine_client is None:
+            await _respond(send, 503, {"error": "engine not ready"})
+            return
+        try:
+            async with self._lock:
+                if self._infos is None:
+                    self._infos = await query_rank_infos(engine_client)
+            body = build_status(self._infos)
+        except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
+            await _respond(send, 503, {"error": f"engine ranks did not answer: {e!r}"})
+            return
+        await _respond(send, 200, body)
+
+
+def _authorized(scope, state) -> bool:
+    """Same rule as vLLM's AuthenticationMiddleware (``--api-key`` / ``VLLM_API_KEY``)."""
+    args = getattr(state, "args", None)
+    tokens = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+    if not tokens:
+        return True
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode()
+    return any(auth == f"Bearer {t}" for t in tokens)
+
+
+async def _respond(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
