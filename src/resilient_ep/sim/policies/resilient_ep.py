@@ -1,0 +1,110 @@
+"""This project's policy, on the core's own placement code (``resilient_ep.placement``).
+
+- Layout: ``placement.place(load, fault_aware=True)`` over ``placement_layers`` layers of a
+  Zipf expert load, on the model's slots plus ``shadow_slots_per_rank`` in residual memory; its cost in balance against ``placement.place_by_load`` (what the
+  baselines run) scales ``timing.load_imbalance``. Per-rank loads come from the core's
+  ``ExpertLayout.rank_load`` restricted to live ranks.
+- Failure: the instance blocks until detection, then fence + ``replan`` + one table flip
+  (``reroute_s``). Experts in ``replan(...).uncovered`` are copied from the cheapest source in
+  ``repair_sources`` that can hold a copy of an expert with no live replica (host, remote,
+  disk) before serving resumes: coverage before speed. If ``replan`` reports experts it cannot
+  give a slot (more lost experts than live slots), the instance stays blocked until a rank
+  rejoins: it cannot serve the model.
+- Requests of the dead rank are restored from KV checkpoints (as ``shadow_kv``).
+- The rank is relaunched in the background, loads its weights from ``rejoin_weights_source``
+  and is admitted with one table flip (``reintegration_flip_s``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from resilient_ep.placement import place, place_by_load, replan
+from resilient_ep.sim import repair
+from resilient_ep.sim.engine import FailureRecord, Stranded
+from resilient_ep.sim.failures import FailureEvent
+from resilient_ep.sim.policies.base import Policy
+from resilient_ep.sim.timing import expert_load
+
+__all__ = ["ResilientEP"]
+
+_NO_LIVE_COPY_SOURCES = ("host", "remote", "disk")
+
+
+class ResilientEP(Policy):
+    name = "resilient_ep"
+
+    def setup(self) -> None:
+        sc, m = self.sc, self.sc.model
+        self.spec = sc.policies.resilient_ep
+        L = min(self.spec.placement_layers, m.moe_layers)
+        self.layer_scale = m.moe_layers / L
+        self.load = torch.from_numpy(expert_load(sc, L, np.random.default_rng([sc.seed, 3])))
+        sizes = dict(num_layers=L, num_experts=m.num_experts, num_ranks=sc.ranks,
+                     slots_per_rank=sc.slots_per_rank + self.spec.shadow_slots_per_rank)
+        self.base_layout = place(self.load, num_nodes=sc.nodes, fault_aware=True, **sizes)
+        self.layout = self.base_layout
+        all_live = np.ones(sc.ranks, dtype=bool)
+        self.ref_imbalance = self._imbalance(place_by_load(self.load, **sizes), all_live)
+        self.inst.imbalance_override = self._scaled(self.layout)
+        self._held: list = []
+        sources = [s for s in self.spec.repair_sources if s in _NO_LIVE_COPY_SOURCES]
+        self.repair_source = sources[0] if sources else "disk"
+        self.weight_copies = 0.0
+        self.inst.extras["placement_imbalance_vs_load_only"] = round(
+            self._imbalance(self.layout, all_live) / self.ref_imbalance, 4)
+
+    def _imbalance(self, layout, alive: np.ndarray) -> float:
+        """Mean over layers of max / mean expert load over live ranks (core's rank_load)."""
+        rl = layout.rank_load(self.load).numpy()[:, alive]  # [L, live]
+        mean = np.maximum(rl.mean(axis=1), 1e-12)
+        return float(np.mean(rl.max(axis=1) / mean))
+
+    def _scaled(self, layout) -> float:
+        rel = self._imbalance(layout, self.inst.alive) / self.ref_imbalance
+        return self.sc.timing.load_imbalance * max(rel, 1.0 / self.sc.timing.load_imbalance)
+
+    def rejoin_source(self) -> str:
+        return self.spec.rejoin_weights_source
+
+    def reintegration_pause_s(self) -> float:
+        return self.spec.reintegration_flip_s
+
+    def recover(self, ev: FailureEvent, rec: FailureRecord, stranded: Stranded):
+        yield self.env.timeout(self.sim.detection_s(ev.kind) + self.spec.reroute_s)
+        dead = np.flatnonzero(~self.inst.alive).tolist()
+        res = replan(self.layout, dead, self.load)
+        lost = int(round(len(res.uncovered) * self.layer_scale))
+        t = repair.experts_repair_s(self.sc, self.repair_source, lost, self.inst.n_live)
+        self.weight_copies += res.moved_experts * self.layer_scale
+        self.inst.extras["expert_weight_copies"] = int(round(self.weight_copies))
+        if t > 0:
+            yield self.env.timeout(t)
+        self.layout = res.repaired_layout
+        self.inst.imbalance_override = self._scaled(self.layout)
+        self.env.process(self.restore_kv(rec, stranded,
+                                         interval_tokens=self.spec.kv_checkpoint_interval_tokens,
+                                         source=self.spec.kv_restore_source))
+        if res.unrepairable:
+            self._held.append(rec.key)
+            self.inst.extras["unservable_failures"] = \
+                self.inst.extras.get("unservable_failures", 0) + 1
+        else:
+            self.inst.unblock(rec.key)
+        self.start_rejoin(ev.rank, ev.hardware_back_s)
+
+    def on_rank_back(self, rank: int) -> None:
+        dead = np.flatnonzero(~self.inst.alive).tolist()
+        if dead:
+            res = replan(self.base_layout, dead, self.load)
+            self.layout = res.repaired_layout
+            servable = not res.unrepairable
+        else:
+            self.layout = self.base_layout
+            servable = True
+        self.inst.imbalance_override = self._scaled(self.layout)
+        if servable:
+            held, self._held = self._held, []
+            for key in held:
+                self.inst.unblock(key)
