@@ -81,6 +81,11 @@ def test_write_then_gather_returns_positions_in_order():
     assert torch.equal(gk, k) and torch.equal(gv, v)
     gk, _ = kv.gather(0, table, 10)
     assert not gk.any()  # other layer untouched
+    # gather_slots: any index shape, e.g. [B=2, Nmax=3] (a padded batch of decode requests).
+    slots = torch.stack([slot_mapping(table, 0, 3, BS), slot_mapping(table, 7, 3, BS)])
+    sk, sv = kv.gather_slots(1, slots)
+    assert sk.shape == (2, 3, KVH, D)
+    assert torch.equal(sk[1], k[7:]) and torch.equal(sv[0], v[:3])
 
 
 def test_write_checks_shapes():

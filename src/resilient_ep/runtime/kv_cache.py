@@ -15,6 +15,7 @@ Tensors (L layers, NB blocks, BS block size, KVH kv heads, D head dim)
   its storage never moves (``write_blocks`` copies into it).
 - ``write(layer, slot_mapping [T], k [T, KVH, D], v [T, KVH, D])``
 - ``gather(layer, block_table, num_tokens) -> (k [N, KVH, D], v [N, KVH, D])``  N = num_tokens.
+- ``gather_slots(layer, slots [*S]) -> (k [*S, KVH, D], v [*S, KVH, D])``  (e.g. S = [B, Nmax], padded).
 - ``read_blocks(block_ids [n]) -> [L, 2, n, BS, KVH, D]``  (a copy) and
   ``write_blocks(block_ids [n], blocks [L, 2, n, BS, KVH, D])``.
 
@@ -188,6 +189,14 @@ class PagedKVCache:
         kv = self.kv[layer][:, table]  # [2, nb, BS, KVH, D]
         kv = kv.reshape(2, nb * self.block_size, self.num_kv_heads, self.head_dim)[:, :num_tokens]
         return kv[0], kv[1]
+
+    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at flat ``slots`` of any shape ``[*S]`` → ``k, v [*S, KVH, D]`` (copies)."""
+        flat = self.kv[layer].view(2, self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        idx = slots.reshape(-1)
+        k = flat[0].index_select(0, idx).view(*slots.shape, self.num_kv_heads, self.head_dim)
+        v = flat[1].index_select(0, idx).view(*slots.shape, self.num_kv_heads, self.head_dim)
+        return k, v
 
     def read_blocks(self, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Copy of whole blocks, all layers: ``[L, 2, n, BS, KVH, D]``."""
