@@ -1,9 +1,10 @@
 """Failure events: from the scenario's trace, plus generated ones.
 
 The trace lists ``{time_s, rank, kind}`` with kind ``crash``, ``hang`` or ``recover``. A
-``recover`` ends the hardware downtime of the latest earlier failure of that rank: until then
-the rank cannot be relaunched. A failure without a later ``recover`` is a software fault: the
-rank may be relaunched on its GPU right after detection.
+``recover`` ends the hardware downtime of the latest earlier failure of that rank (one that
+no other ``recover`` ended yet): until then the rank cannot be relaunched. A failure that no
+``recover`` ends is a software fault: the rank may be relaunched on its GPU right after
+detection. A ``recover`` with no earlier failure of its rank is an error.
 
 Generated failures (``generated`` in the scenario) are Poisson processes: each rank fails with
 ``rank_mtbf_h`` (a ``hang_fraction`` of them hangs), each node with ``node_mtbf_h`` (all its
@@ -48,7 +49,6 @@ def _trace_events(sc: Scenario) -> list[FailureEvent]:
     out: list[FailureEvent] = []
     open_failure: dict[int, int] = {}  # rank -> index in out of its latest unrecovered failure
     recovered_at: dict[int, float] = {}
-    down_until: dict[int, tuple[float, int]] = {}
     for i in order:
         f = sc.failures[i]
         if f.kind == "recover":
@@ -61,21 +61,8 @@ def _trace_events(sc: Scenario) -> list[FailureEvent]:
             continue
         out.append(FailureEvent(f.time_s, f.rank, f.kind, f.time_s))
         open_failure[f.rank] = len(out) - 1
-        down_until[len(out) - 1] = (f.time_s, i)
-    fixed = []
-    for j, ev in enumerate(out):
-        back = recovered_at.get(j, ev.time_s)
-        fixed.append(FailureEvent(ev.time_s, ev.rank, ev.kind, back, "trace"))
-    # A rank cannot fail again while its hardware is down.
-    last_back: dict[int, float] = {}
-    for j, ev in enumerate(fixed):
-        if ev.rank in last_back and ev.time_s < last_back[ev.rank]:
-            raise ScenarioError(f"failures[{down_until[j][1]}]",
-                                {"time_s": ev.time_s, "rank": ev.rank, "kind": ev.kind},
-                                f"rank {ev.rank} is still down until its recover at "
-                                f"{last_back[ev.rank]} s")
-        last_back[ev.rank] = ev.hardware_back_s
-    return fixed
+    return [FailureEvent(ev.time_s, ev.rank, ev.kind, recovered_at.get(j, ev.time_s), "trace")
+            for j, ev in enumerate(out)]
 
 
 def _generated_events(sc: Scenario, rng: np.random.Generator) -> list[FailureEvent]:

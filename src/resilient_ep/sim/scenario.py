@@ -418,10 +418,11 @@ class ResilientEPSpec:
     reroute_s: float = 0.01
     """Fence + ``replan`` + one table flip after detection."""
 
-    shadow_slots_per_rank: int = 1
+    shadow_slots_per_rank: int | None = None
     """Extra expert slots per rank in residual GPU memory, handed to the core placement as
-    replica slots on top of the model's (``shadow_kv``'s shadows take
-    ``shadow_spread_ranks x slots_per_rank`` of residual memory)."""
+    replica slots on top of the model's. None: the residual memory ``shadow_kv``'s shadows
+    take, ``policies.shadow_kv.shadow_spread_ranks x slots_per_rank``, so that both policies
+    spend the same memory."""
 
     placement_layers: int = 4
     """MoE layers handed to the core placement (the others repeat them: uncovered experts
@@ -443,8 +444,9 @@ class ResilientEPSpec:
     """The one table flip between two steps that admits a repaired rank."""
 
     def validate(self, prefix: str) -> None:
-        _positive(self, prefix, "reroute_s", "reintegration_flip_s", "shadow_slots_per_rank",
-                  allow_zero=True)
+        _positive(self, prefix, "reroute_s", "reintegration_flip_s", allow_zero=True)
+        if self.shadow_slots_per_rank is not None:
+            _positive(self, prefix, "shadow_slots_per_rank", allow_zero=True)
         _positive(self, prefix, "placement_layers", "kv_checkpoint_interval_tokens")
         _check(len(self.repair_sources) > 0, f"{prefix}.repair_sources", self.repair_sources,
                "must name at least one source")

@@ -41,8 +41,11 @@ class ResilientEP(Policy):
         L = min(self.spec.placement_layers, m.moe_layers)
         self.layer_scale = m.moe_layers / L
         self.load = torch.from_numpy(expert_load(sc, L, np.random.default_rng([sc.seed, 3])))
+        shadows = self.spec.shadow_slots_per_rank
+        if shadows is None:
+            shadows = sc.policies.shadow_kv.shadow_spread_ranks * sc.slots_per_rank
         sizes = dict(num_layers=L, num_experts=m.num_experts, num_ranks=sc.ranks,
-                     slots_per_rank=sc.slots_per_rank + self.spec.shadow_slots_per_rank)
+                     slots_per_rank=sc.slots_per_rank + shadows)
         self.base_layout = place(self.load, num_nodes=sc.nodes, fault_aware=True, **sizes)
         self.layout = self.base_layout
         all_live = np.ones(sc.ranks, dtype=bool)
