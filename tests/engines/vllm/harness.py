@@ -1,0 +1,154 @@
+"""Start and stop real vLLM engines for the tests: bounded waits, loopback only, every
+process group killed in a finalizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = ["the cat sat on the", "one two three", "i want to go home", "we say that the world"]
+MAX_TOKENS = 24
+# fp32 + eager: greedy tokens are identical across TP=1, TP=2+EP, DP=2+EP (bf16 drifts),
+# and eager skips a ~60 s torch.compile warm-up per engine.
+COMMON_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512,
+                 "max_num_seqs": 8, "seed": 0}
+
+
+def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("RESILIENT_EP_VLLM_ACTIVE", None)
+    if trace is not None:
+        env["RESILIENT_EP_PLUGIN_TRACE"] = str(trace)
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (engine cores, workers)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def run_llm(model: Path, out: Path, log: Path, *, env: dict[str, str], timeout_s: float,
+            **engine_kwargs) -> dict:
+    """``LLM(model, **kwargs).generate(PROMPTS)`` in a fresh process; returns its JSON."""
+    spec = {"model": str(model), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+            "engine": {**COMMON_ENGINE, **engine_kwargs}, "out": str(out)}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(HERE / "llm_run.py"), json.dumps(spec)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_group(proc)
+    if rc != 0 or not out.exists():
+        tail = log.read_text()[-4000:]
+        raise AssertionError(f"LLM run failed (rc={rc}), log tail:\n{tail}")
+    return json.loads(out.read_text())
+
+
+class Server:
+    """``resilient-ep serve --engine vllm`` (the launcher) in its own process group."""
+
+    def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.model = str(model)
+        self.log = log
+        cmd = [sys.executable, "-m", "resilient_ep.engines.vllm.launcher", str(model),
+               "--engine", "vllm", "--port", str(self.port), *args]
+        self._f = open(log, "w")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.started_s: float | None = None
+        self._t0 = t0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float) -> float:
+        deadline = self._t0 + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited rc={self.proc.returncode}:\n{self.tail()}")
+            try:
+                if self.get("/health", timeout_s=2)[0] == 200:
+                    self.started_s = time.monotonic() - self._t0
+                    return self.started_s
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise AssertionError(f"server not ready after {timeout_s} s:\n{self.tail()}")
+
+    def get(self, path: str, timeout_s: float = 30) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout_s) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, path: str, body: dict, timeout_s: float = 120) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read())
+
+    def complete(self, prompt: str) -> list[int]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        return list(self.post("/v1/completions", body)["choices"][0]["token_ids"])
+
+    def tail(self, n: int = 4000) -> str:
+        self._f.flush()
+        return self.log.read_text()[-n:]
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self._f.close()
+
+
+def read_trace(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def process_title(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")[0].decode(errors="replace")

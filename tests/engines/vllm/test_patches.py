@@ -1,0 +1,182 @@
+"""Each ledger patch: signature check, idempotence, loud failure, and what it fixes."""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+import torch
+
+from resilient_ep.engines.vllm import patches
+from resilient_ep.engines.vllm.patches import PatchError
+
+pytestmark = pytest.mark.engine
+
+MODULES = [
+    "resilient_ep.engines.vllm.patches.cpu_moe_expert_map",
+    "resilient_ep.engines.vllm.patches.cpu_communicator_gatherv",
+]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.rsplit(".", 1)[1])
+def test_check_apply_idempotent(path):
+    mod = importlib.import_module(path)
+    mod.check()
+    mod.apply()
+    assert mod.is_applied()
+    first = {k: v for k, v in vars(_target_cls(mod)).items() if callable(v)}
+    mod.apply()  # second time: no-op
+    mod.check()  # still passes on a patched class
+    again = {k: v for k, v in vars(_target_cls(mod)).items() if callable(v)}
+    assert first == again
+    assert (os.path.exists(_ledger(mod.NAME))), f"ledger entry for {mod.NAME} missing"
+
+
+def _target_cls(mod):
+    if hasattr(mod, "_target"):
+        return mod._target()
+    return mod._classes()[1]
+
+
+def _ledger(name: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return os.path.join(root, "patches", f"{name}.md")
+
+
+def test_signature_mismatch_fails_loudly():
+    def apply(self, output, hidden_states):  # an upstream that changed its signature
+        pass
+
+    with pytest.raises(PatchError, match="vllm-cpu-moe-expert-map"):
+        patches.expect_signature("vllm-cpu-moe-expert-map", apply,
+                                 ("self", "output", "hidden_states", "topk_ids"))
+
+
+def test_unsupported_version_fails_loudly(monkeypatch):
+    monkeypatch.setattr(patches, "vllm_version", lambda: "0.99.0")
+    with pytest.raises(PatchError, match="0.99.0"):
+        importlib.import_module(MODULES[0]).check()
+
+
+def test_upstream_fix_makes_gatherv_patch_fail_loudly(monkeypatch):
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    mod = importlib.import_module(MODULES[1])
+    monkeypatch.setattr(CpuCommunicator, "all_gatherv", lambda self, x, dim=0, sizes=None: x,
+                        raising=False)
+    with pytest.raises(PatchError, match="now exists upstream"):
+        mod.check()
+
+
+# ------------------------------------------------------------ vllm-cpu-moe-expert-map
+def test_localize_topk_worked_example():
+    from resilient_ep.engines.vllm.patches.cpu_moe_expert_map import localize_topk
+
+    expert_map = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)  # rank 1 of 2 holds 2, 3
+    ids = torch.tensor([[0, 2], [3, 1]], dtype=torch.int32)
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    w2, ids2 = localize_topk(w, ids, expert_map)
+    assert ids2.tolist() == [[0, 0], [1, 0]] and ids2.dtype == ids.dtype
+    assert torch.allclose(w2, torch.tensor([[0.0, 0.4], [0.7, 0.0]]))
+
+
+class _FakeExperts:
+    """Enough of ``CPUUnquantizedExperts`` for ``apply`` on the real kernel."""
+
+    isa = "vec"
+    w1_bias = None
+    w2_bias = None
+    _use_zentorch = False
+
+
+def _moe(apply, x, w13, w2, topk_w, topk_ids, expert_map):
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    out = torch.zeros_like(x)
+    apply(_FakeExperts(), out, x, cpu_prepack_moe_weight(w13, "vec"),
+          cpu_prepack_moe_weight(w2, "vec"), topk_w, topk_ids, MoEActivation.SILU,
+          w13.shape[0], expert_map, None, None, None, None, None, False)
+    return out
+
+
+def test_expert_parallel_sum_equals_all_local():
+    """Two EP 'ranks' with the patched apply sum to the unsharded result (fp32)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    mod = importlib.import_module(MODULES[0])
+    mod.apply()
+    patched = CPUUnquantizedExperts.apply
+    g = torch.Generator().manual_seed(0)
+    T, H, I, E, k = 7, 64, 64, 8, 2
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    logits = torch.randn(T, E, generator=g)
+    topk_w, topk_ids = torch.softmax(logits, -1).topk(k, dim=-1)
+    topk_ids = topk_ids.to(torch.int32)
+    full = _moe(patched, x, w13, w2, topk_w, topk_ids, None)
+    total = torch.zeros_like(full)
+    for rank in range(2):
+        local = list(range(rank * 4, rank * 4 + 4))
+        expert_map = torch.full((E,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(4, dtype=torch.int32)
+        total += _moe(patched, x, w13[local].contiguous(), w2[local].contiguous(), topk_w,
+                      topk_ids, expert_map)
+    torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- vllm-cpu-communicator-gatherv
+def _gloo_worker(rank, world, port, q):
+    import torch.distributed as dist
+
+    from resilient_ep.engines.vllm.patches.cpu_communicator_gatherv import apply
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        apply()
+        comm = CpuCommunicator.__new__(CpuCommunicator)  # only what the patch reads
+        comm.rank_in_group, comm.world_size, comm.device_group = rank, world, dist.group.WORLD
+        sizes = [3, 1, 0][:world]
+        x = torch.full((sizes[rank], 2), float(rank + 1))
+        ids = torch.full((sizes[rank], 1), rank, dtype=torch.int32)
+        gathered, gathered_ids = comm.all_gatherv([x, ids], dim=0, sizes=sizes)
+        single = comm.all_gatherv(x, dim=0, sizes=sizes)
+        full = torch.arange(sum(sizes) * 2, dtype=torch.float32).reshape(-1, 2) * (rank + 1)
+        scattered = comm.reduce_scatterv(full, dim=0, sizes=sizes)
+        q.put((rank, gathered.tolist(), gathered_ids.tolist(), single.tolist(),
+               scattered.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gatherv_and_scatterv_over_gloo():
+    world = 3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, world, port, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(q.get(timeout=120) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    sizes = [3, 1, 0]
+    want_x = [[1.0, 1.0]] * 3 + [[2.0, 2.0]]
+    full = torch.arange(4 * 2, dtype=torch.float32).reshape(-1, 2) * (1 + 2 + 3)
+    for rank, gathered, gathered_ids, single, scattered in results:
+        assert gathered == want_x and single == want_x
+        assert gathered_ids == [[0]] * 3 + [[1]]
+        start = sum(sizes[:rank])
+        assert scattered == full[start:start + sizes[rank]].tolist()
