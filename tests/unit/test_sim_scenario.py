@@ -118,3 +118,35 @@ def test_inconsistent_traces(tmp_path, failures, key, words):
     with pytest.raises(ScenarioError) as e:
         build_events(sc, np.random.default_rng(0))
     assert e.value.field == key and words in str(e.value)
+
+
+def _dotted_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_every_scenario_key_is_documented():
+    from pathlib import Path
+
+    from resilient_ep.sim.scenario import FailureSpec
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "simulator.md").read_text()
+    keys = list(_dotted_keys(Scenario)) + [f"failures[].{k}" for k in _dotted_keys(FailureSpec)]
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, f"docs/simulator.md lacks {missing}"
+
+
+def test_shipped_examples_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[2] / "examples" / "sim").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        Scenario.from_yaml(f)

@@ -104,7 +104,12 @@ class Policy:
         try:
             yield self.env.timeout(max(delay_s, hardware_back_s - self.env.now))
             r = self.sc.restart
-            load = repair.rank_weights_s(self.sc, self.rejoin_source())
+            # Ranks of this node relaunching at the same time share its storage.
+            node = self.sc.node_of(rank)
+            loaders = sum(1 for q, p in self._rejoins.items()
+                          if p.is_alive and self.sc.node_of(q) == node)
+            load = repair.rank_weights_s(self.sc, self.rejoin_source(),
+                                         loaders_per_node=max(1, loaders))
             yield self.env.timeout(r.process_start_s + load + r.graph_capture_s)
             pause = self.reintegration_pause_s()
             if pause > 0:

@@ -76,6 +76,14 @@ class ResilientEP(Policy):
 
     def recover(self, ev: FailureEvent, rec: FailureRecord, stranded: Stranded):
         yield self.env.timeout(self.sim.detection_s(ev.kind) + self.spec.reroute_s)
+        if not self.inst.alive.any():
+            # Nothing left to replan onto: wait for a rank to come back.
+            self.env.process(self.restore_kv(
+                rec, stranded, interval_tokens=self.spec.kv_checkpoint_interval_tokens,
+                source=self.spec.kv_restore_source))
+            self._held.append(rec.key)
+            self.start_rejoin(ev.rank, ev.hardware_back_s)
+            return
         dead = np.flatnonzero(~self.inst.alive).tolist()
         res = replan(self.layout, dead, self.load)
         lost = int(round(len(res.uncovered) * self.layer_scale))
