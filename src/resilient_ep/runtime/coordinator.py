@@ -1,0 +1,461 @@
+"""The reference runtime's front end: starts the rank processes, balances requests over them,
+detects failures and drives recovery.
+
+One thread (the *loop*) owns every socket: per-rank control PAIRs (with socket monitors: a
+SIGKILLed rank is seen in milliseconds), the heartbeat PULL (a silent rank is declared hung
+after ``detector.heartbeat_timeout_ms``) and a wake-up pipe for calls from other threads
+(``submit``, ``kill``, ``shutdown``). Recovery on a failure:
+
+1. membership: a new epoch, the rank ``dead`` (crash) or ``fenced`` (hang);
+2. routing: the layout replanned over the live ranks (``placement.replan``: nothing moves;
+   experts that lost every replica are reported) and broadcast; every rank patches its routing
+   table in place and re-sends the expert choices that were waiting on the lost rank;
+3. requests: the lost rank's requests are re-admitted on the least-loaded survivors with the
+   prompt plus every token already streamed, so a client's stream simply continues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..config import ResilienceConfig
+from ..layout import ExpertLayout
+from ..membership import Membership, RankState
+from ..placement import place, replan
+from ..transport.zmq_transport import data_endpoint
+from .model import MoEConfig
+
+__all__ = ["Coordinator", "RequestRecord", "RuntimeStartError"]
+
+
+class RuntimeStartError(RuntimeError):
+    """The ranks did not come up."""
+
+
+@dataclass
+class RequestRecord:
+    rid: str
+    prompt: list[int]
+    max_tokens: int
+    eos: int | None
+    owner: int = -1
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+    degraded: bool = False
+    migrations: int = 0
+    submitted_at: float = 0.0
+    finished_at: float = 0.0
+    events: "queue.Queue" = field(default_factory=queue.Queue, repr=False)
+
+    def wait(self, timeout: float) -> "RequestRecord":
+        """Block until finished (or raise TimeoutError)."""
+        end = time.monotonic() + timeout
+        while not self.finished:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"request {self.rid} not finished within {timeout} s "
+                                   f"({len(self.generated)}/{self.max_tokens} tokens)")
+            try:
+                self.events.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                pass
+        return self
+
+    def stream(self, timeout: float):
+        """Yield tokens as they arrive; ends when the request finishes."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"request {self.rid}: stream timed out after {timeout} s")
+            try:
+                kind, value = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if kind == "token":
+                yield value
+            elif kind == "done":
+                return
+
+
+@dataclass
+class FailureEvent:
+    rank: int
+    kind: str                    # "crash" | "hang"
+    detected_at: float           # time.time()
+    epoch: int
+    injected_at: float | None = None
+    migrated: int = 0
+    uncovered: list = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(self, model_dir: str | Path, *, num_ranks: int = 4,
+                 config: ResilienceConfig | None = None, resilience: bool = True,
+                 kv_blocks: int = 512, block_size: int = 16, run_dir: str | Path | None = None,
+                 start_timeout_s: float = 120.0):
+        self.model_dir = str(model_dir)
+        self.num_ranks = num_ranks
+        self.config = config or ResilienceConfig()
+        self.resilience = resilience and self.config.enabled
+        self.kv_blocks, self.block_size = kv_blocks, block_size
+        self.start_timeout_s = start_timeout_s
+        self._own_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="rep-"))
+        mcfg = MoEConfig.from_dir(self.model_dir)
+        self.num_layers, self.num_experts = mcfg.num_layers, mcfg.num_experts
+        if num_ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {num_ranks}")
+        base = -(-self.num_experts // num_ranks)
+        self.slots_per_rank = base + self.config.placement.redundant_slots_per_rank
+        nodes = max(1, num_ranks // self.config.placement.ranks_per_node)
+        if num_ranks % nodes:
+            nodes = 1
+        self.layout = place(num_layers=self.num_layers, num_experts=self.num_experts,
+                            num_ranks=num_ranks, slots_per_rank=self.slots_per_rank,
+                            num_nodes=nodes, fault_aware=self.config.placement.fault_aware)
+        self.membership = Membership(num_ranks)
+        self.uncovered: list[tuple[int, int]] = []
+        self.requests: dict[str, RequestRecord] = {}
+        self.failures: list[FailureEvent] = []
+        self.steps: list[dict] = []          # per-step timeline from every rank
+        self.procs: list[subprocess.Popen] = []
+        self.pids: list[int] = []
+        self._ids = itertools.count()
+        self._inject: dict[int, float] = {}
+        self._calls: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self.ctx = zmq.Context()
+
+    # ================================================================== lifecycle
+    def start(self) -> "Coordinator":
+        det = self.config.detector
+        kind = self.config.transport.address
+        where = str(self.run_dir) if kind == "ipc" else str(_free_port_base(self.num_ranks))
+        data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
+        self.hb = self.ctx.socket(zmq.PULL)
+        self.hb.setsockopt(zmq.LINGER, 0)
+        hb_ep = f"ipc://{self.run_dir}/heartbeat"
+        self.hb.bind(hb_ep)
+        self.wake_rx = self.ctx.socket(zmq.PAIR)
+        self.wake_rx.bind(f"inproc://wake-{id(self)}")
+        self.wake_tx = self.ctx.socket(zmq.PAIR)
+        self.wake_tx.connect(f"inproc://wake-{id(self)}")
+        self.ctl: list[zmq.Socket] = []
+        self.mon: list[zmq.Socket] = []
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        for r in range(self.num_ranks):
+            spec = {
+                "rank": r, "num_ranks": self.num_ranks, "model_dir": self.model_dir,
+                "control": f"ipc://{self.run_dir}/control-{r}", "heartbeat": hb_ep, "data": data,
+                "layout": self.layout.physical_to_logical.tolist(), "num_experts": self.num_experts,
+                "max_replicas": self.layout.max_replicas, "resilience": self.resilience,
+                "heartbeat_interval_ms": det.heartbeat_interval_ms,
+                "step_timeout_s": max(self.config.transport.step_timeout_ms / 1000.0, 1.0) * 30,
+                "on_uncovered": self.config.recovery.on_uncovered,
+                "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
+            }
+            p = subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
+                                 env=env, stdin=subprocess.DEVNULL)
+            self.procs.append(p)
+            self.pids.append(p.pid)
+            s = self.ctx.socket(zmq.PAIR)
+            s.setsockopt(zmq.LINGER, 0)
+            self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
+            s.connect(spec["control"])
+            self.ctl.append(s)
+        self._await_ready()
+        self._last_hb = {r: time.monotonic() for r in range(self.num_ranks)}
+        self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
+        self._thread.start()
+        return self
+
+    def _await_ready(self) -> None:
+        ready: set[int] = set()
+        poller = zmq.Poller()
+        for s in self.ctl:
+            poller.register(s, zmq.POLLIN)
+        end = time.monotonic() + self.start_timeout_s
+        while len(ready) < self.num_ranks:
+            for r, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    self._kill_all()
+                    raise RuntimeStartError(f"rank {r} exited with code {p.returncode} during start")
+            if time.monotonic() > end:
+                self._kill_all()
+                raise RuntimeStartError(f"ranks {sorted(set(range(self.num_ranks)) - ready)} not "
+                                        f"ready within {self.start_timeout_s} s")
+            for s, _ in poller.poll(200):
+                msg = pickle.loads(s.recv())
+                if msg["t"] == "ready":
+                    ready.add(msg["rank"])
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._thread is not None:
+            self._call(("shutdown",))
+            self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.05, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_all()
+        for s in [*getattr(self, "ctl", []), *getattr(self, "mon", []),
+                  getattr(self, "hb", None), getattr(self, "wake_rx", None),
+                  getattr(self, "wake_tx", None)]:
+            if s is not None:
+                s.close(linger=0)
+        self.ctx.term()
+        if self._own_dir:
+            for f in self.run_dir.glob("*"):
+                f.unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+
+    def _kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)  # a SIGSTOPped rank must be able to die
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self) -> "Coordinator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ================================================================== public calls
+    def submit(self, prompt: list[int], max_tokens: int, *, eos: int | None = None,
+               rid: str | None = None) -> RequestRecord:
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        rec = RequestRecord(rid or f"req-{next(self._ids)}", list(prompt), max_tokens, eos,
+                            submitted_at=time.time())
+        self._call(("submit", rec))
+        return rec
+
+    def kill(self, rank: int, sig: int = signal.SIGKILL) -> float:
+        """Inject a failure (SIGKILL: crash; SIGSTOP: hang). Returns the injection time."""
+        t = time.time()
+        self._inject[rank] = t
+        os.kill(self.pids[rank], sig)
+        return t
+
+    def status(self) -> dict:
+        view = self.membership.view()
+        with self._lock:
+            uncovered = [list(x) for x in self.uncovered]
+        return {"epoch": view.epoch,
+                "ranks": [{"rank": r, "pid": self.pids[r], "state": s.value}
+                          for r, s in enumerate(view.states)],
+                "uncovered_experts": uncovered}
+
+    def errored(self) -> BaseException | None:
+        return self._error
+
+    def _call(self, item) -> None:
+        self._calls.put(item)
+        try:
+            self.wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ================================================================== the loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for s in (*self.ctl, *self.mon, self.hb, self.wake_rx):
+            poller.register(s, zmq.POLLIN)
+        det = self.config.detector
+        timeout_s = det.heartbeat_timeout_ms / 1000.0
+        tick = max(1.0, det.heartbeat_interval_ms / 5)
+        try:
+            while True:
+                events = dict(poller.poll(tick))
+                if self.wake_rx in events:
+                    while self.wake_rx.poll(0):
+                        self.wake_rx.recv()
+                while True:
+                    try:
+                        call = self._calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    if call[0] == "shutdown":
+                        self._broadcast({"t": "shutdown"})
+                        return
+                    if call[0] == "submit":
+                        self._admit(call[1])
+                for r, s in enumerate(self.ctl):
+                    if s in events:
+                        while s.poll(0):
+                            self._on_rank_message(r, pickle.loads(s.recv()))
+                if self.hb in events:
+                    while self.hb.poll(0):
+                        rank, _pid, _step, _t = pickle.loads(self.hb.recv())
+                        self._last_hb[rank] = time.monotonic()
+                if not self.resilience:
+                    continue
+                for r, m in enumerate(self.mon):
+                    if m in events:
+                        while m.poll(0):
+                            ev = recv_monitor_message(m)
+                            if ev["event"] == zmq.EVENT_DISCONNECTED and self.membership.state(r) is RankState.LIVE:
+                                self._on_failure([r], "crash")
+                now = time.monotonic()
+                hung = [r for r in range(self.num_ranks)
+                        if self.membership.state(r) is RankState.LIVE and now - self._last_hb[r] > timeout_s]
+                if hung:
+                    self._on_failure(hung, "hang")
+        except BaseException as e:  # surfaced through errored(); requests are failed below
+            self._error = e
+            for rec in list(self.requests.values()):
+                if not rec.finished:
+                    self._finish(rec, error=f"runtime error: {e!r}")
+
+    # ------------------------------------------------------------------ requests
+    def _live_load(self) -> dict[int, int]:
+        load = {r: 0 for r in self.membership.view().live_ranks}
+        for rec in self.requests.values():
+            if not rec.finished and rec.owner in load:
+                load[rec.owner] += 1
+        return load
+
+    def _admit(self, rec: RequestRecord) -> None:
+        self.requests[rec.rid] = rec
+        load = self._live_load()
+        if not load:
+            self._finish(rec, error="no live rank")
+            return
+        rec.owner = min(load, key=lambda r: (load[r], r))
+        self._send(rec.owner, {"t": "add", "rid": rec.rid, "tokens": rec.prompt + rec.generated,
+                               "max_new": rec.max_tokens - len(rec.generated), "eos": rec.eos})
+
+    def _on_rank_message(self, rank: int, msg: dict) -> None:
+        if msg["t"] != "tokens":
+            return
+        if self.membership.state(rank) is not RankState.LIVE:
+            return  # a fenced rank woke up: its results are not ours any more
+        self.steps.append({k: msg[k] for k in ("rank", "step", "epoch", "epoch_start", "t0", "t1",
+                                                 "num_tokens")})
+        if msg["uncovered"]:
+            with self._lock:
+                self.uncovered = sorted(set(self.uncovered) | {tuple(x) for x in msg["uncovered"]})
+        for rid, tok, fin, note in msg["items"]:
+            rec = self.requests.get(rid)
+            if rec is None or rec.finished or rec.owner != rank:
+                continue
+            if note == "uncovered":
+                self._finish(rec, error="expert(s) without a live replica "
+                                        f"(recovery.on_uncovered=fail): {self.status()['uncovered_experts']}")
+                continue
+            if note == "degraded":
+                rec.degraded = True
+            rec.generated.append(tok)
+            rec.events.put(("token", tok))
+            if fin:
+                self._finish(rec)
+
+    def _finish(self, rec: RequestRecord, error: str | None = None) -> None:
+        rec.error = error
+        rec.finished = True
+        rec.finished_at = time.time()
+        rec.events.put(("done", error))
+
+    # ------------------------------------------------------------------ recovery
+    def _on_failure(self, ranks: list[int], kind: str) -> None:
+        state = RankState.DEAD if kind == "crash" else RankState.FENCED
+        view = self.membership.fail(ranks, state=state)
+        now = time.time()
+        dead = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
+        if not view.live_ranks:
+            for rec in self.requests.values():
+                if not rec.finished:
+                    self._finish(rec, error="every rank failed")
+            return
+        res = replan(self.layout, dead)
+        with self._lock:
+            self.uncovered = sorted(set(self.uncovered) | set(res.uncovered))
+        msg = {"t": "membership", "epoch": view.epoch, "states": [s.value for s in view.states],
+               "layout": res.layout.physical_to_logical.tolist()}
+        self._broadcast(msg, include=ranks)  # the fenced rank learns it is out, if it wakes
+        migrated = 0
+        if self.config.recovery.migrate_requests:
+            for rec in self.requests.values():
+                if not rec.finished and rec.owner in ranks:
+                    rec.migrations += 1
+                    migrated += 1
+                    self._admit(rec)
+        for r in ranks:
+            self.failures.append(FailureEvent(r, kind, now, view.epoch, self._inject.get(r),
+                                              migrated, list(res.uncovered)))
+
+    def _send(self, rank: int, msg: dict) -> None:
+        try:
+            self.ctl[rank].send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _broadcast(self, msg: dict, include: list[int] = ()) -> None:
+        for r in range(self.num_ranks):
+            if self.membership.state(r) is RankState.LIVE or r in include:
+                self._send(r, msg)
+
+    # ================================================================== measurements
+    def recovery_stall(self, event: FailureEvent) -> float | None:
+        """Seconds from the injected failure until every survivor with work has completed a
+        step that started under the new epoch (None if that has not happened)."""
+        t_inj = event.injected_at if event.injected_at is not None else event.detected_at
+        survivors = {s["rank"] for s in self.steps if s["t1"] > t_inj and s["rank"] != event.rank}
+        firsts = []
+        for r in survivors:
+            after = [s["t1"] for s in self.steps
+                     if s["rank"] == r and s["epoch_start"] >= event.epoch]
+            if not after:
+                return None
+            firsts.append(min(after))
+        return (max(firsts) - t_inj) if firsts else None
+
+
+def _free_port_base(n: int) -> int:
+    import socket
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535:
+            return base
+    raise RuntimeError("no free port range on 127.0.0.1")

@@ -1,0 +1,176 @@
+"""Fault-tolerant dispatch/combine for one rank's MoE layers.
+
+A rank's tokens pick logical experts; the :class:`~resilient_ep.routing.RoutingTable` maps each
+choice to a live replica's slot and so to its owner rank. The rank sends each owner a
+*dispatch* (the token rows and the logical expert ids), computes its own share locally, serves
+other ranks' dispatches while it waits, and sums the *combine* replies in choice order.
+
+Dispatch is request/response, not a collective: an owner answers any dispatch from a member,
+whatever step it belongs to, so survivors one step apart never wait on each other, and a reply
+made under an older epoch by a surviving owner stays valid (the same expert, the same
+batch-invariant kernel, the same bits). When the membership changes while replies are
+outstanding, :meth:`MoEExchange.reroute` re-selects the choices that went to a rank now out
+and sends them to surviving replicas; nothing else is recomputed.
+
+Glossary: *choice* = one (token, j) pair of the top-k; ``flat = token * k + j``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ..routing import RoutingTable
+from .model import ExpertBank
+
+__all__ = ["MoEExchange", "MoEResult", "serve_dispatch", "UncoveredExpertError"]
+
+
+class UncoveredExpertError(RuntimeError):
+    """A token picked an expert with no live replica and the policy is ``fail``."""
+
+    def __init__(self, layer: int, experts: list[int]):
+        self.layer = layer
+        self.experts = experts
+        super().__init__(f"layer {layer}: experts {experts} have no live replica")
+
+
+@dataclass
+class MoEResult:
+    out: torch.Tensor
+    """[T, H] combined expert output (to be added to the residual)."""
+    degraded: torch.Tensor
+    """[T] bool: some choice of the token had no live replica and was dropped."""
+    failed: torch.Tensor
+    """[T] bool: the token lost every choice (or policy ``fail`` and some choice was lost)."""
+    uncovered: list[int] = field(default_factory=list)
+    """Logical experts of this layer that had no live replica."""
+
+
+_seq = itertools.count()
+
+
+class MoEExchange:
+    """One MoE layer's exchange for one rank's batch (begin -> deliver/reroute -> result)."""
+
+    def __init__(self, *, rank: int, transport, table: RoutingTable, bank: ExpertBank,
+                 layer: int, step: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, on_uncovered: str = "degrade"):
+        self.rank, self.transport, self.table, self.bank = rank, transport, table, bank
+        self.layer, self.step = layer, step
+        self.x = x                                          # [T, H]
+        self.ids = topk_ids.to(torch.int64)                 # [T, k]
+        self.weights = topk_weights.clone()                 # [T, k]
+        T, k = self.ids.shape
+        self.k = k
+        self.y = torch.zeros(T * k, x.shape[1], dtype=x.dtype)   # [T*k, H] per-choice output
+        self.done = torch.zeros(T * k, dtype=torch.bool)         # [T*k] reply received
+        self.dropped = torch.zeros(T * k, dtype=torch.bool)      # [T*k] no live replica
+        self.on_uncovered = on_uncovered
+        self.pending: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # id -> (dst, flat)
+        self.uncovered: set[int] = set()
+        self._route(torch.arange(T * k))
+
+    # ------------------------------------------------------------------ sending
+    def _route(self, flat: torch.Tensor) -> None:
+        """Select live replicas for the choices ``flat`` and send them out."""
+        if flat.numel() == 0:
+            return
+        tok, j = flat // self.k, flat % self.k
+        ids = self.ids[tok, j]
+        sel = self.table.select(self.layer, ids.view(-1, 1), token_offset=tok.view(-1, 1))
+        slots = sel.slots.view(-1)
+        missing = sel.missing.view(-1)
+        if missing.any():
+            self.dropped[flat[missing]] = True
+            self.done[flat[missing]] = True
+            self.uncovered.update(ids[missing].unique().tolist())
+        flat, slots = flat[~missing], slots[~missing]
+        if flat.numel() == 0:
+            return
+        dst = self.table.rank_of(slots)
+        local = None
+        for d in dst.unique().tolist():
+            sub = flat[dst == d]
+            if d == self.rank:
+                local = sub
+                continue
+            rid = (self.rank, next(_seq))
+            ok = self.transport.send(d, {"t": "dispatch", "id": rid, "layer": self.layer,
+                                         "step": self.step},
+                                     [self.x[sub // self.k], self.ids[sub // self.k, sub % self.k]])
+            # A refused send (peer gone) stays pending: the membership change reroutes it.
+            self.pending[rid] = (d, sub)
+        if local is not None:  # overlap: the local share is computed after the sends
+            rows = self.x[local // self.k]
+            self._deliver(local, *expert_forward(self.bank, self.layer, rows,
+                                                 self.ids[local // self.k, local % self.k]))
+
+    def _deliver(self, flat: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> None:
+        self.y[flat[ok]] = y[ok]
+        self.done[flat[ok]] = True
+        if not bool(ok.all()):  # the owner no longer holds that expert: route again
+            self._route(flat[~ok])
+
+    # ------------------------------------------------------------------ receiving
+    def on_combine(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        entry = self.pending.pop(tuple(header["id"]), None)
+        if entry is None:
+            return  # a reply to a request already rerouted, or to another layer's exchange
+        _dst, flat = entry
+        y, ok = tensors
+        self._deliver(flat, y, ok)
+
+    def reroute(self, live: frozenset[int]) -> None:
+        """The membership changed: resend choices whose owner is no longer live."""
+        lost = [rid for rid, (dst, _) in self.pending.items() if dst not in live]
+        for rid in lost:
+            _dst, flat = self.pending.pop(rid)
+            self._route(flat)
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and bool(self.done.all())
+
+    def result(self) -> MoEResult:
+        T, k = self.ids.shape
+        dropped = self.dropped.view(T, k)
+        w = self.weights.clone()
+        degraded = dropped.any(dim=1)
+        failed = dropped.all(dim=1)
+        if degraded.any():
+            if self.on_uncovered == "fail":
+                failed = degraded.clone()
+            # Degrade: drop lost choices, renormalise the rest of the token's weights.
+            w[dropped] = 0
+            total = w.sum(dim=1, keepdim=True)
+            w = torch.where(degraded.unsqueeze(1), w / total.clamp(min=1e-20), w)
+        y = self.y.view(T, k, -1)
+        out = torch.zeros(T, y.shape[2], dtype=y.dtype)
+        for j in range(k):  # choice order, as the oracle
+            out += w[:, j:j + 1].to(y.dtype) * y[:, j]
+        return MoEResult(out, degraded, failed, sorted(self.uncovered))
+
+
+def expert_forward(bank: ExpertBank, layer: int, rows: torch.Tensor, experts: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``rows [n, H]`` through the logical ``experts [n]`` held in ``bank``.
+
+    Returns ``(y [n, H], ok [n] bool)``; ``ok`` is False where this rank holds no replica."""
+    e2s = bank.expert_to_slot(layer)
+    slot = torch.tensor([e2s.get(int(e), -1) for e in experts.tolist()], dtype=torch.int64)
+    ok = slot >= 0
+    y = torch.zeros_like(rows)
+    if ok.any():
+        y[ok] = bank.forward(layer, slot[ok], rows[ok])
+    return y, ok
+
+
+def serve_dispatch(transport, bank: ExpertBank, header: dict, tensors: list[torch.Tensor]) -> None:
+    """Answer another rank's dispatch with a combine message."""
+    rows, experts = tensors
+    y, ok = expert_forward(bank, header["layer"], rows, experts)
+    transport.send(header["src"], {"t": "combine", "id": header["id"], "layer": header["layer"]},
+                   [y, ok])

@@ -1,0 +1,257 @@
+"""One rank process of the reference runtime: attention for its own requests (data parallel,
+own KV cache) and a shard of the experts (its slots of the layout), serving other ranks'
+dispatches whenever it waits.
+
+Started by the coordinator as ``python -m resilient_ep.runtime.rank SPEC_JSON``. Sockets:
+- control: a PAIR bound at ``spec["control"]``; the coordinator connects to it (its socket
+  monitor is how a crash is seen) and sends ``add`` / ``membership`` / ``shutdown``; the rank
+  sends ``ready`` and per-step ``tokens``;
+- heartbeats: a thread pushes ``(rank, pid, step, time)`` to ``spec["heartbeat"]`` every
+  ``detector.heartbeat_interval_ms`` (a SIGSTOPped rank goes silent: a hang);
+- data: :class:`~resilient_ep.transport.zmq_transport.ZmqTransport` for dispatch/combine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+
+import torch
+import zmq
+
+from ..layout import ExpertLayout
+from ..membership import MembershipView, RankState
+from ..routing import RoutingTable
+from ..transport.zmq_transport import ZmqTransport
+from .expert_parallel import MoEExchange, serve_dispatch
+from .model import ExpertBank, MoEModel
+from .scheduler import RankRequest, RankScheduler
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the coordinator) exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Rank:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.rank = spec["rank"]
+        self.num_ranks = spec["num_ranks"]
+        self.resilience = spec["resilience"]
+        self.on_uncovered = spec.get("on_uncovered", "degrade")
+        torch.set_num_threads(spec.get("threads", 1))
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.PAIR)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(spec["control"])
+
+        layout = ExpertLayout.from_mapping(torch.tensor(spec["layout"]), num_ranks=self.num_ranks,
+                                           num_experts=spec["num_experts"],
+                                           max_replicas=spec["max_replicas"])
+        self.model = MoEModel.load(spec["model_dir"], experts=False)
+        slots = {l: layout.experts_on_rank(l, self.rank) for l in range(layout.num_layers)}
+        self.bank = ExpertBank.load(spec["model_dir"], slots)
+        self.table = RoutingTable(layout)
+        self.live = frozenset(range(self.num_ranks))
+        self.epoch = 0
+        self.kv = self.model.make_kv_cache(spec["kv_blocks"], spec["block_size"])
+        self.sched = RankScheduler(self.kv)
+        self.transport = ZmqTransport(self.rank, spec["data"], ctx=self.ctx)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.transport.inbox, zmq.POLLIN)
+        self.exchange: MoEExchange | None = None
+        self.step = 0
+        self.fenced = False
+        self.stop = False
+        self._hb_stop = threading.Event()
+
+    # ------------------------------------------------------------------ heartbeats
+    def _heartbeat_loop(self) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self.spec["heartbeat"])
+        interval = self.spec["heartbeat_interval_ms"] / 1000.0
+        pid = os.getpid()
+        while not self._hb_stop.wait(interval):
+            try:
+                sock.send(pickle.dumps((self.rank, pid, self.step, time.time())), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        sock.close(linger=0)
+
+    # ------------------------------------------------------------------ control
+    def _send_control(self, msg: dict) -> None:
+        self.control.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _on_control(self, msg: dict) -> None:
+        t = msg["t"]
+        if t == "add":
+            self.sched.add(RankRequest(msg["rid"], list(msg["tokens"]), msg["max_new"], msg.get("eos")))
+        elif t == "membership":
+            self._on_membership(msg)
+        elif t == "drop":
+            self.sched.drop(msg["rid"])
+        elif t == "shutdown":
+            self.stop = True
+        else:
+            raise ValueError(f"rank {self.rank}: unknown control message {t!r}")
+
+    def _on_membership(self, msg: dict) -> None:
+        view = MembershipView(msg["epoch"], tuple(RankState(s) for s in msg["states"]))
+        if view.epoch <= self.epoch:
+            return
+        if not view.is_live(self.rank):
+            # Fenced: we were declared hung. Stop serving; late messages we might still send
+            # carry the old epoch and are dropped by every member.
+            self.fenced = True
+            self.stop = True
+            return
+        self.epoch = view.epoch
+        self.live = frozenset(view.live_ranks)
+        layout = None
+        if msg.get("layout") is not None:
+            layout = ExpertLayout.from_mapping(torch.tensor(msg["layout"]), num_ranks=self.num_ranks,
+                                               num_experts=self.table.num_experts,
+                                               max_replicas=self.table.max_replicas)
+        mask = torch.tensor([s is RankState.LIVE for s in view.states])
+        self.table.update(layout, mask, epoch=view.epoch)  # in place
+        self.transport.configure(view.epoch, self.live)
+        if self.exchange is not None:
+            self.exchange.reroute(self.live)
+
+    # ------------------------------------------------------------------ message pump
+    def pump(self, timeout_ms: float) -> None:
+        """Handle whatever arrives within ``timeout_ms``: control, dispatches, combines."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.control in events:
+            while True:
+                try:
+                    raw = self.control.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_control(pickle.loads(raw))
+        if self.transport.inbox in events:
+            for _ in range(256):
+                msg = self.transport.recv_nowait()
+                if msg is None:
+                    break
+                header, tensors = msg
+                if header["t"] == "dispatch":
+                    serve_dispatch(self.transport, self.bank, header, tensors)
+                elif header["t"] == "combine" and self.exchange is not None:
+                    self.exchange.on_combine(header, tensors)
+
+    # ------------------------------------------------------------------ model step
+    def _moe(self, layer: int, x, ids, weights):
+        self.exchange = MoEExchange(rank=self.rank, transport=self.transport, table=self.table,
+                                    bank=self.bank, layer=layer, step=self.step, x=x,
+                                    topk_ids=ids, topk_weights=weights,
+                                    on_uncovered=self.on_uncovered)
+        deadline = time.monotonic() + self.spec["step_timeout_s"]
+        while not self.exchange.complete:
+            if self.stop:
+                raise _Stopped()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: layer {layer} of step {self.step} got no "
+                                   f"reply from ranks {sorted({d for d, _ in self.exchange.pending.values()})} "
+                                   f"within transport.step_timeout_ms")
+            self.pump(1)
+        res = self.exchange.result()
+        self.exchange = None
+        return res
+
+    @torch.inference_mode()
+    def run_step(self) -> None:
+        plan = self.sched.plan()
+        if plan is None:
+            return
+        t0 = time.time()
+        epoch0 = self.epoch
+        model = self.model
+        h = model.embed(plan.token_ids)
+        degraded = torch.zeros(h.shape[0], dtype=torch.bool)
+        failed = torch.zeros(h.shape[0], dtype=torch.bool)
+        uncovered: list[tuple[int, int]] = []
+        for layer in range(model.config.num_layers):
+            h = model.attention(layer, h, plan.batch, self.kv)
+            x, ids, w = model.route(layer, h)
+            res = self._moe(layer, x, ids, w)
+            h = model.moe_add(h, res.out)
+            degraded |= res.degraded
+            failed |= res.failed
+            uncovered += [(layer, e) for e in res.uncovered]
+        last = plan.batch.last_token_index
+        logits = model.logits(h[last])
+        next_tokens = torch.argmax(logits, dim=-1).tolist()
+        req_failed = [bool(failed[plan.batch.query_start[i]:plan.batch.query_start[i + 1]].any())
+                      for i in range(len(plan.requests))]
+        req_degraded = [bool(degraded[plan.batch.query_start[i]:plan.batch.query_start[i + 1]].any())
+                        for i in range(len(plan.requests))]
+        items = []
+        for i, (rid, tok, fin) in enumerate(self.sched.commit(plan, next_tokens)):
+            if req_failed[i]:
+                self.sched.drop(rid)
+                items.append((rid, None, True, "uncovered"))
+            else:
+                items.append((rid, tok, fin, "degraded" if req_degraded[i] else None))
+        self._send_control({"t": "tokens", "rank": self.rank, "step": self.step, "epoch": self.epoch,
+                            "epoch_start": epoch0, "t0": t0, "t1": time.time(),
+                            "num_tokens": int(plan.token_ids.numel()), "items": items,
+                            "uncovered": sorted(set(uncovered))})
+        self.step += 1
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self) -> int:
+        missing = self.transport.wait_connected(range(self.num_ranks), time.monotonic() + 60)
+        if missing:
+            print(f"rank {self.rank}: peers {missing} never connected", file=sys.stderr)
+            return 1
+        hb = None
+        if self.resilience:
+            hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
+            hb.start()
+        self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
+        try:
+            while not self.stop:
+                self.pump(0 if self.sched.running else 5)
+                if self.sched.running and not self.stop:
+                    self.run_step()
+        except _Stopped:
+            pass
+        finally:
+            self._hb_stop.set()
+            if hb is not None:
+                hb.join(2)
+            self.transport.shutdown()
+            self.control.close(linger=0)
+            self.ctx.term()
+        return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
+    return Rank(spec).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

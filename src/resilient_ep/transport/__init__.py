@@ -1,0 +1,6 @@
+"""Transports: dispatch/combine and control messages between ranks.
+
+- :mod:`.wire`: the message format (a pickled header plus raw tensor frames, zero-copy).
+- :mod:`.zmq_transport`: ZeroMQ over ``ipc://`` or ``tcp://127.0.0.1`` (CPU, any machine).
+- :mod:`.reference`: the plain-torch single-process dispatch/combine, the correctness oracle.
+"""
