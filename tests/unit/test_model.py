@@ -110,11 +110,12 @@ def test_eos_stops_generation(model, prompt_ids):
 
 
 # ---- continuous batching -----------------------------------------------------------------------
-def run_continuous_batch(model, prompts, arrivals, new_tokens, *, chunk, block_size, num_blocks):
+def run_continuous_batch(model, prompts, arrivals, new_tokens, *, chunk, block_size, num_blocks, logits_out=None):
     """A tiny scheduler: requests arrive at given steps; prefill in chunks, decode one by one.
 
     Every step mixes whatever is running: prefill chunks of new requests and decode tokens of
-    older ones, in a rotating order, over one shared paged cache.
+    older ones, in a rotating order, over one shared paged cache. ``logits_out`` (a dict) gets
+    each request's logits rows, one per generated token.
     """
     kv = model.make_kv_cache(num_blocks, block_size)
     state = {}  # rid -> dict(pending=[...], cached=int, out=[...])
@@ -144,6 +145,8 @@ def run_continuous_batch(model, prompts, arrivals, new_tokens, *, chunk, block_s
             s["cached"] += new[i]
             s["pending"] = s["pending"][new[i] :]
             if not s["pending"]:
+                if logits_out is not None:
+                    logits_out.setdefault(r, []).append(logits[i].clone())
                 tok = int(logits[i].argmax())
                 s["out"].append(tok)
                 s["pending"] = [tok]
@@ -279,3 +282,62 @@ def test_config_errors_name_the_field(model_dir):
         MoEConfig.from_dict({**raw, "use_sliding_window": True})
     with pytest.raises(ValueError, match="mlp_only_layers"):
         MoEConfig.from_dict({**raw, "mlp_only_layers": [0]})
+
+
+# ---- batch invariance (per_row attention + a batch-invariant linear) ---------------------------
+def block_linear(x, weight, block=16):
+    """Fixed 16-row blocks, zero-padded: each row always meets the same GEMM shape."""
+    pad = (-x.shape[0]) % block
+    xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+    return torch.cat([torch.nn.functional.linear(c, weight) for c in xp.split(block)])[: x.shape[0]]
+
+
+@pytest.fixture(scope="module")
+def invariant_model(model_dir):
+    return MoEModel.load(model_dir, linear=block_linear, attention_mode="per_row")
+
+
+def test_per_row_mode_still_matches_transformers(invariant_model, hf_model, prompt_ids):
+    ids = prompt_ids[3]
+    assert invariant_model.generate_greedy(ids, 32) == hf_greedy(hf_model, ids, 32)
+
+
+def test_per_row_logits_are_bitwise_independent_of_batch_and_chunking(invariant_model, prompt_ids):
+    prompts = prompt_ids[:4]
+    n = 6
+    batched = {}
+    run_continuous_batch(
+        invariant_model, prompts, [0, 0, 1, 2], n, chunk=3, block_size=4, num_blocks=64, logits_out=batched
+    )
+    for r, ids in enumerate(prompts):
+        alone = {}
+        run_continuous_batch(
+            invariant_model, [ids], [0], n, chunk=len(ids), block_size=16, num_blocks=8, logits_out=alone
+        )
+        assert torch.equal(torch.stack(batched[r]), torch.stack(alone[0]))
+
+
+def test_per_row_recompute_after_kv_restore_is_bitwise_equal(invariant_model, prompt_ids):
+    """Decode, checkpoint whole blocks, restore them elsewhere, recompute the tail as one chunk."""
+    m, bs = invariant_model, 4
+    prompt = prompt_ids[3]
+    kv = m.make_kv_cache(32, bs)
+    seq = list(prompt)
+    table = kv.reserve("r", len(seq))
+    logits = m.forward_step(torch.tensor(seq), AttentionBatch([table], [0], [len(seq)], bs), kv)
+    history = []  # (tokens before the step, logits)
+    for _ in range(10):
+        tok = int(logits[0].argmax())
+        seq.append(tok)
+        table = kv.reserve("r", len(seq))
+        logits = m.forward_step(torch.tensor([tok]), AttentionBatch([table], [len(seq) - 1], [1], bs), kv)
+        history.append(logits[0].clone())
+    ckpt_tokens = (len(prompt) // bs + 1) * bs  # whole blocks checkpointed, a few decodes in
+    blocks = kv.read_blocks(table[: ckpt_tokens // bs])
+    fresh = m.make_kv_cache(32, bs)
+    fresh.reserve("pad", 5)
+    new_table = fresh.reserve("r", len(seq))
+    fresh.write_blocks(new_table[: ckpt_tokens // bs], blocks)
+    tail = seq[ckpt_tokens:]
+    out = m.forward_step(torch.tensor(tail), AttentionBatch([new_table], [ckpt_tokens], [len(tail)], bs), fresh)
+    assert torch.equal(out[0], history[-1])

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +256,7 @@ class AttentionBatch:
     - ``slots``            ``[T]`` int64  flat KV slot ``block * block_size + offset``
     - ``query_start``      ``B+1`` ints   request r owns tokens ``query_start[r]:query_start[r+1]``
     - ``last_token_index`` ``[B]`` int64  index in T of each request's last new token
+    - ``decode_requests``  Bd ints  the requests with ``num_new == 1``, in order
     - ``decode_token_index`` ``[Bd]`` int64  index in T of each decode request's token
     - ``decode_kv_slots``  ``[Bd, Nmax]`` int64  KV slots of positions ``0 .. cached`` of each
       decode request, right-padded; ``decode_kv_mask`` ``[Bd, Nmax]`` bool (True = real key)
@@ -270,6 +271,7 @@ class AttentionBatch:
     slots: torch.Tensor = field(init=False, repr=False)
     query_start: list[int] = field(init=False, repr=False)
     last_token_index: torch.Tensor = field(init=False, repr=False)
+    decode_requests: list[int] = field(init=False, repr=False)
     decode_token_index: torch.Tensor = field(init=False, repr=False)
     decode_kv_slots: torch.Tensor = field(init=False, repr=False)
     decode_kv_mask: torch.Tensor = field(init=False, repr=False)
@@ -312,6 +314,7 @@ class AttentionBatch:
 
         # Decode requests: one padded gather for all of them.
         dec = (new_t == 1).nonzero().squeeze(1)  # [Bd]
+        self.decode_requests = dec.tolist()
         self.decode_token_index = start_t[dec]
         lens = cached_t[dec] + 1  # [Bd]
         nmax = int(lens.max()) if dec.numel() else 0
@@ -352,10 +355,14 @@ class ExpertWeights:
             )
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``linear(x [N, in], weight [out, in]) -> [N, out]``: ``F.linear`` or a batch-invariant one."""
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` for x ``[N, H]``, gate_up ``[2I, H]``, down ``[H, I]``."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
-    return F.linear(F.silu(gate) * up, down)  # [N, H]
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
+    return linear(F.silu(gate) * up, down)  # [N, H]
 
 
 class ExpertBank:
@@ -365,6 +372,8 @@ class ExpertBank:
     - ``down[layer]``     ``[S, H, I]``
     - ``slot_experts[layer]``  list of S ints: the logical expert in each slot, ``-1`` = empty
       (an empty slot's weights are zero).
+    - ``linear``  the matmul used for every projection (default ``F.linear``); set it to a
+      batch-invariant one to make a token's output independent of the other tokens in the call.
 
     Example: ``ExpertBank.load(dir, {0: [3, 5, -1], 1: [3, 5, -1]})`` holds experts 3 and 5 of
     layers 0 and 1 in slots 0 and 1, and a spare slot 2 (for a replica or a shadow).
@@ -380,6 +389,7 @@ class ExpertBank:
         self.gate_up = dict(gate_up)
         self.down = dict(down)
         self._e2s: dict[int, dict[int, int]] = {}
+        self.linear: Linear = F.linear  # swap in a batch-invariant linear (same signature)
         for l, s in self.slot_experts.items():
             if self.gate_up[l].shape[0] != len(s) or self.down[l].shape[0] != len(s):
                 raise ValueError(
@@ -493,7 +503,7 @@ class ExpertBank:
             if experts[s] < 0:
                 raise ValueError(f"layer {layer}: {c} tokens sent to empty slot {s}")
             rows = order[start : start + c]
-            out[rows] = swiglu(x[rows], gu[s], dn[s])
+            out[rows] = swiglu(x[rows], gu[s], dn[s], self.linear)
             start += c
         return out
 
@@ -511,7 +521,7 @@ class ExpertBank:
                 raise ValueError(f"layer {layer}: expert {e} is not in this bank (slots {self.slot_experts[layer]})")
             s = e2s[e]
             tok, kpos = torch.where(topk_ids == e)
-            y = swiglu(x[tok], gu[s], dn[s]) * topk_weights[tok, kpos, None].to(x.dtype)
+            y = swiglu(x[tok], gu[s], dn[s], self.linear) * topk_weights[tok, kpos, None].to(x.dtype)
             out.index_add_(0, tok, y)
         return out
 
@@ -545,7 +555,19 @@ class MoEModel:
 
     ``experts`` is the bank of all experts (single-process use) or ``None`` (an attention worker
     of an EP runtime, whose experts live in per-rank banks).
+
+    Kernels (plain attributes, set them after ``load``):
+    - ``linear``: the matmul of every projection (default ``F.linear``; ``load(linear=...)`` also
+      sets it on the model's own bank).
+    - ``attention_mode``: ``"batched"`` (default: all decode requests of a step in one padded
+      attention call) or ``"per_row"`` (each new token attends in its own call over exactly its
+      keys ``0 .. position``). With ``per_row`` and a batch-invariant ``linear``, a token's
+      output bits do not depend on the batch it is in, on prefill chunking, or on whether it is
+      decoded or recomputed as part of a prefill chunk; ``batched`` is faster (about 2x at 64
+      decode requests on one core) but its rounding depends on the longest request in the step.
     """
+
+    ATTENTION_MODES = ("batched", "per_row")
 
     def __init__(
         self,
@@ -565,6 +587,8 @@ class MoEModel:
         self.dtype = embed_tokens.dtype
         self.device = embed_tokens.device
         self.cos, self.sin = rope_tables(config, self.dtype, self.device)  # [P, D] each
+        self.linear: Linear = F.linear
+        self.attention_mode = "batched"
 
     @classmethod
     def load(
@@ -574,12 +598,17 @@ class MoEModel:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         experts: bool | Mapping[int, Sequence[int]] = True,
+        linear: Linear | None = None,
+        attention_mode: str = "batched",
     ) -> MoEModel:
         """Load a checkpoint directory.
 
         ``experts=True`` loads every expert (slot s holds expert s), ``False`` none, a mapping
         ``layer → [logical expert per slot]`` only those (see ``ExpertBank.load``).
+        ``linear`` and ``attention_mode``: see the class doc.
         """
+        if attention_mode not in cls.ATTENTION_MODES:
+            raise ValueError(f"attention_mode ({attention_mode!r}) must be one of {cls.ATTENTION_MODES}")
         cfg = MoEConfig.from_dir(path)
 
         def get(ckpt: CheckpointReader, key: str) -> torch.Tensor:
@@ -610,7 +639,13 @@ class MoEModel:
             experts = {l: list(range(cfg.num_experts)) for l in range(cfg.num_layers)}
         if experts:
             bank = ExpertBank.load(path, experts, dtype=dtype, device=device)
-        return cls(cfg, embed, layers, norm, head, bank)
+        model = cls(cfg, embed, layers, norm, head, bank)
+        model.attention_mode = attention_mode
+        if linear is not None:
+            model.linear = linear
+            if bank is not None:
+                bank.linear = linear
+        return model
 
     # ---- the pieces a runtime drives -----------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -632,9 +667,9 @@ class MoEModel:
                 f"position {int(batch.positions.max())} >= max_position_embeddings ({cfg.max_position_embeddings})"
             )
         x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
-        q = rms_norm(F.linear(x, w.q_proj).view(t, cfg.num_heads, cfg.head_dim), w.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(F.linear(x, w.k_proj).view(t, cfg.num_kv_heads, cfg.head_dim), w.k_norm, cfg.rms_norm_eps)
-        v = F.linear(x, w.v_proj).view(t, cfg.num_kv_heads, cfg.head_dim)
+        q = rms_norm(self.linear(x, w.q_proj).view(t, cfg.num_heads, cfg.head_dim), w.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(self.linear(x, w.k_proj).view(t, cfg.num_kv_heads, cfg.head_dim), w.k_norm, cfg.rms_norm_eps)
+        v = self.linear(x, w.v_proj).view(t, cfg.num_kv_heads, cfg.head_dim)
         pos = batch.positions.to(self.device)
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [T, 1, D]
         q = q * cos + rotate_half(q) * sin  # [T, NH, D]
@@ -644,7 +679,11 @@ class MoEModel:
         out = torch.empty(t, cfg.num_heads, cfg.head_dim, dtype=h.dtype, device=h.device)
         scale = cfg.head_dim**-0.5
         dev = kv.kv.device
-        if batch.decode_token_index.numel():
+        if self.attention_mode == "per_row":
+            self._attend_per_row(layer, q, batch, kv, out, scale)
+        elif self.attention_mode != "batched":
+            raise ValueError(f"attention_mode ({self.attention_mode!r}) must be one of {self.ATTENTION_MODES}")
+        elif batch.decode_token_index.numel():
             # All decode requests at once: q [Bd, NH, 1, D] against padded keys [Bd, KVH, Nmax, D].
             di = batch.decode_token_index.to(q.device)
             keys, vals = kv.gather_slots(layer, batch.decode_kv_slots.to(dev))  # [Bd, Nmax, KVH, D]
@@ -658,7 +697,7 @@ class MoEModel:
                 enable_gqa=True,
             )  # [Bd, NH, 1, D]
             out[di] = o.squeeze(2)
-        for r, kv_slots in batch.prefill:
+        for r, kv_slots in batch.prefill if self.attention_mode == "batched" else ():
             a, b = batch.query_start[r], batch.query_start[r + 1]
             cached, new = batch.num_cached[r], b - a
             keys, vals = kv.gather_slots(layer, kv_slots.to(dev))  # [N, KVH, D]
@@ -675,14 +714,34 @@ class MoEModel:
                 qr, kr, vr, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
             )  # [1, NH, n, D]
             out[a:b] = o[0].transpose(0, 1)
-        return h + F.linear(out.reshape(t, cfg.num_heads * cfg.head_dim), w.o_proj)
+        return h + self.linear(out.reshape(t, cfg.num_heads * cfg.head_dim), w.o_proj)
+
+    def _attend_per_row(
+        self, layer: int, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, out: torch.Tensor, scale: float
+    ) -> None:
+        """Each new token in its own attention call over keys ``0 .. its position`` (batch-invariant)."""
+        dev = kv.kv.device
+        per_request = dict(batch.prefill)
+        for j, r in enumerate(batch.decode_requests):
+            per_request[r] = batch.decode_kv_slots[j, : batch.num_cached[r] + 1]
+        for r in range(batch.num_requests):
+            a, b = batch.query_start[r], batch.query_start[r + 1]
+            keys, vals = kv.gather_slots(layer, per_request[r].to(dev))  # [N, KVH, D]
+            keys = keys.to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KVH, N, D]
+            vals = vals.to(q.dtype).transpose(0, 1).unsqueeze(0)
+            for i in range(b - a):
+                n = batch.num_cached[r] + i + 1
+                o = F.scaled_dot_product_attention(
+                    q[a + i][None, :, None, :], keys[:, :, :n], vals[:, :, :n], scale=scale, enable_gqa=True
+                )  # [1, NH, 1, D]
+                out[a + i] = o[0, :, 0]
 
     def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Post-attention norm and router: h ``[T, H]`` → x ``[T, H]``, topk_ids ``[T, k]`` int64
         (logical experts), topk_weights ``[T, k]`` fp32 (softmax, top-k, renormalised if norm_topk_prob)."""
         cfg, w = self.config, self.layers[layer]
         x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
-        logits = F.linear(x, w.router)  # [T, E]
+        logits = self.linear(x, w.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         topk_weights, topk_ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]
         if cfg.norm_topk_prob:
@@ -704,7 +763,7 @@ class MoEModel:
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head: ``[B, H]`` → ``[B, V]``."""
-        return F.linear(rms_norm(h_last, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+        return self.linear(rms_norm(h_last, self.final_norm, self.config.rms_norm_eps), self.lm_head)
 
     # ---- single-process conveniences -----------------------------------------------------------
     def make_kv_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
