@@ -341,3 +341,17 @@ def test_per_row_recompute_after_kv_restore_is_bitwise_equal(invariant_model, pr
     tail = seq[ckpt_tokens:]
     out = m.forward_step(torch.tensor(tail), AttentionBatch([new_table], [ckpt_tokens], [len(tail)], bs), fresh)
     assert torch.equal(out[0], history[-1])
+
+
+def test_choice_order_combine_equals_expert_order_for_top2(model, model_dir):
+    x = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        x_normed, ids, w = model.route(0, x)
+        a = model.moe_local(0, x_normed, ids, w, order="expert")
+        b = model.moe_local(0, x_normed, ids, w, order="choice")
+    assert torch.equal(a, b)  # k = 2: same bits in either order
+    bank = ExpertBank.load(model_dir, {0: [0, 1]})
+    with pytest.raises(ValueError, match=r"experts \[2, 3\] are not in this bank"):
+        bank.moe(0, x[:2], torch.tensor([[0, 2], [3, 1]]), torch.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="order"):
+        model.moe_local(0, x_normed, ids, w, order="random")

@@ -507,18 +507,41 @@ class ExpertBank:
             start += c
         return out
 
-    def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def moe(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        *,
+        order: str = "expert",
+    ) -> torch.Tensor:
         """Weighted MoE output ``[T, H]`` of x ``[T, H]`` for logical ``topk_ids [T, k]``, weights ``[T, k]``.
 
-        Every expert in ``topk_ids`` must be in this bank. Experts are visited in ascending id
-        and accumulated with ``index_add_``, the order transformers uses.
+        Every expert in ``topk_ids`` must be in this bank. ``order`` fixes the summation order
+        of a token's k contributions: ``"expert"`` (ascending expert id, ``index_add_``, as
+        transformers) or ``"choice"`` (``out = 0; out += w[:, j] * y[:, j]`` for j = 0..k-1, as
+        a dispatch/combine does). Both give the same bits when k <= 2 (a + b == b + a).
         """
         e2s = self.expert_to_slot(layer)
+        missing = sorted(set(torch.unique(topk_ids).tolist()) - set(e2s))
+        if missing:
+            raise ValueError(f"layer {layer}: experts {missing} are not in this bank (slots {self.slot_experts[layer]})")
+        if order == "choice":
+            t, k = topk_ids.shape
+            lut = torch.full((max(e2s) + 1,), -1, dtype=torch.long)
+            lut[list(e2s)] = torch.tensor(list(e2s.values()), dtype=torch.long)
+            y = self.forward(layer, lut[topk_ids.reshape(-1).cpu()].to(x.device), x.repeat_interleave(k, dim=0))
+            y = y.view(t, k, -1)  # [T, k, H]
+            out = torch.zeros_like(x)
+            for j in range(k):
+                out += topk_weights[:, j : j + 1].to(x.dtype) * y[:, j]
+            return out
+        if order != "expert":
+            raise ValueError(f"order ({order!r}) must be 'expert' or 'choice'")
         out = torch.zeros_like(x)
         gu, dn = self.gate_up[layer], self.down[layer]
         for e in torch.unique(topk_ids).tolist():
-            if e not in e2s:
-                raise ValueError(f"layer {layer}: expert {e} is not in this bank (slots {self.slot_experts[layer]})")
             s = e2s[e]
             tok, kpos = torch.where(topk_ids == e)
             y = swiglu(x[tok], gu[s], dn[s], self.linear) * topk_weights[tok, kpos, None].to(x.dtype)
@@ -676,15 +699,22 @@ class MoEModel:
         k = k * cos + rotate_half(k) * sin  # [T, KVH, D]
         kv.write(layer, batch.slots.to(kv.kv.device), k, v)
 
-        out = torch.empty(t, cfg.num_heads, cfg.head_dim, dtype=h.dtype, device=h.device)
-        scale = cfg.head_dim**-0.5
-        dev = kv.kv.device
-        if self.attention_mode == "per_row":
-            self._attend_per_row(layer, q, batch, kv, out, scale)
-        elif self.attention_mode != "batched":
+        out = torch.empty(t, cfg.num_heads, cfg.head_dim, dtype=h.dtype, device=h.device)  # [T, NH, D]
+        if self.attention_mode == "batched":
+            self._attend_batched(layer, q, batch, kv, out)
+        elif self.attention_mode == "per_row":
+            self._attend_per_row(layer, q, batch, kv, out)
+        else:
             raise ValueError(f"attention_mode ({self.attention_mode!r}) must be one of {self.ATTENTION_MODES}")
-        elif batch.decode_token_index.numel():
-            # All decode requests at once: q [Bd, NH, 1, D] against padded keys [Bd, KVH, Nmax, D].
+        return h + self.linear(out.reshape(t, cfg.num_heads * cfg.head_dim), w.o_proj)
+
+    def _attend_batched(
+        self, layer: int, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, out: torch.Tensor
+    ) -> None:
+        """Decode requests in one padded call, each prefill chunk in one causal call; fills ``out``."""
+        scale, dev = self.config.head_dim**-0.5, kv.kv.device
+        if batch.decode_token_index.numel():
+            # q [Bd, NH, 1, D] against padded keys [Bd, KVH, Nmax, D].
             di = batch.decode_token_index.to(q.device)
             keys, vals = kv.gather_slots(layer, batch.decode_kv_slots.to(dev))  # [Bd, Nmax, KVH, D]
             mask = batch.decode_kv_mask.to(q.device)[:, None, None, :]  # [Bd, 1, 1, Nmax]
@@ -697,7 +727,7 @@ class MoEModel:
                 enable_gqa=True,
             )  # [Bd, NH, 1, D]
             out[di] = o.squeeze(2)
-        for r, kv_slots in batch.prefill if self.attention_mode == "batched" else ():
+        for r, kv_slots in batch.prefill:
             a, b = batch.query_start[r], batch.query_start[r + 1]
             cached, new = batch.num_cached[r], b - a
             keys, vals = kv.gather_slots(layer, kv_slots.to(dev))  # [N, KVH, D]
@@ -714,13 +744,12 @@ class MoEModel:
                 qr, kr, vr, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
             )  # [1, NH, n, D]
             out[a:b] = o[0].transpose(0, 1)
-        return h + self.linear(out.reshape(t, cfg.num_heads * cfg.head_dim), w.o_proj)
 
     def _attend_per_row(
-        self, layer: int, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, out: torch.Tensor, scale: float
+        self, layer: int, q: torch.Tensor, batch: AttentionBatch, kv: PagedKVCache, out: torch.Tensor
     ) -> None:
-        """Each new token in its own attention call over keys ``0 .. its position`` (batch-invariant)."""
-        dev = kv.kv.device
+        """Each new token in its own call over keys ``0 .. its position`` (batch-invariant); fills ``out``."""
+        scale, dev = self.config.head_dim**-0.5, kv.kv.device
         per_request = dict(batch.prefill)
         for j, r in enumerate(batch.decode_requests):
             per_request[r] = batch.decode_kv_slots[j, : batch.num_cached[r] + 1]
@@ -749,12 +778,15 @@ class MoEModel:
         return x, topk_ids, topk_weights
 
     def moe_local(
-        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *, order: str = "expert"
     ) -> torch.Tensor:
-        """MoE output ``[T, H]`` with this process's bank (all experts needed must be in it)."""
+        """MoE output ``[T, H]`` with this process's bank (all experts needed must be in it).
+
+        ``order``: summation order of the k contributions, see ``ExpertBank.moe``.
+        """
         if self.experts is None:
             raise RuntimeError("moe_local needs experts: load the model with experts=True")
-        return self.experts.moe(layer, x, topk_ids, topk_weights)
+        return self.experts.moe(layer, x, topk_ids, topk_weights, order=order)
 
     @staticmethod
     def moe_add(h: torch.Tensor, combined: torch.Tensor) -> torch.Tensor:
