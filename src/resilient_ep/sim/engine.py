@@ -136,6 +136,8 @@ class Instance:
         nbins = int(math.ceil(sc.duration_s / sc.sim.goodput_bin_s))
         self.bins = np.zeros(nbins)
         # Counters.
+        self.requests_arrived = 0.0
+        """Arrivals plus the requests the run starts with (steady state)."""
         self.requests_lost = 0.0
         self.recomputed_tokens = 0.0
         self.completed = 0.0
@@ -191,6 +193,10 @@ class Instance:
         self.state[idx] = SERVING
         self.alive[idx] = True
 
+    def requests_in_system(self) -> float:
+        """Running plus queued requests (not those a policy holds while restoring them)."""
+        return float(self.running.sum()) + sum(c.count for c in self.queue)
+
     def lose(self, stranded: Stranded) -> None:
         self.requests_lost += stranded.count
 
@@ -222,6 +228,7 @@ class Instance:
         dt = t1 - t0
         w = self.sc.workload
         arrived = self.arrivals.between(t0, t1)
+        self.requests_arrived += arrived
         if arrived > 0:
             if self.frontend_up:
                 self.queue.append(Cohort(0.5 * (t0 + t1), arrived, w.prompt_tokens,
@@ -376,6 +383,7 @@ class Simulation:
             decode_share = max(0.05, 1.0 - rate * prefill_s)  # prefill steals decode time
             b = min(float(w.max_batch_per_rank), rate * w.output_tokens * step / decode_share)
         self.inst.running[:] = b
+        self.inst.requests_arrived += b * sc.ranks
         # Geometric output lengths: running requests have generated output_tokens on average.
         self.inst.ctx[:] = b * (w.prompt_tokens + w.output_tokens)
 

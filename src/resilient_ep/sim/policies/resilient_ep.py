@@ -10,6 +10,8 @@
   disk) before serving resumes: coverage before speed. If ``replan`` reports experts it cannot
   give a slot (more lost experts than live slots), the instance stays blocked until a rank
   rejoins: it cannot serve the model.
+- ``details`` reports the layout's robustness from the core's estimators:
+  ``survival_probability`` after 1 and 2 random rank failures, ``node_failure_survival``.
 - Requests of the dead rank are restored from KV checkpoints (as ``shadow_kv``).
 - The rank is relaunched in the background, loads its weights from ``rejoin_weights_source``
   and is admitted with one table flip (``reintegration_flip_s``).
@@ -20,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resilient_ep.placement import place, place_by_load, replan
+from resilient_ep.placement import (node_failure_survival, place, place_by_load, replan,
+                                    survival_probability)
 from resilient_ep.sim import repair
 from resilient_ep.sim.engine import FailureRecord, Stranded
 from resilient_ep.sim.failures import FailureEvent
@@ -55,8 +58,16 @@ class ResilientEP(Policy):
         sources = [s for s in self.spec.repair_sources if s in _NO_LIVE_COPY_SOURCES]
         self.repair_source = sources[0] if sources else "disk"
         self.weight_copies = 0.0
-        self.inst.extras["placement_imbalance_vs_load_only"] = round(
+        ex = self.inst.extras
+        ex["placement_imbalance_vs_load_only"] = round(
             self._imbalance(self.layout, all_live) / self.ref_imbalance, 4)
+        # How robust the layout is, from the core's estimators (over placement_layers).
+        for f in (1, 2):
+            if f < sc.ranks:
+                est = survival_probability(self.layout, f, num_nodes=sc.nodes, samples=2000,
+                                           seed=sc.seed)
+                ex[f"survival_p_{f}_rank_failures"] = round(est.p, 4)
+        ex["node_loss_survival"] = round(node_failure_survival(self.layout, sc.nodes), 4)
 
     def _imbalance(self, layout, alive: np.ndarray) -> float:
         """Mean over layers of max / mean expert load over live ranks (core's rank_load)."""
