@@ -4,8 +4,8 @@ Timeline of one failure: the instance blocks; after detection the dead rank is f
 membership shrinks (``shrink_s``), experts that lost every replica in the static round-robin
 layout are copied onto survivors from ``repair_source``; then the survivors serve, the dead
 rank's slots handed out one by one to the ranks after it (some take two when there are more
-slots than survivors). When the rank is back the load is even again. Requests that ran on the dead rank's attention
-worker have no KV checkpoint and are lost. In the background the rank is relaunched (once its
+slots than survivors); when the rank is back the load is even again. Requests that ran on the
+dead rank's attention worker have no KV checkpoint and are lost. In the background the rank is relaunched (once its
 GPU is usable), loads its weights from ``rejoin_weights_source`` and captures its graphs; the
 healthy ranks then pause ``reintegration_pause_s`` to admit it.
 """

@@ -1,8 +1,9 @@
 """This project's policy, on the core's own placement code (``resilient_ep.placement``).
 
 - Layout: ``placement.place(load, fault_aware=True)`` over ``placement_layers`` layers of a
-  Zipf expert load, on the model's slots plus ``shadow_slots_per_rank`` in residual memory; its cost in balance against ``placement.place_by_load`` (what the
-  baselines run) scales ``timing.load_imbalance``. Per-rank loads come from the core's
+  Zipf expert load, on the model's slots plus ``shadow_slots_per_rank`` in residual memory;
+  its cost in balance against ``placement.place_by_load`` (what the baselines run) scales
+  ``timing.load_imbalance``. Per-rank loads come from the core's
   ``ExpertLayout.rank_load`` restricted to live ranks.
 - Failure: the instance blocks until detection, then fence + ``replan`` + one table flip
   (``reroute_s``). Experts in ``replan(...).uncovered`` are copied from the cheapest source in
