@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,13 @@ def to_json(sc: Scenario, results: dict[str, PolicyResult]) -> str:
                      "duration_s": sc.duration_s},
         "policies": {name: r.to_dict() for name, r in results.items()},
     }
-    return json.dumps(obj, indent=1)
+    text = json.dumps(obj, indent=1)
+    # Keep number lists (the goodput series) on one line each.
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",")
+                            + "]", text)
+
+
+_NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9.eE+-]+,?\s*)+)\]")
 
 
 def plot(sc: Scenario, results: dict[str, PolicyResult], path: str | Path) -> Path:
