@@ -366,6 +366,7 @@ class Simulation:
         self.env.process(self._inject())
         self.env.run(until=self.sc.duration_s)
         self.inst.sync()
+        self.policy.finish()
         return self.inst
 
     def _prefill_steady_state(self) -> None:

@@ -428,6 +428,12 @@ class ResilientEPSpec:
     """MoE layers handed to the core placement (the others repeat them: uncovered experts
     and copies scale by ``moe_layers / placement_layers``). Keeps 1024-rank runs fast."""
 
+    on_uncovered: Literal["degrade", "wait"] = "degrade"
+    """While an expert has no live replica: ``degrade`` (the project's default,
+    ``recovery.on_uncovered``) serves at once, dropping it from tokens' top-k until its weights
+    are copied back (counted in ``details.inexact_s``); ``wait`` holds every rank until coverage
+    is restored (coverage before speed)."""
+
     repair_sources: tuple[RepairSource, ...] = ("shadow", "peer", "host", "remote", "disk")
     """Sources tried in order for experts that lost every live replica."""
 

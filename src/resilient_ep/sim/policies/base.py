@@ -48,6 +48,9 @@ class Policy:
         raise NotImplementedError
         yield  # pragma: no cover
 
+    def finish(self) -> None:
+        """Called once at the end of the run (close open intervals)."""
+
     def on_failure_while_out(self, ev: FailureEvent) -> None:
         if ev.rank in self._rejoins:
             self.start_rejoin(ev.rank, ev.hardware_back_s,

@@ -8,9 +8,10 @@
 - Failure: the instance blocks until detection, then fence + ``replan`` + one table flip
   (``reroute_s``). Experts in ``replan(...).uncovered`` are copied from the cheapest source in
   ``repair_sources`` that can hold a copy of an expert with no live replica (host, remote,
-  disk) before serving resumes: coverage before speed. If ``replan`` reports experts it cannot
-  give a slot (more lost experts than live slots), the instance stays blocked until a rank
-  rejoins: it cannot serve the model.
+  disk). With ``on_uncovered: degrade`` (the project's default) serving resumes at once and
+  the output is inexact until the copies land (``details.inexact_s``); with ``wait`` serving
+  resumes after them. If ``replan`` reports experts it cannot give a slot (more lost experts
+  than live slots), ``degrade`` serves inexact until a rank rejoins and ``wait`` stays blocked.
 - ``details`` reports the layout's robustness from the core's estimators:
   ``survival_probability`` after 1 and 2 random rank failures, ``node_failure_survival``.
 - Requests of the dead rank are restored from KV checkpoints (as ``shadow_kv``).
@@ -56,6 +57,9 @@ class ResilientEP(Policy):
         self.ref_imbalance = self._imbalance(place_by_load(self.load, **sizes), all_live)
         self.inst.imbalance_override = self._scaled(self.layout)
         self._held: list = []
+        self._inexact_since: float | None = None
+        self._inexact_s = 0.0
+        self._unrepairable = False
         sources = [s for s in self.spec.repair_sources if s in _NO_LIVE_COPY_SOURCES]
         self.repair_source = sources[0] if sources else "disk"
         self.weight_copies = 0.0
@@ -90,9 +94,7 @@ class ResilientEP(Policy):
         yield self.env.timeout(self.sim.detection_s(ev.kind) + self.spec.reroute_s)
         if not self.inst.alive.any():
             # Nothing left to replan onto: wait for a rank to come back.
-            self.env.process(self.restore_kv(
-                rec, stranded, interval_tokens=self.spec.kv_checkpoint_interval_tokens,
-                source=self.spec.kv_restore_source))
+            self._start_restore(rec, stranded)
             self._held.append(rec.key)
             self.start_rejoin(ev.rank, ev.hardware_back_s)
             return
@@ -102,20 +104,56 @@ class ResilientEP(Policy):
         t = repair.experts_repair_s(self.sc, self.repair_source, lost, self.inst.n_live)
         self.weight_copies += res.moved_experts * self.layer_scale
         self.inst.extras["expert_weight_copies"] = int(round(self.weight_copies))
-        if t > 0:
-            yield self.env.timeout(t)
-        self.layout = res.repaired_layout
-        self.inst.imbalance_override = self._scaled(self.layout)
+        degrade = self.spec.on_uncovered == "degrade"
+        if res.unrepairable:
+            self.inst.extras["unservable_failures"] = \
+                self.inst.extras.get("unservable_failures", 0) + 1
+        if degrade:
+            # Serve now on what survived; copies land in the background.
+            self.layout = res.layout
+            self.inst.imbalance_override = self._scaled(self.layout)
+            self._start_restore(rec, stranded)
+            self.inst.unblock(rec.key)
+            if res.uncovered:
+                self._inexact_from(self.env.now)
+            if t > 0:
+                yield self.env.timeout(t)
+            self.layout = res.repaired_layout
+            self.inst.imbalance_override = self._scaled(self.layout)
+            if res.unrepairable:
+                self._unrepairable = True
+            elif res.uncovered:
+                self._inexact_until(self.env.now)
+        else:
+            if t > 0:
+                yield self.env.timeout(t)
+            self.layout = res.repaired_layout
+            self.inst.imbalance_override = self._scaled(self.layout)
+            self._start_restore(rec, stranded)
+            if res.unrepairable:
+                self._held.append(rec.key)
+            else:
+                self.inst.unblock(rec.key)
+        self.start_rejoin(ev.rank, ev.hardware_back_s)
+
+    def finish(self) -> None:
+        self._unrepairable = False
+        self._inexact_until(self.env.now)
+
+    def _start_restore(self, rec: FailureRecord, stranded: Stranded) -> None:
         self.env.process(self.restore_kv(rec, stranded,
                                          interval_tokens=self.spec.kv_checkpoint_interval_tokens,
                                          source=self.spec.kv_restore_source))
-        if res.unrepairable:
-            self._held.append(rec.key)
-            self.inst.extras["unservable_failures"] = \
-                self.inst.extras.get("unservable_failures", 0) + 1
-        else:
-            self.inst.unblock(rec.key)
-        self.start_rejoin(ev.rank, ev.hardware_back_s)
+
+    def _inexact_from(self, t: float) -> None:
+        if self._inexact_since is None:
+            self._inexact_since = t
+
+    def _inexact_until(self, t: float) -> None:
+        if self._inexact_since is not None and not self._unrepairable:
+            self._inexact_s += t - self._inexact_since
+            self._inexact_since = None
+            self.inst.extras["inexact_s"] = round(self._inexact_s, 3)
 
     def on_rank_back(self, rank: int) -> None:
         dead = np.flatnonzero(~self.inst.alive).tolist()
@@ -128,6 +166,8 @@ class ResilientEP(Policy):
             servable = True
         self.inst.imbalance_override = self._scaled(self.layout)
         if servable:
+            self._unrepairable = False
+            self._inexact_until(self.env.now)
             held, self._held = self._held, []
             for key in held:
                 self.inst.unblock(key)
