@@ -64,3 +64,21 @@ generated: {rank_mtbf_h: 200, node_mtbf_h: 400, node_repair_s: 900}
     assert elapsed < 60.0, f"{elapsed:.1f} s"
     n = len(obj["policies"]["resilient_ep"]["stall_s"])
     assert n >= 3, "generated failures should add to the two in the trace"
+
+
+def test_set_overrides_keys_and_names_bad_ones(tmp_path, capsys):
+    sc = tmp_path / "small.yaml"
+    sc.write_text(SMALL)
+    args = [str(sc), "--json", "--policy", "mask_and_repair"]
+    assert main(args) == 0
+    base = json.loads(capsys.readouterr().out)["policies"]["mask_and_repair"]
+    assert main(args + ["--set", "policies.mask_and_repair.reintegration_pause_s=2",
+                        "--set", "detection.crash_s=5"]) == 0
+    over = json.loads(capsys.readouterr().out)["policies"]["mask_and_repair"]
+    assert base["reintegration_pause_s"] == 8.0 and over["reintegration_pause_s"] == 2.0
+    # 4.5 s more detection, plus the prefill of the larger backlog before the first token.
+    assert 4.5 <= over["stall_s"][0] - base["stall_s"][0] < 5.5
+    assert main([str(sc), "--set", "detection.crash_ms=5"]) == 2
+    assert "detection.crash_ms: unknown key" in capsys.readouterr().err
+    assert main([str(sc), "--set", "nope.x=1"]) == 2
+    assert "nope: unknown section" in capsys.readouterr().err
