@@ -110,13 +110,19 @@ class Coordinator:
     def __init__(self, model_dir: str | Path, *, num_ranks: int = 4,
                  config: ResilienceConfig | None = None, resilience: bool = True,
                  kv_blocks: int = 512, block_size: int = 16, run_dir: str | Path | None = None,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, fail_at: dict[int, dict] | None = None,
+                 exact: bool = True):
         self.model_dir = str(model_dir)
         self.num_ranks = num_ranks
         self.config = config or ResilienceConfig()
         self.resilience = resilience and self.config.enabled
         self.kv_blocks, self.block_size = kv_blocks, block_size
         self.start_timeout_s = start_timeout_s
+        self.exact = exact
+        """Bit-exact mode (batch-invariant kernels): outputs independent of batching and of
+        migration. Off: faster batched attention, outputs equal only up to rounding."""
+        self.fail_at = dict(fail_at or {})
+        """Failure injection per rank: ``{rank: {"point", "step", "signal"}}`` (see rank.FAIL_POINTS)."""
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="rep-"))
         mcfg = MoEConfig.from_dir(self.model_dir)
@@ -174,6 +180,7 @@ class Coordinator:
                 "step_timeout_s": max(self.config.transport.step_timeout_ms / 1000.0, 1.0) * 30,
                 "on_uncovered": self.config.recovery.on_uncovered,
                 "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
+                "fail_at": self.fail_at.get(r), "exact": self.exact,
             }
             p = subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
                                  env=env, stdin=subprocess.DEVNULL)
@@ -379,8 +386,9 @@ class Coordinator:
             if rec is None or rec.finished or rec.owner != rank:
                 continue
             if note == "uncovered":
-                self._finish(rec, error="expert(s) without a live replica "
-                                        f"(recovery.on_uncovered=fail): {self.status()['uncovered_experts']}")
+                self._finish(rec, error="needs expert(s) without a live replica and "
+                                        "recovery.on_uncovered=fail; uncovered (layer, expert): "
+                                        f"{self.status()['uncovered_experts']}")
                 continue
             if note == "degraded":
                 rec.degraded = True

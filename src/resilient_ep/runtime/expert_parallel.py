@@ -44,7 +44,8 @@ class MoEResult:
     degraded: torch.Tensor
     """[T] bool: some choice of the token had no live replica and was dropped."""
     failed: torch.Tensor
-    """[T] bool: the token lost every choice (or policy ``fail`` and some choice was lost)."""
+    """[T] bool: policy ``fail`` and some choice of the token was lost (under ``degrade`` a
+    token that lost every choice gets no expert output, only its residual)."""
     uncovered: list[int] = field(default_factory=list)
     """Logical experts of this layer that had no live replica."""
 
@@ -139,10 +140,8 @@ class MoEExchange:
         dropped = self.dropped.view(T, k)
         w = self.weights.clone()
         degraded = dropped.any(dim=1)
-        failed = dropped.all(dim=1)
+        failed = degraded.clone() if self.on_uncovered == "fail" else torch.zeros_like(degraded)
         if degraded.any():
-            if self.on_uncovered == "fail":
-                failed = degraded.clone()
             # Degrade: drop lost choices, renormalise the rest of the token's weights.
             w[dropped] = 0
             total = w.sum(dim=1, keepdim=True)

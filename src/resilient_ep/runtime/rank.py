@@ -29,6 +29,7 @@ from ..layout import ExpertLayout
 from ..membership import MembershipView, RankState
 from ..routing import RoutingTable
 from ..transport.zmq_transport import ZmqTransport
+from . import batch_invariant
 from .expert_parallel import MoEExchange, serve_dispatch
 from .model import ExpertBank, MoEModel
 from .scheduler import RankRequest, RankScheduler
@@ -41,6 +42,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+FAIL_POINTS = ("dispatch", "combine", "serve", "step_end")
+"""Where an injected failure fires: ``dispatch`` before this rank sends a layer's dispatches;
+``combine`` after sending them, while waiting for replies; ``serve`` on receiving another
+rank's dispatch, before replying; ``step_end`` after a step, before reporting its tokens."""
 
 
 class Rank:
@@ -59,9 +66,16 @@ class Rank:
         layout = ExpertLayout.from_mapping(torch.tensor(spec["layout"]), num_ranks=self.num_ranks,
                                            num_experts=spec["num_experts"],
                                            max_replicas=spec["max_replicas"])
-        self.model = MoEModel.load(spec["model_dir"], experts=False)
+        # Exact mode: batch-invariant matmuls and per-row attention, so a request's tokens do not
+        # depend on its batch-mates or on being recomputed after a migration (bit-identical).
+        exact = spec.get("exact", True)
+        linear = batch_invariant.linear if exact else None
+        self.model = MoEModel.load(spec["model_dir"], experts=False, linear=linear,
+                                   attention_mode="per_row" if exact else "batched")
         slots = {l: layout.experts_on_rank(l, self.rank) for l in range(layout.num_layers)}
         self.bank = ExpertBank.load(spec["model_dir"], slots)
+        if linear is not None:
+            self.bank.linear = linear
         self.table = RoutingTable(layout)
         self.live = frozenset(range(self.num_ranks))
         self.epoch = 0
@@ -75,6 +89,8 @@ class Rank:
         self.step = 0
         self.fenced = False
         self.stop = False
+        # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
+        self.fail_at = spec.get("fail_at")
         self._hb_stop = threading.Event()
 
     # ------------------------------------------------------------------ heartbeats
@@ -132,6 +148,12 @@ class Rank:
         if self.exchange is not None:
             self.exchange.reroute(self.live)
 
+    def _maybe_fail(self, point: str) -> None:
+        f = self.fail_at
+        if f and f["point"] == point and self.step >= f.get("step", 0):
+            self.fail_at = None
+            os.kill(os.getpid(), getattr(signal, "SIG" + f.get("signal", "KILL")))
+
     # ------------------------------------------------------------------ message pump
     def pump(self, timeout_ms: float) -> None:
         """Handle whatever arrives within ``timeout_ms``: control, dispatches, combines."""
@@ -150,16 +172,19 @@ class Rank:
                     break
                 header, tensors = msg
                 if header["t"] == "dispatch":
+                    self._maybe_fail("serve")
                     serve_dispatch(self.transport, self.bank, header, tensors)
                 elif header["t"] == "combine" and self.exchange is not None:
                     self.exchange.on_combine(header, tensors)
 
     # ------------------------------------------------------------------ model step
     def _moe(self, layer: int, x, ids, weights):
+        self._maybe_fail("dispatch")
         self.exchange = MoEExchange(rank=self.rank, transport=self.transport, table=self.table,
                                     bank=self.bank, layer=layer, step=self.step, x=x,
                                     topk_ids=ids, topk_weights=weights,
                                     on_uncovered=self.on_uncovered)
+        self._maybe_fail("combine")
         deadline = time.monotonic() + self.spec["step_timeout_s"]
         while not self.exchange.complete:
             if self.stop:
@@ -207,6 +232,7 @@ class Rank:
                 items.append((rid, None, True, "uncovered"))
             else:
                 items.append((rid, tok, fin, "degraded" if req_degraded[i] else None))
+        self._maybe_fail("step_end")
         self._send_control({"t": "tokens", "rank": self.rank, "step": self.step, "epoch": self.epoch,
                             "epoch_start": epoch0, "t0": t0, "t1": time.time(),
                             "num_tokens": int(plan.token_ids.numel()), "items": items,

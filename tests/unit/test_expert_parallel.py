@@ -1,0 +1,126 @@
+"""Dispatch/combine across in-process ranks equals the plain-torch oracle, before and after a
+rank drops out mid-exchange."""
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from resilient_ep.placement import place, replan
+from resilient_ep.routing import RoutingTable
+from resilient_ep.runtime import batch_invariant
+from resilient_ep.runtime.expert_parallel import MoEExchange, serve_dispatch
+from resilient_ep.runtime.model import ExpertBank
+from resilient_ep.runtime.model_builder import make_model
+from resilient_ep.transport.reference import reference_moe
+from resilient_ep.transport.zmq_transport import ZmqTransport, data_endpoint
+
+R, E, K = 3, 8, 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("ep") / "model", num_experts=E)
+
+
+@pytest.fixture
+def world(tmp_path, model_dir):
+    layout = place(num_layers=2, num_experts=E, num_ranks=R, slots_per_rank=6)  # 2 replicas each
+    ctx = zmq.Context()
+    eps = [data_endpoint("ipc", str(tmp_path), r) for r in range(R)]
+    ts = [ZmqTransport(r, eps, ctx=ctx) for r in range(R)]
+    for t in ts:
+        assert t.wait_connected(range(R), time.monotonic() + 5) == []
+    banks = [ExpertBank.load(model_dir, {l: layout.experts_on_rank(l, r) for l in range(2)})
+             for r in range(R)]
+    for b in banks:
+        b.linear = batch_invariant.linear
+    yield layout, ts, banks
+    for t in ts:
+        t.shutdown()
+    ctx.term()
+
+
+def _pump(ts, banks, exchanges, live, rounds=2000):
+    for _ in range(rounds):
+        if all(x.complete for r, x in exchanges.items()):
+            return
+        for r in live:
+            msg = ts[r].recv(time.monotonic() + 0.002)
+            if msg is None:
+                continue
+            h, tensors = msg
+            if h["t"] == "dispatch":
+                serve_dispatch(ts[r], banks[r], h, tensors)
+            elif h["t"] == "combine" and r in exchanges:
+                exchanges[r].on_combine(h, tensors)
+    raise AssertionError("exchange did not complete")
+
+
+def _inputs(seed, T=9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, 128, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    return x, ids, w / w.sum(1, keepdim=True)
+
+
+def _oracle(model_dir, layer, x, ids, w):
+    full = ExpertBank.load(model_dir, {layer: list(range(E))})
+    full.linear = batch_invariant.linear
+    return reference_moe(x, ids, w, lambda e, rows: full.forward(layer, torch.full((rows.shape[0],), e), rows))
+
+
+def test_exchange_matches_oracle(world, model_dir):
+    layout, ts, banks = world
+    tables = [RoutingTable(layout) for _ in range(R)]
+    inputs = {r: _inputs(r) for r in range(R)}
+    ex = {r: MoEExchange(rank=r, transport=ts[r], table=tables[r], bank=banks[r], layer=1, step=0,
+                         x=inputs[r][0], topk_ids=inputs[r][1], topk_weights=inputs[r][2])
+          for r in range(R)}
+    _pump(ts, banks, ex, range(R))
+    for r in range(R):
+        res = ex[r].result()
+        assert not res.degraded.any()
+        assert torch.equal(res.out, _oracle(model_dir, 1, *inputs[r])), "bit-exact"
+
+
+def test_reroute_after_owner_dies_mid_exchange(world, model_dir):
+    layout, ts, banks = world
+    tables = [RoutingTable(layout) for _ in range(R)]
+    x, ids, w = _inputs(7, T=16)
+    ex = {0: MoEExchange(rank=0, transport=ts[0], table=tables[0], bank=banks[0], layer=0, step=0,
+                         x=x, topk_ids=ids, topk_weights=w)}
+    assert any(d == 2 for d, _ in ex[0].pending.values()), "the test needs choices sent to rank 2"
+    # Rank 2 dies before answering: drop what it received, mask it, reroute.
+    while ts[2].recv(time.monotonic() + 0.05) is not None:
+        pass
+    live = torch.tensor([True, True, False])
+    tables[0].update(replan(layout, [2]).layout, live, epoch=1)
+    ts[0].configure(1, {0, 1})
+    ex[0].reroute(frozenset({0, 1}))
+    _pump(ts, banks, ex, [0, 1])
+    res = ex[0].result()
+    assert not res.degraded.any(), "every expert has a replica on ranks 0/1"
+    assert torch.equal(res.out, _oracle(model_dir, 0, x, ids, w)), "bit-exact"
+
+
+def test_uncovered_expert_degrades_or_fails(world, model_dir):
+    layout, ts, banks = world
+    # Only rank 0 live: experts it does not hold are uncovered.
+    table = RoutingTable(layout, torch.tensor([True, False, False]))
+    held = set(layout.experts_on_rank(0, 0))
+    x, ids, w = _inputs(3)
+    for mode in ("degrade", "fail"):
+        ex = MoEExchange(rank=0, transport=ts[0], table=table, bank=banks[0], layer=0, step=0,
+                         x=x, topk_ids=ids, topk_weights=w, on_uncovered=mode)
+        assert ex.complete, "nothing to wait for: all choices local or dropped"
+        res = ex.result()
+        lost = torch.tensor([[int(e) not in held for e in row] for row in ids.tolist()])
+        assert torch.equal(res.degraded, lost.any(1))
+        assert set(res.uncovered) == set(range(E)) - held
+        if mode == "fail":
+            assert torch.equal(res.failed, lost.any(1))
+        else:
+            assert not res.failed.any()
