@@ -1,0 +1,149 @@
+"""``resilient-ep serve``: the OpenAI-compatible API, a stream that survives a killed rank, and
+Ctrl-C stopping every process."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from resilient_ep.config import ResilienceConfig
+from resilient_ep.runtime.coordinator import Coordinator
+from resilient_ep.runtime.server import make_server
+
+pytestmark = pytest.mark.integration
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def api(model_dir):
+    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2"])
+    coord = Coordinator(model_dir, num_ranks=4, config=cfg).start()
+    server = make_server(coord, model_dir, "tiny", "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    t.start()
+    host, port = server.server_address[:2]
+    yield f"http://{host}:{port}", coord
+    server.shutdown()
+    server.server_close()
+    coord.shutdown()
+
+
+def test_models_and_status(api):
+    base, coord = api
+    status, body = _get(base + "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == "tiny"
+    status, st = _get(base + "/resilience/status")
+    assert set(st) >= {"epoch", "ranks", "uncovered_experts"}
+    assert [r["pid"] for r in st["ranks"]] == coord.pids
+    assert all(r["state"] == "live" for r in st["ranks"])
+
+
+@pytest.mark.parametrize("body, param", [
+    pytest.param({"prompt": "the cat", "temperature": 0.7}, "temperature", id="sampling"),
+    pytest.param({"prompt": "the cat", "max_tokens": 0}, "max_tokens", id="max_tokens_zero"),
+    pytest.param({"prompt": 42}, "prompt", id="prompt_type"),
+    pytest.param({"prompt": "the", "model": "other"}, "model", id="unknown_model"),
+])
+def test_bad_requests_name_the_field(api, body, param):
+    base, _ = api
+    status, raw = _post(base + "/v1/completions", body)
+    err = json.loads(raw)["error"]
+    assert status in (400, 404) and err["param"] == param and param in err["message"]
+
+
+def test_completion_and_stream_survive_a_killed_rank(api, reference, prompts):
+    base, coord = api
+    status, raw = _post(base + "/v1/completions", {"prompt": prompts[0], "max_tokens": 24})
+    body = json.loads(raw)
+    assert status == 200 and body["choices"][0]["token_ids"] == reference[0][:len(body["choices"][0]["token_ids"])]
+    assert body["usage"]["completion_tokens"] == len(body["choices"][0]["token_ids"])
+    # Stream several requests; kill a rank while they stream; every stream completes with the
+    # tokens of the failure-free run.
+    results = {}
+
+    def stream(i):
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(
+            {"prompt": prompts[i], "max_tokens": 24, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"})
+        chunks = []
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                line = line.strip()
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        results[i] = chunks
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(1, 9)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while sum(len(r.generated) for r in coord.requests.values()) < 24 + 8 * 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    coord.kill(3)
+    for t in threads:
+        t.join(120)
+    assert coord.status()["ranks"][3]["state"] == "dead"
+    from tokenizers import Tokenizer
+    from pathlib import Path
+    tok = Tokenizer.from_file(str(Path(coord.model_dir) / "tokenizer.json"))
+    eos = json.loads((Path(coord.model_dir) / "config.json").read_text())["eos_token_id"]
+    for i in range(1, 9):
+        chunks = results[i]
+        ref = reference[i][:reference[i].index(eos) + 1] if eos in reference[i] else reference[i]
+        assert chunks[-1]["choices"][0]["finish_reason"] == ("stop" if eos in ref else "length")
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert text == tok.decode(ref)
+
+
+def test_cli_serve_ctrl_c_stops_every_process(model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "resilient_ep.cli", "serve", str(model_dir),
+                             "--ranks", "2", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pids, url = None, None
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            m = re.search(r"on (http://127\.0\.0\.1:\d+) \(ranks \[([\d, ]+)\]\)", line)
+            if m:
+                url, pids = m.group(1), [int(x) for x in m.group(2).split(",")]
+                break
+            assert time.monotonic() < deadline
+        assert url, "server did not start"
+        assert _get(url + "/v1/models")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        for pid in pids:
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"rank process {pid} outlived Ctrl-C")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
