@@ -149,3 +149,12 @@ def test_replan_no_room():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, LayoutError), match=match):
         call()
+
+
+def test_balancedness_over_live_ranks():
+    lay = ExpertLayout.from_mapping([[0, 1, 2, 3]], num_ranks=4, num_experts=4)
+    assert balancedness(lay) == 1.0
+    after = replan(lay, [3]).layout
+    assert balancedness(after) == pytest.approx(0.75), "the dead rank drags the mean down"
+    assert balancedness(after, live_ranks=[0, 1, 2]) == 1.0
+    assert balancedness(after, live_ranks=torch.tensor([True, True, True, False])) == 1.0

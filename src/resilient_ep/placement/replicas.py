@@ -58,12 +58,20 @@ def allocate_replicas(load, num_slots: int, *, min_replicas: int = 1,
     return torch.from_numpy(counts)
 
 
-def balancedness(layout: ExpertLayout, load=None) -> float:
+def balancedness(layout: ExpertLayout, load=None, live_ranks=None) -> float:
     """Mean over layers of (mean rank load / max rank load); 1.0 is perfect balance.
 
-    Ranks are all ranks of the layout; a layout after failures has empty slots on dead ranks,
-    so pass only the live ones via :func:`rank_balancedness` if that is what you mean.
+    ``live_ranks`` (rank ids or a bool mask ``[R]``) restricts the mean and max to those ranks,
+    e.g. the survivors of a layout returned by ``replan`` (dead ranks hold nothing).
     """
     arr = check_load(load, layout.num_layers, layout.num_experts)
     rank_load = layout.rank_load(torch.from_numpy(arr)).numpy()  # [L, R]
+    if live_ranks is not None:
+        mask = np.zeros(layout.num_ranks, dtype=bool)
+        sel = np.asarray(live_ranks.cpu() if isinstance(live_ranks, torch.Tensor) else list(live_ranks))
+        if sel.dtype == bool:
+            mask[:] = sel
+        else:
+            mask[sel.astype(np.int64)] = True
+        rank_load = rank_load[:, mask]
     return float(np.mean(rank_load.mean(axis=1) / np.maximum(rank_load.max(axis=1), 1e-12)))
