@@ -16,6 +16,12 @@ if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]
 
 
+# Never reach for the Hugging Face Hub (no network here, and a wrong path must fail fast).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny random Qwen3-MoE (2 layers, hidden 128, 8 experts, top-2) in fp32."""
