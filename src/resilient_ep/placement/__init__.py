@@ -99,8 +99,9 @@ def place(load=None, *, num_layers: int, num_experts: int, num_ranks: int, slots
     for cand, pairs in candidates:
         if (cand.sum(axis=1) != P).any():
             continue  # distinct ranks cannot fill every slot (more slots per rank than experts)
+        # Pairs only where no expert of the layer is left with a single replica.
         layout = pack_fault_aware(arr, cand, num_ranks, slots_per_rank, num_nodes=num_nodes,
-                                  mirror_pairs=pairs)
+                                  mirror_pairs=pairs & (cand.min(axis=1) >= 2))
         mx = torch.from_numpy(_rank_max(layout, arr))
         mx[~_distinct_rows(layout)] = float("inf")  # greedy packing got stuck: reject the row
         ok = (mx <= torch.from_numpy(cap) * (1 + 1e-9)) & ~chosen

@@ -96,10 +96,12 @@ def mirror_partner(num_ranks: int, num_nodes: int) -> np.ndarray:
 
 
 def pack_fault_aware(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_rank: int,
-                     *, num_nodes: int, mirror_pairs: bool = True,
+                     *, num_nodes: int, mirror_pairs: bool | np.ndarray = True,
                      max_replicas: int | None = None) -> ExpertLayout:
-    """Fault-aware packing (see module docstring). ``mirror_pairs=False`` keeps only the
-    distinct-rank and distinct-node rules (a fallback when pairs cost too much balance).
+    """Fault-aware packing (see module docstring). ``mirror_pairs`` (one flag, or one per
+    layer) False keeps only the distinct-rank and distinct-node rules: a layer with a
+    single-replica expert gains nothing from pairs (any rank failure can already lose that
+    expert) and balances better without them.
 
     An expert with ``c`` replicas becomes ``c // 2`` *pair items* (one replica on each rank of
     a mirror pair, so both ranks get the same load) and ``c % 2`` *single items*. Items go
@@ -117,10 +119,11 @@ def pack_fault_aware(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots
     right = left + half
 
     # Items per layer: (expert, is_pair, weight per replica), heaviest first, pairs first on ties.
+    use_pairs = np.broadcast_to(np.asarray(mirror_pairs, dtype=bool), (L,))
     items_e, items_pair = [], []
     for l in range(L):
         c = counts[l]
-        n_pair = c // 2 if (half and mirror_pairs) else np.zeros_like(c)
+        n_pair = c // 2 if (half and use_pairs[l]) else np.zeros_like(c)
         n_single = c - 2 * n_pair
         e_pair = np.repeat(np.arange(E), n_pair)
         e_single = np.repeat(np.arange(E), n_single)
