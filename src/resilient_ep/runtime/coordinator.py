@@ -444,14 +444,15 @@ class Coordinator:
 
     # ================================================================== measurements
     def recovery_stall(self, event: FailureEvent) -> float | None:
-        """Seconds from the injected failure until every survivor with work has completed a
-        step that started under the new epoch (None if that has not happened)."""
+        """Seconds from the injected failure until every survivor that was serving has
+        completed a step after the failure was handled (its rerouted step, or a later one).
+        None until that has happened. Without an injection time, measured from detection."""
         t_inj = event.injected_at if event.injected_at is not None else event.detected_at
-        survivors = {s["rank"] for s in self.steps if s["t1"] > t_inj and s["rank"] != event.rank}
+        lost = {f.rank for f in self.failures if f.epoch <= event.epoch}
+        survivors = {s["rank"] for s in self.steps if s["t1"] > t_inj - 1.0} - lost
         firsts = []
         for r in survivors:
-            after = [s["t1"] for s in self.steps
-                     if s["rank"] == r and s["epoch_start"] >= event.epoch]
+            after = [s["t1"] for s in self.steps if s["rank"] == r and s["t1"] >= event.detected_at]
             if not after:
                 return None
             firsts.append(min(after))
