@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .harness import PROMPTS, Server, engine_env, process_title, read_trace, run_llm
+from vllm_harness import PROMPTS, Server, engine_env, process_title, read_trace, run_llm
 
 pytestmark = pytest.mark.engine
 

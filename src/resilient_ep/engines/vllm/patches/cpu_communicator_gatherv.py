@@ -78,25 +78,30 @@ def scatterv(input_, sizes, rank: int, world_size: int, group):
     return total[start : start + sizes[rank]].contiguous()
 
 
+def all_gatherv(self, input_, dim: int = 0, sizes=None):
+    """``CpuCommunicator.all_gatherv``: one tensor or a list, rows on dim 0."""
+    import torch
+
+    if dim != 0:
+        raise NotImplementedError("only dim 0 all-gatherv is supported")
+    one = isinstance(input_, torch.Tensor)
+    outs = [gatherv(t, sizes, self.rank_in_group, self.world_size, self.device_group)
+            for t in ([input_] if one else input_)]
+    return outs[0] if one else outs
+
+
+def reduce_scatterv(self, input_, dim: int = -1, sizes=None):
+    """``CpuCommunicator.reduce_scatterv``."""
+    if dim < 0:
+        dim += input_.dim()
+    moved = input_.movedim(dim, 0)
+    out = scatterv(moved, sizes, self.rank_in_group, self.world_size, self.device_group)
+    return out.movedim(0, dim).contiguous()
+
+
 def apply() -> None:
     base, cpu = _classes()
     if is_applied():
         return
-
-    def all_gatherv(self, input_, dim: int = 0, sizes=None):
-        if dim != 0:
-            raise NotImplementedError("only dim 0 all-gatherv is supported")
-        one = isinstance(input_, __import__("torch").Tensor)
-        outs = [gatherv(t, sizes, self.rank_in_group, self.world_size, self.device_group)
-                for t in ([input_] if one else input_)]
-        return outs[0] if one else outs
-
-    def reduce_scatterv(self, input_, dim: int = -1, sizes=None):
-        if dim < 0:
-            dim += input_.dim()
-        moved = input_.movedim(dim, 0)
-        out = scatterv(moved, sizes, self.rank_in_group, self.world_size, self.device_group)
-        return out.movedim(0, dim).contiguous()
-
     cpu.all_gatherv = mark(all_gatherv, NAME, base.all_gatherv)
     cpu.reduce_scatterv = mark(reduce_scatterv, NAME, base.reduce_scatterv)
