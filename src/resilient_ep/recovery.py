@@ -1,0 +1,96 @@
+"""Recovery orchestration, engine-agnostic: what to do when ranks fail.
+
+``detect -> fence -> reroute -> restore -> (repair -> reintegrate)``. The orchestrator decides;
+the host (the reference runtime's coordinator, an engine adapter) carries the decision out:
+
+1. **fence**: a new membership epoch with the ranks ``dead`` (crash) or ``fenced`` (hang);
+2. **reroute**: the layout replanned over the live ranks (``placement.replan``: no weight
+   moves; experts that lost every replica are listed as ``uncovered``) — the host broadcasts it
+   and every rank patches its routing table in place;
+3. **restore**: each request owned by a lost rank gets a new owner, the least-loaded live rank
+   (ties to the lowest rank id), so the host re-admits it there (resuming from a KV checkpoint
+   where one survives, else recomputing prompt + generated tokens);
+4. **repair**: ``plan.replan.moves`` are the weight copies that would restore coverage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .config import ResilienceConfig
+from .layout import ExpertLayout
+from .membership import Membership, MembershipView, RankState
+from .placement import ReplanResult, replan
+
+__all__ = ["RecoveryPlan", "RecoveryOrchestrator"]
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    view: MembershipView
+    """Membership after the failure (new epoch)."""
+    failed: tuple[int, ...]
+    """Ranks that failed in this event."""
+    kind: str
+    """``crash`` or ``hang``."""
+    layout: ExpertLayout
+    """Layout to route by now (lost ranks' slots empty)."""
+    replan: ReplanResult
+    """Full replan, with the weight moves that would restore coverage."""
+    uncovered: list[tuple[int, int]]
+    """(layer, expert) with no live replica."""
+    migrations: dict[str, int] = field(default_factory=dict)
+    """Request id -> new owner rank."""
+    abandoned: list[str] = field(default_factory=list)
+    """Requests that cannot be moved (no live rank, or migration disabled)."""
+
+
+class RecoveryOrchestrator:
+    def __init__(self, membership: Membership, layout: ExpertLayout,
+                 config: ResilienceConfig | None = None):
+        self.membership = membership
+        self.initial_layout = layout
+        self.layout = layout
+        self._last = replan(layout, [])
+        self.config = config or ResilienceConfig()
+        self.uncovered: set[tuple[int, int]] = set()
+
+    def on_failure(self, ranks: Iterable[int], kind: str, owners: Mapping[str, int],
+                   load=None) -> RecoveryPlan | None:
+        """Plan recovery from ``ranks`` failing (``kind`` crash|hang). ``owners``: the running
+        requests' current owner ranks. None when nothing changed (ranks already out)."""
+        if kind not in ("crash", "hang"):
+            raise ValueError(f"kind must be 'crash' or 'hang', got {kind!r}")
+        ranks = tuple(sorted(set(ranks)))
+        before = self.membership.epoch
+        state = RankState.DEAD if kind == "crash" else RankState.FENCED
+        view = self.membership.fail(ranks, state=state)
+        if view.epoch == before:
+            return None
+        out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
+        if not view.live_ranks:
+            return RecoveryPlan(view, ranks, kind, self.layout, self._last, sorted(self.uncovered),
+                                abandoned=[rid for rid, o in owners.items() if o in ranks])
+        res = replan(self.initial_layout, out, load)
+        self.layout, self._last = res.layout, res
+        self.uncovered |= set(res.uncovered)
+        migrations: dict[str, int] = {}
+        abandoned: list[str] = []
+        work = {r: 0 for r in view.live_ranks}
+        for owner in owners.values():
+            if owner in work:
+                work[owner] += 1
+        max_failures = self.config.recovery.max_failures
+        too_many = max_failures and len(out) > max_failures
+        for rid, owner in owners.items():
+            if owner not in ranks:
+                continue
+            if not self.config.recovery.migrate_requests or too_many:
+                abandoned.append(rid)
+                continue
+            target = min(work, key=lambda r: (work[r], r))
+            migrations[rid] = target
+            work[target] += 1
+        return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered), migrations,
+                            abandoned)

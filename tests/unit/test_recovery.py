@@ -1,0 +1,56 @@
+import pytest
+
+from resilient_ep.config import ResilienceConfig
+from resilient_ep.layout import ExpertLayout
+from resilient_ep.membership import Membership, RankState
+from resilient_ep.recovery import RecoveryOrchestrator
+
+
+def _orch(cfg=None):
+    # 4 ranks x 2 slots, 4 experts, mirror pairs (0, 2) and (1, 3).
+    lay = ExpertLayout.from_mapping([[0, 1, 2, 3, 0, 1, 2, 3]], num_ranks=4, num_experts=4)
+    return RecoveryOrchestrator(Membership(4), lay, cfg)
+
+
+def test_crash_fences_reroutes_and_migrates_to_least_loaded():
+    o = _orch()
+    owners = {"a": 1, "b": 1, "c": 0, "d": 2, "e": 3}
+    plan = o.on_failure([1], "crash", owners)
+    assert plan.view.epoch == 1 and plan.view.states[1] is RankState.DEAD
+    assert plan.layout.physical_to_logical.tolist() == [[0, 1, -1, -1, 0, 1, 2, 3]]
+    assert plan.uncovered == [], "experts 2 and 3 keep their replica on rank 3"
+    # Survivors 0, 2, 3 each own one request: a -> 0, b -> 2 (ties to the lowest rank).
+    assert plan.migrations == {"a": 0, "b": 2}
+    assert o.on_failure([1], "crash", owners) is None, "already out: nothing changes"
+
+
+def test_losing_both_replicas_is_reported_and_hang_fences():
+    o = _orch()
+    o.on_failure([1], "crash", {})
+    plan = o.on_failure([3], "hang", {"x": 3})
+    assert plan.view.states[3] is RankState.FENCED and plan.view.epoch == 2
+    assert plan.uncovered == [(0, 2), (0, 3)]
+    # Repair evicts the spare replicas of experts 0 and 1 on ranks 0 and 2: two weight copies.
+    assert plan.replan.moved_experts == 2 and plan.replan.unrepairable == []
+    assert plan.replan.repaired_layout.uncovered([0, 2]) == []
+    assert plan.migrations == {"x": 0}
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param(["recovery.migrate_requests=false"], id="migration_off"),
+    pytest.param(["recovery.max_failures=1"], id="too_many_failures"),
+])
+def test_requests_abandoned_by_policy(overrides):
+    o = _orch(ResilienceConfig().with_overrides(overrides))
+    o.on_failure([0], "crash", {})
+    plan = o.on_failure([1], "crash", {"r": 1})
+    assert plan.abandoned == ["r"] and plan.migrations == {}
+
+
+def test_every_rank_lost():
+    o = _orch()
+    o.on_failure([0, 1, 2], "crash", {})
+    plan = o.on_failure([3], "crash", {"r": 3})
+    assert plan.view.live_ranks == () and plan.abandoned == ["r"]
+    with pytest.raises(ValueError, match="kind"):
+        o.on_failure([0], "melted", {})
