@@ -41,6 +41,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .runtime import bench_failover
     bench_failover.add_arguments(bsub.add_parser(
         "failover", help="throughput on/off, crash and hang stalls, full-restart baseline"))
+    from .runtime import bench_kv
+    bench_kv.add_arguments(bsub.add_parser(
+        "kv", help="KV checkpoints: throughput on/off, restore vs recompute, recomputed tokens"))
     return p
 
 
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .runtime import server
             return server.main(args)
+        if args.command == "bench" and args.bench == "kv":
+            from .runtime import bench_kv
+            return bench_kv.main(args)
         if args.command == "bench":
             from .runtime import bench_failover
             return bench_failover.main(args)

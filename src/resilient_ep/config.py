@@ -143,10 +143,15 @@ class KVCheckpointConfig:
     path: str = ""
     """``file`` store only: directory for checkpoint files (default: a temp dir)."""
 
+    timeout_ms: float = 2000.0
+    """Deadline of one store call (save, metadata, fetch, delete); a store that does not answer
+    in time is skipped (a save is retried with the next one, a restore tries the next replica)."""
+
     def validate(self, prefix: str) -> None:
         _check(self.interval_tokens >= 1, f"{prefix}.interval_tokens", self.interval_tokens,
                "must be >= 1")
         _check(self.replicas >= 1, f"{prefix}.replicas", self.replicas, "must be >= 1")
+        _check(self.timeout_ms > 0, f"{prefix}.timeout_ms", self.timeout_ms, "must be > 0")
 
 
 @dataclass(frozen=True)

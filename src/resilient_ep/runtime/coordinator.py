@@ -39,6 +39,7 @@ from ..layout import ExpertLayout
 from ..membership import Membership, RankState
 from ..placement import place, replan
 from ..transport.zmq_transport import data_endpoint
+from .kv_checkpointing import KVTracker
 from .model import MoEConfig
 
 __all__ = ["Coordinator", "RequestRecord", "RuntimeStartError"]
@@ -138,6 +139,9 @@ class Coordinator:
                             num_ranks=num_ranks, slots_per_rank=self.slots_per_rank,
                             num_nodes=nodes, fault_aware=self.config.placement.fault_aware)
         self.membership = Membership(num_ranks)
+        self.kv = KVTracker(self.config.kv_checkpoint, num_ranks, self.run_dir,
+                            enabled=self.resilience and self.config.kv_checkpoint.enabled)
+        """KV checkpoints: per-request records (``kv.requests``) and metrics."""
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
@@ -181,6 +185,7 @@ class Coordinator:
                 "on_uncovered": self.config.recovery.on_uncovered,
                 "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
                 "fail_at": self.fail_at.get(r), "exact": self.exact,
+                "kv_checkpoint": self.kv.rank_spec(),
             }
             p = subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
                                  env=env, stdin=subprocess.DEVNULL)
@@ -237,6 +242,7 @@ class Coordinator:
             if s is not None:
                 s.close(linger=0)
         self.ctx.term()
+        self.kv.cleanup()
         if self._own_dir:
             for f in self.run_dir.glob("*"):
                 f.unlink(missing_ok=True)
@@ -290,7 +296,12 @@ class Coordinator:
         return {"epoch": view.epoch,
                 "ranks": [{"rank": r, "pid": self.pids[r], "state": s.value}
                           for r, s in enumerate(view.states)],
-                "uncovered_experts": uncovered}
+                "uncovered_experts": uncovered,
+                "kv_checkpoint": self.kv.status(live=set(view.live_ranks))}
+
+    def set_kv_checkpointing(self, enabled: bool) -> None:
+        """Pause or resume KV checkpointing on every rank (benchmarks: on vs off in one run)."""
+        self._call(("kv", enabled))
 
     def errored(self) -> BaseException | None:
         return self._error
@@ -326,6 +337,8 @@ class Coordinator:
                         return
                     if call[0] == "submit":
                         self._admit(call[1])
+                    if call[0] == "kv":
+                        self._broadcast({"t": "kv", "paused": not call[1]})
                 for r, s in enumerate(self.ctl):
                     if s in events:
                         while s.poll(0):
@@ -368,14 +381,19 @@ class Coordinator:
             self._finish(rec, error="no live rank")
             return
         rec.owner = min(load, key=lambda r: (load[r], r))
-        self._send(rec.owner, {"t": "add", "rid": rec.rid, "tokens": rec.prompt + rec.generated,
-                               "max_new": rec.max_tokens - len(rec.generated), "eos": rec.eos})
+        msg = {"t": "add", "rid": rec.rid, "tokens": rec.prompt + rec.generated,
+               "max_new": rec.max_tokens - len(rec.generated), "eos": rec.eos}
+        if rec.migrations:  # moved after a failure: resume from its KV checkpoint if one survives
+            msg["restore"] = self.kv.restore_hint(rec.rid, len(msg["tokens"]))
+        self._send(rec.owner, msg)
 
     def _on_rank_message(self, rank: int, msg: dict) -> None:
         if msg["t"] != "tokens":
             return
         if self.membership.state(rank) is not RankState.LIVE:
             return  # a fenced rank woke up: its results are not ours any more
+        if msg.get("kv"):
+            self.kv.on_report(rank, msg["kv"], lambda rid: getattr(self.requests.get(rid), "owner", None))
         self.steps.append({k: msg[k] for k in ("rank", "step", "epoch", "epoch_start", "t0", "t1",
                                                  "num_tokens")})
         if msg["uncovered"]:

@@ -80,7 +80,12 @@ class Rank:
         self.live = frozenset(range(self.num_ranks))
         self.epoch = 0
         self.kv = self.model.make_kv_cache(spec["kv_blocks"], spec["block_size"])
-        self.sched = RankScheduler(self.kv)
+        # KV checkpoints (resilient_ep.kv): saves off the decode loop, restores of moved requests.
+        self.kvc = None
+        if spec.get("kv_checkpoint"):
+            from .kv_checkpointing import RankKV
+            self.kvc = RankKV(self.rank, self.num_ranks, self.kv, spec["kv_checkpoint"])
+        self.sched = RankScheduler(self.kv, on_drop=self.kvc.forget if self.kvc else None)
         self.transport = ZmqTransport(self.rank, spec["data"], ctx=self.ctx)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
@@ -115,11 +120,18 @@ class Rank:
     def _on_control(self, msg: dict) -> None:
         t = msg["t"]
         if t == "add":
-            self.sched.add(RankRequest(msg["rid"], list(msg["tokens"]), msg["max_new"], msg.get("eos")))
+            req = RankRequest(msg["rid"], list(msg["tokens"]), msg["max_new"], msg.get("eos"))
+            if self.kvc is None or not self.kvc.add(req, msg.get("restore")):
+                self.sched.add(req)
         elif t == "membership":
             self._on_membership(msg)
         elif t == "drop":
             self.sched.drop(msg["rid"])
+            if self.kvc is not None:
+                self.kvc.drop(msg["rid"])
+        elif t == "kv":
+            if self.kvc is not None:
+                self.kvc.set_paused(msg["paused"])
         elif t == "shutdown":
             self.stop = True
         else:
@@ -145,6 +157,8 @@ class Rank:
         mask = torch.tensor([s is RankState.LIVE for s in view.states])
         self.table.update(layout, mask, epoch=view.epoch)  # in place
         self.transport.configure(view.epoch, self.live)
+        if self.kvc is not None:
+            self.kvc.configure(view.epoch, self.live)
         if self.exchange is not None:
             self.exchange.reroute(self.live)
 
@@ -232,11 +246,12 @@ class Rank:
                 items.append((rid, None, True, "uncovered"))
             else:
                 items.append((rid, tok, fin, "degraded" if req_degraded[i] else None))
+        kv_report = self.kvc.step(self.sched, plan.requests) if self.kvc is not None else None
         self._maybe_fail("step_end")
         self._send_control({"t": "tokens", "rank": self.rank, "step": self.step, "epoch": self.epoch,
                             "epoch_start": epoch0, "t0": t0, "t1": time.time(),
                             "num_tokens": int(plan.token_ids.numel()), "items": items,
-                            "uncovered": sorted(set(uncovered))})
+                            "uncovered": sorted(set(uncovered)), "kv": kv_report})
         self.step += 1
 
     # ------------------------------------------------------------------ main loop
@@ -252,7 +267,9 @@ class Rank:
         self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
         try:
             while not self.stop:
-                self.pump(0 if self.sched.running else 5)
+                self.pump(0 if self.sched.running else (1 if self.kvc and self.kvc.pending else 5))
+                if self.kvc is not None:
+                    self.kvc.poll(self.sched)
                 if self.sched.running and not self.stop:
                     self.run_step()
         except _Stopped:
@@ -261,6 +278,8 @@ class Rank:
             self._hb_stop.set()
             if hb is not None:
                 hb.join(2)
+            if self.kvc is not None:
+                self.kvc.shutdown()
             self.transport.shutdown()
             self.control.close(linger=0)
             self.ctx.term()

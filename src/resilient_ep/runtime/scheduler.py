@@ -40,10 +40,12 @@ class StepPlan:
 
 
 class RankScheduler:
-    def __init__(self, kv: PagedKVCache, *, max_batch_tokens: int = 2048):
+    def __init__(self, kv: PagedKVCache, *, max_batch_tokens: int = 2048, on_drop=None):
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.running: dict[str, RankRequest] = {}
+        self.on_drop = on_drop
+        """Called with a request id before its KV blocks are freed (e.g. to stop checkpointing it)."""
 
     def add(self, req: RankRequest) -> None:
         if req.rid in self.running:
@@ -52,6 +54,8 @@ class RankScheduler:
 
     def drop(self, rid: str) -> None:
         if self.running.pop(rid, None) is not None:
+            if self.on_drop is not None:
+                self.on_drop(rid)
             self.kv.free(rid)
 
     def plan(self) -> StepPlan | None:
