@@ -77,7 +77,11 @@ class FailureRecord:
     resumed_at: float | None = None
     """First time after its blocker was lifted that no blocker was left."""
     first_token_at: float | None = None
-    """First output token after ``resumed_at`` (re-prefill and prefill debt paid)."""
+    """First output tokens after ``resumed_at``: the end of the first decode step (a step's
+    tokens come out when it completes). The surviving ranks' in-flight step goes first, as a
+    rerouted step does; requests admitted at the resume (restored, re-prefilled, new) join
+    the steps after it. With nothing left running (a full restart) it is the first step after
+    their prefill."""
     restore_until: float | None = None
     """When the restored requests of this failure were back (restore policies)."""
 
@@ -170,10 +174,28 @@ class Instance:
             if rec.key == key:
                 rec.unblocked = True
         if not self.blockers:
+            step = self._survivors_step_s()
             for rec in self.records:
                 if rec.unblocked and rec.resumed_at is None:
                     rec.resumed_at = self.env.now
-                    self._awaiting_token.append(rec)
+                    if step is not None:
+                        rec.first_token_at = self.env.now + step
+                    else:
+                        self._awaiting_token.append(rec)
+
+    def _survivors_step_s(self) -> float | None:
+        """The step that the requests still running on live ranks complete first when the
+        instance resumes (their in-flight step, rerouted), before anything queued meanwhile
+        is admitted and prefilled; None if nothing is running (a full restart: the first
+        step then comes after the re-prefill). The fluid in ``_advance`` pays a slice's
+        prefill first; the order inside a slice does not change its tokens."""
+        n_live = self.n_live
+        live_running = self.running[self.alive]
+        total = float(live_running.sum())
+        if n_live == 0 or total <= 0:
+            return None
+        return step_time_s(self.sc, batch_max=float(live_running.max()), total_tokens=total,
+                           live_ranks=n_live, imbalance=self.imbalance())
 
     def take_ranks(self, ranks: list[int] | np.ndarray) -> Stranded:
         """Remove ranks from the instance; return the requests that ran on them."""
@@ -264,7 +286,7 @@ class Instance:
         self._record(t1 - avail, t1, tokens)
         if tokens > 0 and self._awaiting_token:
             for rec in self._awaiting_token:
-                rec.first_token_at = t1 - avail
+                rec.first_token_at = t1 - avail + step
             self._awaiting_token = []
 
     def _expire(self, now: float) -> None:

@@ -3,8 +3,10 @@
 - ``goodput``: output tokens per second in bins of ``sim.goodput_bin_s`` (recomputation
   excluded: re-prefilled and restored tokens are not counted twice).
 - ``stall_s``: one value per failure, from the failure until output tokens flow again (the
-  instance steps again after re-prefill, if any) and, where requests are restored from KV
-  checkpoints, they are back on a live rank. A failure of a rank already out of the instance
+  first decode step after the resume has completed: the surviving requests' in-flight step,
+  before requests put back meanwhile are prefilled; with none surviving, the first step after
+  the re-prefill) and, where requests are restored from KV checkpoints, they are back on a
+  live rank. A failure of a rank already out of the instance
   stalls nothing (0). A stall still running at the end is cut at ``duration_s``.
 - ``reintegration_pause_s``: total time the healthy ranks were paused to admit relaunched ranks.
 - ``time_to_95pct_s``: from the first failure until goodput (centered moving average over
