@@ -11,6 +11,13 @@ Engine-agnostic bookkeeping; whoever owns the sockets feeds it events:
 Measured on the CPU machines here: a SIGKILLed ZeroMQ peer is seen in 2-15 ms idle (34 ms
 median with every core busy); a SIGSTOPped one after the timeout (150 ms by default with 50 ms
 heartbeats). Each rank is reported once; ``reset(rank)`` re-arms it when it rejoins.
+
+Two guards against declaring healthy ranks hung when it is the watcher that stalled (an
+overloaded machine can deschedule the watching process for longer than the timeout):
+- a ``poll`` that comes more than half a timeout after the previous one declares nothing and
+  shifts every deadline by the gap (the silence may be ours);
+- ranks are declared hung only while some watched rank is still heard from: when every rank
+  goes silent at once, the detector waits ``ALL_SILENT_FACTOR`` timeouts before believing it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from typing import Iterable
 
 from .config import DetectorConfig
 
-__all__ = ["Suspicion", "FailureDetector"]
+__all__ = ["Suspicion", "FailureDetector", "ALL_SILENT_FACTOR"]
+
+ALL_SILENT_FACTOR = 10
+"""When every watched rank is silent, declare them hung only after this many timeouts."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class FailureDetector:
         self._last: dict[int, float] = {r: t for r in ranks}
         self._reported: set[int] = set()
         self._pending: list[Suspicion] = []
+        self._last_poll = t
 
     @property
     def timeout_s(self) -> float:
@@ -59,10 +70,22 @@ class FailureDetector:
         """Crashes reported since the last poll, then ranks newly past the heartbeat timeout."""
         t = time.monotonic() if now is None else now
         out, self._pending = self._pending, []
-        for r, last in self._last.items():
-            if r not in self._reported and t - last > self.timeout_s:
-                self._reported.add(r)
-                out.append(Suspicion(r, "hang", t, t - last))
+        gap = t - self._last_poll
+        self._last_poll = t
+        if gap > self.timeout_s / 2:
+            # We were not running: the silence we would see is (partly) our own.
+            for r in self._last:
+                self._last[r] += gap
+            return out
+        watched = {r: last for r, last in self._last.items() if r not in self._reported}
+        if not watched:
+            return out
+        silent = {r: t - last for r, last in watched.items() if t - last > self.timeout_s}
+        if len(silent) == len(watched) and min(silent.values()) <= self.timeout_s * ALL_SILENT_FACTOR:
+            return out  # everyone silent at once: more likely the machine than every rank
+        for r, quiet in silent.items():
+            self._reported.add(r)
+            out.append(Suspicion(r, "hang", t, quiet))
         return out
 
     def forget(self, rank: int) -> None:

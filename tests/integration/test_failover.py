@@ -16,8 +16,11 @@ MAX_TOKENS = 24  # as in conftest.reference
 
 
 def _config(*overrides):
-    # Two slots of redundancy on 4 ranks x 8 experts: every expert has two replicas.
-    return ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2", *overrides])
+    # Two slots of redundancy on 4 ranks x 8 experts: every expert has two replicas. A long
+    # heartbeat timeout: on a loaded 2-core CI machine a healthy rank can be descheduled for
+    # longer than the 150 ms default; only the hang test needs a short one.
+    return ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2",
+                                              "detector.heartbeat_timeout_ms=3000", *overrides])
 
 
 def _run(model_dir, prompts, *, fail_at=None, config=None, during=None):
@@ -63,7 +66,7 @@ def test_hung_rank_is_fenced_and_its_late_messages_ignored(model_dir, prompts, r
         os.kill(c.pids[2], signal.SIGCONT)  # the hung rank resumes and sends stale messages
 
     c, recs, status = _run(model_dir, prompts, fail_at={2: {"point": "combine", "step": 2, "signal": "STOP"}},
-                           during=wake_it_later)
+                           during=wake_it_later, config=_config("detector.heartbeat_timeout_ms=500"))
     _assert_nothing_lost(recs, reference)
     assert [f.kind for f in c.failures] == ["hang"]
     assert status["ranks"][2]["state"] == "fenced"
@@ -94,7 +97,7 @@ def test_two_failures_in_a_row_and_one_during_recovery(model_dir, prompts, refer
 
 
 def test_last_replica_lost_degrade(model_dir, prompts, reference):
-    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=0"])
+    cfg = _config("placement.redundant_slots_per_rank=0")
     c, recs, status = _run(model_dir, prompts, fail_at={1: {"point": "combine", "step": 2}}, config=cfg)
     lost = {e for e in range(8) if all(r == 1 for r in c.layout.replica_ranks(0, e))}
     assert lost, "with no redundancy rank 1 holds the only replica of some experts"
@@ -107,8 +110,7 @@ def test_last_replica_lost_degrade(model_dir, prompts, reference):
 
 
 def test_last_replica_lost_fail(model_dir, prompts, reference):
-    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=0",
-                                             "recovery.on_uncovered=fail"])
+    cfg = _config("placement.redundant_slots_per_rank=0", "recovery.on_uncovered=fail")
     c, recs, status = _run(model_dir, prompts, fail_at={1: {"point": "combine", "step": 2}}, config=cfg)
     failed = [r for r in recs if r.error]
     assert failed, "some request needed a lost expert"

@@ -38,7 +38,8 @@ def _post(url, body):
 
 @pytest.fixture(scope="module")
 def api(model_dir):
-    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2"])
+    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2",
+                                             "detector.heartbeat_timeout_ms=3000"])
     coord = Coordinator(model_dir, num_ranks=4, config=cfg).start()
     server = make_server(coord, model_dir, "tiny", "127.0.0.1", 0)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
