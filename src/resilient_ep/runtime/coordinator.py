@@ -37,7 +37,9 @@ from zmq.utils.monitor import recv_monitor_message
 from ..config import ResilienceConfig
 from ..layout import ExpertLayout
 from ..membership import Membership, RankState
-from ..placement import place, replan
+from ..detector import FailureDetector
+from ..placement import place
+from ..recovery import RecoveryOrchestrator
 from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
@@ -142,6 +144,7 @@ class Coordinator:
         self.kv = KVTracker(self.config.kv_checkpoint, num_ranks, self.run_dir,
                             enabled=self.resilience and self.config.kv_checkpoint.enabled)
         """KV checkpoints: per-request records (``kv.requests``) and metrics."""
+        self.recovery = RecoveryOrchestrator(self.membership, self.layout, self.config)
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
@@ -197,7 +200,7 @@ class Coordinator:
             s.connect(spec["control"])
             self.ctl.append(s)
         self._await_ready()
-        self._last_hb = {r: time.monotonic() for r in range(self.num_ranks)}
+        self.detector = FailureDetector(range(self.num_ranks), self.config.detector)
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
         self._thread.start()
         return self
@@ -318,9 +321,7 @@ class Coordinator:
         poller = zmq.Poller()
         for s in (*self.ctl, *self.mon, self.hb, self.wake_rx):
             poller.register(s, zmq.POLLIN)
-        det = self.config.detector
-        timeout_s = det.heartbeat_timeout_ms / 1000.0
-        tick = max(1.0, det.heartbeat_interval_ms / 5)
+        tick = max(1.0, self.config.detector.heartbeat_interval_ms / 5)
         try:
             while True:
                 events = dict(poller.poll(tick))
@@ -346,20 +347,19 @@ class Coordinator:
                 if self.hb in events:
                     while self.hb.poll(0):
                         rank, _pid, _step, _t = pickle.loads(self.hb.recv())
-                        self._last_hb[rank] = time.monotonic()
+                        self.detector.heartbeat(rank)
                 if not self.resilience:
                     continue
                 for r, m in enumerate(self.mon):
                     if m in events:
                         while m.poll(0):
-                            ev = recv_monitor_message(m)
-                            if ev["event"] == zmq.EVENT_DISCONNECTED and self.membership.state(r) is RankState.LIVE:
-                                self._on_failure([r], "crash")
-                now = time.monotonic()
-                hung = [r for r in range(self.num_ranks)
-                        if self.membership.state(r) is RankState.LIVE and now - self._last_hb[r] > timeout_s]
-                if hung:
-                    self._on_failure(hung, "hang")
+                            if recv_monitor_message(m)["event"] == zmq.EVENT_DISCONNECTED:
+                                self.detector.disconnected(r)
+                found = self.detector.poll()
+                for kind in ("crash", "hang"):
+                    ranks = [s.rank for s in found if s.kind == kind]
+                    if ranks:
+                        self._on_failure(ranks, kind)
         except BaseException as e:  # surfaced through errored(); requests are failed below
             self._error = e
             for rec in list(self.requests.values()):
@@ -374,13 +374,15 @@ class Coordinator:
                 load[rec.owner] += 1
         return load
 
-    def _admit(self, rec: RequestRecord) -> None:
+    def _admit(self, rec: RequestRecord, target: int | None = None) -> None:
         self.requests[rec.rid] = rec
-        load = self._live_load()
-        if not load:
-            self._finish(rec, error="no live rank")
-            return
-        rec.owner = min(load, key=lambda r: (load[r], r))
+        if target is None:
+            load = self._live_load()
+            if not load:
+                self._finish(rec, error="no live rank")
+                return
+            target = min(load, key=lambda r: (load[r], r))
+        rec.owner = target
         msg = {"t": "add", "rid": rec.rid, "tokens": rec.prompt + rec.generated,
                "max_new": rec.max_tokens - len(rec.generated), "eos": rec.eos}
         if rec.migrations:  # moved after a failure: resume from its KV checkpoint if one survives
@@ -423,31 +425,27 @@ class Coordinator:
 
     # ------------------------------------------------------------------ recovery
     def _on_failure(self, ranks: list[int], kind: str) -> None:
-        state = RankState.DEAD if kind == "crash" else RankState.FENCED
-        view = self.membership.fail(ranks, state=state)
-        now = time.time()
-        dead = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
-        if not view.live_ranks:
-            for rec in self.requests.values():
-                if not rec.finished:
-                    self._finish(rec, error="every rank failed")
+        owners = {rid: rec.owner for rid, rec in self.requests.items() if not rec.finished}
+        plan = self.recovery.on_failure(ranks, kind, owners)
+        if plan is None:
             return
-        res = replan(self.layout, dead)
+        now = time.time()
         with self._lock:
-            self.uncovered = sorted(set(self.uncovered) | set(res.uncovered))
-        msg = {"t": "membership", "epoch": view.epoch, "states": [s.value for s in view.states],
-               "layout": res.layout.physical_to_logical.tolist()}
-        self._broadcast(msg, include=ranks)  # the fenced rank learns it is out, if it wakes
-        migrated = 0
-        if self.config.recovery.migrate_requests:
-            for rec in self.requests.values():
-                if not rec.finished and rec.owner in ranks:
-                    rec.migrations += 1
-                    migrated += 1
-                    self._admit(rec)
-        for r in ranks:
-            self.failures.append(FailureEvent(r, kind, now, view.epoch, self._inject.get(r),
-                                              migrated, list(res.uncovered)))
+            self.uncovered = sorted(set(self.uncovered) | set(plan.uncovered))
+        msg = {"t": "membership", "epoch": plan.view.epoch,
+               "states": [s.value for s in plan.view.states],
+               "layout": plan.layout.physical_to_logical.tolist()}
+        self._broadcast(msg, include=list(ranks))  # a fenced rank learns it is out, if it wakes
+        for rid, target in plan.migrations.items():
+            rec = self.requests[rid]
+            rec.migrations += 1
+            self._admit(rec, target)
+        for rid in plan.abandoned:
+            self._finish(self.requests[rid], error=f"rank {self.requests[rid].owner} failed "
+                                                   "and the request could not be moved")
+        for r in plan.failed:
+            self.failures.append(FailureEvent(r, kind, now, plan.view.epoch, self._inject.get(r),
+                                              len(plan.migrations), list(plan.replan.uncovered)))
 
     def _send(self, rank: int, msg: dict) -> None:
         try:
