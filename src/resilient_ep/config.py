@@ -14,13 +14,14 @@ turns the whole layer into a no-op; every other default works out of the box.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .schema import FieldError, build, to_plain
 
 __all__ = [
     "ConfigError",
@@ -36,17 +37,11 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A configuration value is unknown, of the wrong type or impossible.
 
     ``field`` is the dotted path (``kv_checkpoint.interval_tokens``), ``value`` what was given.
     """
-
-    def __init__(self, field: str, value: Any, reason: str):
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}: {reason}, got {value!r}")
 
 
 def _check(cond: bool, field: str, value: Any, reason: str) -> None:
@@ -266,7 +261,7 @@ class ResilienceConfig:
         wrong types and impossible values raise :class:`ConfigError`."""
         if data is None:
             return cls()
-        return _build(cls, data, "")
+        return build(cls, data, root="resilience", error=ConfigError)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ResilienceConfig":
@@ -308,74 +303,4 @@ class ResilienceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), the inverse of :meth:`from_dict`."""
-
-        def conv(v: Any) -> Any:
-            if dataclasses.is_dataclass(v):
-                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, tuple):
-                return [conv(x) for x in v]
-            return v
-
-        return conv(self)
-
-
-# --------------------------------------------------------------------- generic builder
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix or "resilience"
-    if not isinstance(data, dict):
-        raise ConfigError(where, data, "must be a mapping")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            raise ConfigError(dotted, value, f"unknown key (known: {sorted(known)})")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if prefix and not e.field.startswith(prefix):
-            raise ConfigError(f"{prefix}.{e.field}", e.value, e.reason) from None
-        raise
-
-
-def _coerce(tp: Any, value: Any, dotted: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, dotted)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(dotted, value, f"must be one of {list(allowed)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(dotted, value, "must be a list")
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(tp):
-            try:
-                return _coerce(alt, value, dotted)
-            except ConfigError as e:
-                errors.append(e.reason)
-        raise ConfigError(dotted, value, " or ".join(errors))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(dotted, value, "must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(dotted, value, "must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(dotted, value, "must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(dotted, value, "must be a string")
-        return value
-    return value
+        return to_plain(self)

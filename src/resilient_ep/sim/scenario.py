@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from ..schema import FieldError, build, to_plain
 
 __all__ = [
     "ScenarioError",
@@ -64,17 +64,11 @@ memory), ``peer`` (another GPU in the same node, NVLink), ``host`` (host-memory 
 PCIe), ``remote`` (another node's host memory, RDMA), ``disk`` (the node's storage)."""
 
 
-class ScenarioError(ValueError):
+class ScenarioError(FieldError):
     """A scenario key is unknown, of the wrong type or impossible.
 
     ``field`` is the dotted key (``failures[2].rank``), ``value`` what was given.
     """
-
-    def __init__(self, field: str, value: Any, reason: str):
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}: {reason}, got {value!r}")
 
 
 def _check(cond: bool, field: str, value: Any, reason: str) -> None:
@@ -614,7 +608,7 @@ class Scenario:
         data = dict(data)
         if name and "name" not in data:
             data["name"] = name
-        return _build(cls, data, "")
+        return build(cls, data, root="scenario", error=ScenarioError)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Scenario":
@@ -634,80 +628,4 @@ class Scenario:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), the inverse of :meth:`from_dict`."""
-
-        def conv(v: Any) -> Any:
-            if dataclasses.is_dataclass(v):
-                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, tuple):
-                return [conv(x) for x in v]
-            return v
-
-        return conv(self)
-
-
-# --------------------------------------------------------------------- generic builder
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix or "scenario"
-    if not isinstance(data, dict):
-        raise ScenarioError(where, data, "must be a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ScenarioError(dotted, value, f"unknown key (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    for name, f in fields.items():
-        if (name not in kwargs and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING):
-            raise ScenarioError(f"{prefix}.{name}" if prefix else name, None, "is required")
-    try:
-        return cls(**kwargs)
-    except ScenarioError as e:
-        if prefix and not e.field.startswith(prefix):
-            raise ScenarioError(f"{prefix}.{e.field}", e.value, e.reason) from None
-        raise
-
-
-def _coerce(tp: Any, value: Any, dotted: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, dotted)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ScenarioError(dotted, value, f"must be one of {list(allowed)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ScenarioError(dotted, value, "must be a list")
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(tp):
-            try:
-                return _coerce(alt, value, dotted)
-            except ScenarioError as e:
-                errors.append(e.reason)
-        raise ScenarioError(dotted, value, " or ".join(errors))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ScenarioError(dotted, value, "must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(dotted, value, "must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ScenarioError(dotted, value, "must be a number")
-        if not math.isfinite(value):
-            raise ScenarioError(dotted, value, "must be finite")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ScenarioError(dotted, value, "must be a string")
-        return value
-    return value
+        return to_plain(self)
