@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from resilient_ep.layout import ExpertLayout
 from resilient_ep.membership import Membership
 from resilient_ep.placement import place, replan
 from resilient_ep.routing import RoutingTable

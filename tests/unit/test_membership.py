@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from resilient_ep.membership import Membership, MembershipView, RankState, StaleEpochError
 

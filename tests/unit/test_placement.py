@@ -35,15 +35,19 @@ def _distinct_ranks(layout):
     return True
 
 
-@settings(max_examples=40, deadline=None)
-@given(R=st.integers(2, 8), extra=st.integers(0, 3), E=st.integers(2, 16), L=st.integers(1, 3),
-       nodes=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
-def test_place_invariants(R, extra, E, L, nodes, seed):
+@settings(max_examples=60, deadline=None)
+@given(R=st.integers(2, 8), extra=st.integers(0, 3), E=st.integers(2, 40), L=st.integers(1, 3),
+       nodes=st.sampled_from([1, 2]), seed=st.integers(0, 1000),
+       skew=st.sampled_from(["zipf", "lognormal"]))
+def test_place_invariants(R, extra, E, L, nodes, seed, skew):
     if R % nodes:
         nodes = 1
     S = -(-E // R) + extra
     rng = np.random.default_rng(seed)
-    load = rng.zipf(1.6, size=(L, E)).astype(float)
+    if skew == "zipf":  # heavy tail: a few experts hotter than a whole rank
+        load = rng.zipf(1.6, size=(L, E)).astype(float)
+    else:               # moderate skew, as in real routing statistics
+        load = rng.lognormal(0.0, rng.uniform(0.0, 1.0), size=(L, E))
     ours = place(load, num_layers=L, num_experts=E, num_ranks=R, slots_per_rank=S, num_nodes=nodes)
     base = place_by_load(load, num_layers=L, num_experts=E, num_ranks=R, slots_per_rank=S)
     for lay in (ours, base):
@@ -51,9 +55,10 @@ def test_place_invariants(R, extra, E, L, nodes, seed):
         assert (lay.physical_to_logical >= 0).all(), "every slot is used"
     if S <= E:  # otherwise some rank must hold two copies of one expert
         assert _distinct_ranks(ours), "replicas of one expert sit on distinct ranks"
-    if (load.max(axis=1) <= load.sum(axis=1) / R).all():
-        # No expert hotter than a rank's share: distinct ranks cost no balance granularity,
-        # so the 5 % budget against load-only must hold.
+    if E >= 4 * R and (load.max(axis=1) <= load.sum(axis=1) / (2 * R)).all():
+        # Many experts, none hotter than half a rank's share: keeping replicas on distinct
+        # ranks costs no balance granularity (load-only may stack two replicas of one expert
+        # on a rank, which splits load finer in tiny cases), so the 5 % budget must hold.
         assert balancedness(ours, load) >= 0.95 * balancedness(base, load) - 1e-9
 
 

@@ -113,7 +113,6 @@ def pack_fault_aware(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots
     R, S = num_ranks, slots_per_rank
     per_replica = load / counts
     node = np.arange(R) // max(R // num_nodes, 1)
-    partner = mirror_partner(R, num_nodes)
     half = R // 2
     left = np.arange(half)               # pair q = (left[q], left[q] + half)
     right = left + half

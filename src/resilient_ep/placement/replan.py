@@ -52,7 +52,7 @@ class ReplanResult:
 
 
 def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None) -> ReplanResult:
-    R, S, L, E = layout.num_ranks, layout.slots_per_rank, layout.num_layers, layout.num_experts
+    R, L, E = layout.num_ranks, layout.num_layers, layout.num_experts
     dead = sorted({int(r) for r in dead_ranks})
     for r in dead:
         if not 0 <= r < R:

@@ -30,12 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import ResilienceConfig
-from ..layout import ExpertLayout
 from ..membership import Membership, RankState
 from ..detector import FailureDetector
 from ..placement import place

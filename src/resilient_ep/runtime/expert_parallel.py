@@ -99,7 +99,7 @@ class MoEExchange:
                 local = sub
                 continue
             rid = (self.rank, next(_seq))
-            ok = self.transport.send(d, {"t": "dispatch", "id": rid, "layer": self.layer,
+            self.transport.send(d, {"t": "dispatch", "id": rid, "layer": self.layer,
                                          "step": self.step},
                                      [self.x[sub // self.k], self.ids[sub // self.k, sub % self.k]])
             # A refused send (peer gone) stays pending: the membership change reroutes it.

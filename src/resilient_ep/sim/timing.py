@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from resilient_ep.sim.scenario import Scenario
 
 __all__ = ["step_time_s", "Capacity", "nominal_capacity", "expert_load"]
@@ -85,7 +87,7 @@ def nominal_capacity(sc: Scenario) -> Capacity:
     return Capacity(step_s=step, tokens_per_s=req * w.output_tokens, requests_per_s=req)
 
 
-def expert_load(sc: Scenario, num_layers: int, rng) -> "np.ndarray":
+def expert_load(sc: Scenario, num_layers: int, rng) -> np.ndarray:
     """``float64[L, E]`` expected tokens per expert: Zipf popularity with exponent
     ``timing.expert_skew``, a fresh random order of experts in every layer."""
     import numpy as np
