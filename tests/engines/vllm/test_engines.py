@@ -103,14 +103,28 @@ def test_tp2_ep_same_tokens_as_tp1(without_plugin, tp2_ep):
     assert tp2_ep["tokens"] == without_plugin["tokens"]
 
 
+PATCHES = {"vllm-cpu-moe-expert-map", "vllm-cpu-communicator-gatherv"}
+
+
+def _patched_by_pid(trace):
+    out = {}
+    for r in trace:
+        if r["event"] == "patched":
+            out.setdefault(r["pid"], set()).add(r["name"])
+    return out
+
+
 def test_tp2_ep_plugin_active_in_every_process(tp2_ep):
     trace = tp2_ep["trace"]
     pids = {r["pid"] for r in trace}
     active = {r["pid"] for r in trace if r["event"] == "activate"}
     assert len(pids) >= 4 and active == pids, trace  # front end, engine core, 2 workers
-    for r in trace:
-        if r["event"] == "activate":
-            assert r["applied"] == ["vllm-cpu-moe-expert-map", "vllm-cpu-communicator-gatherv"]
+    patched = _patched_by_pid(trace)
+    # the two TP workers run the MoE layers: both patches there, each applied once
+    assert sum(names == PATCHES for names in patched.values()) >= 2, patched
+    assert len([r for r in trace if r["event"] == "patched"]) == sum(map(len, patched.values()))
+    front_end = next(r["pid"] for r in trace if r["ppid"] not in pids)
+    assert "vllm-cpu-moe-expert-map" not in patched.get(front_end, set())  # no model there
 
 
 def test_dp2_ep_serve_same_tokens_as_tp1(without_plugin, dp2_server):
@@ -145,3 +159,8 @@ def test_dp2_plugin_active_in_every_serve_process(dp2_server):
     active = {r["pid"] for r in trace if r["event"] == "activate"}
     assert active == set(titles), titles  # launcher, API servers, engine cores, workers
     assert len(titles) >= 7
+    patched = _patched_by_pid(trace)
+    assert sum(names == PATCHES for names in patched.values()) >= 2, patched  # the workers
+    for pid, title in titles.items():
+        if title.startswith("VLLM::APIServer"):
+            assert "vllm-cpu-moe-expert-map" not in patched.get(pid, set()), title

@@ -76,3 +76,21 @@ def test_launcher_help_lists_resilience_flags():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--enable-resilience" in out.stdout and "--resilience-config" in out.stdout
+
+
+def test_conflicting_wheels_detected(monkeypatch):
+    versions = {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": "2.13.0+cpu"}
+
+    def fake_version(name):
+        if name not in versions:
+            raise launcher.importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(launcher.importlib.metadata, "version", fake_version)
+    assert launcher.conflicting_wheels() == ["torchvision==0.28.0"]
+    versions["torch"] = "2.13.0"  # a CUDA torch: its CUDA companions are fine
+    assert launcher.conflicting_wheels() == []
+
+
+def test_this_venv_has_no_conflicting_wheels():
+    assert launcher.conflicting_wheels() == []  # ci/setup-vllm.sh removed them

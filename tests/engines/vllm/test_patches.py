@@ -46,6 +46,22 @@ def _ledger(name: str) -> str:
     return os.path.join(root, "patches", f"{name}.md")
 
 
+def test_apply_when_imported_runs_after_the_first_import(tmp_path, monkeypatch):
+    from resilient_ep.engines.vllm.patches import _when_imported
+
+    (tmp_path / "rep_fake_target.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    _when_imported("rep_fake_target", lambda: seen.append(
+        __import__("sys").modules["rep_fake_target"].VALUE))
+    assert seen == []
+    import rep_fake_target  # noqa: F401
+
+    assert seen == [1]
+    _when_imported("rep_fake_target", lambda: seen.append(2))  # already loaded: at once
+    assert seen == [1, 2]
+
+
 def test_signature_mismatch_fails_loudly():
     def apply(self, output, hidden_states):  # an upstream that changed its signature
         pass

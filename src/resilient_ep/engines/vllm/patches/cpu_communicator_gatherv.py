@@ -17,6 +17,7 @@ from __future__ import annotations
 from . import PatchError, check_version, expect_signature, is_marked, mark
 
 NAME = "vllm-cpu-communicator-gatherv"
+TARGET_MODULE = "vllm.distributed.device_communicators.cpu_communicator"
 
 
 def _classes():

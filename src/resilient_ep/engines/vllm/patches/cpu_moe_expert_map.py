@@ -18,6 +18,7 @@ import functools
 from . import PatchError, check_version, expect_signature, is_marked, mark
 
 NAME = "vllm-cpu-moe-expert-map"
+TARGET_MODULE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe"
 
 _PARAMS = (
     "self", "output", "hidden_states", "w1", "w2", "topk_weights", "topk_ids", "activation",
