@@ -163,3 +163,18 @@ def test_balancedness_over_live_ranks():
     assert balancedness(after) == pytest.approx(0.75), "the dead rank drags the mean down"
     assert balancedness(after, live_ranks=[0, 1, 2]) == 1.0
     assert balancedness(after, live_ranks=torch.tensor([True, True, True, False])) == 1.0
+
+
+def test_replan_rebalance_lowers_the_hottest_survivor():
+    # 4 ranks x 3 slots, 8 experts with 2 replicas on mirror pairs (placement), skewed load.
+    load = np.array([[8.0, 6, 4, 3, 2, 2, 1, 1]])
+    lay = place(load, num_layers=1, num_experts=8, num_ranks=4, slots_per_rank=4)
+    plain = replan(lay, [1], load)
+    better = replan(lay, [1], load, rebalance_moves=3)
+    live = [0, 2, 3]
+    mx = lambda l: float(l.rank_load(torch.from_numpy(load)).numpy()[0, live].max())  # noqa: E731
+    assert plain.moved_experts == 0 and plain.uncovered == []
+    assert 0 < better.moved_experts <= 3
+    assert mx(better.repaired_layout) < mx(plain.repaired_layout)
+    assert better.repaired_layout.uncovered(live) == [], "no move evicts a last replica"
+    assert better.layout.physical_to_logical.tolist() == plain.layout.physical_to_logical.tolist()

@@ -51,7 +51,13 @@ class ReplanResult:
         return len(self.moves)
 
 
-def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None) -> ReplanResult:
+def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None, *,
+           rebalance_moves: int = 0) -> ReplanResult:
+    """See the module docstring. ``rebalance_moves`` (per layer, default 0): after restoring
+    coverage, also copy up to that many replicas of the hottest live rank's experts onto the
+    coolest live rank (into an empty slot, or over a spare replica), each move only if it
+    lowers the layer's largest live-rank load. The survivors of a failure otherwise carry the
+    lost rank's load on the few replicas that were there."""
     R, L, E = layout.num_ranks, layout.num_layers, layout.num_experts
     dead = sorted({int(r) for r in dead_ranks})
     for r in dead:
@@ -98,6 +104,58 @@ def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None) -> Replan
             row[slot] = e
             counts[e] += 1
             moves.append(SlotMove(layer, slot, e, evicted))
+    if rebalance_moves > 0:
+        live_rank = np.ones(R, dtype=bool)
+        live_rank[dead] = False
+        for layer in range(L):
+            moves += _rebalance(repaired[layer], arr[layer], layer, layout.slots_per_rank,
+                                live_rank, rebalance_moves)
     repaired_layout = ExpertLayout.from_mapping(torch.from_numpy(repaired), num_ranks=R,
                                                 num_experts=E, max_replicas=k)
     return ReplanResult(now, uncovered, repaired_layout, moves, unrepairable)
+
+
+def _rank_loads(row: np.ndarray, load: np.ndarray, S: int, R: int) -> np.ndarray:
+    """[R] load of each rank for slot row ``row`` [P] (load split evenly over replicas)."""
+    held = row >= 0
+    counts = np.bincount(row[held], minlength=load.shape[0])
+    per_slot = np.zeros(row.shape[0])
+    per_slot[held] = load[row[held]] / counts[row[held]]
+    return per_slot.reshape(R, S).sum(axis=1)
+
+
+def _rebalance(row: np.ndarray, load: np.ndarray, layer: int, S: int, live: np.ndarray,
+               budget: int) -> list[SlotMove]:
+    """Greedy replica copies from the hottest to the coolest live rank (mutates ``row``)."""
+    R = live.shape[0]
+    moves: list[SlotMove] = []
+    for _ in range(budget):
+        rl = _rank_loads(row, load, S, R)
+        live_ids = np.flatnonzero(live)
+        hot = live_ids[np.argmax(rl[live_ids])]
+        cold = live_ids[np.argmin(rl[live_ids])]
+        current = rl[live_ids].max()
+        if hot == cold:
+            break
+        counts = np.bincount(row[row >= 0], minlength=load.shape[0])
+        cold_slots = np.arange(cold * S, (cold + 1) * S)
+        cold_experts = set(row[cold_slots][row[cold_slots] >= 0].tolist())
+        best = None
+        for e in set(row[hot * S:(hot + 1) * S][row[hot * S:(hot + 1) * S] >= 0].tolist()):
+            if e in cold_experts:
+                continue
+            for slot in cold_slots:
+                v = int(row[slot])
+                if v >= 0 and counts[v] < 2:
+                    continue  # never evict an expert's last replica
+                trial = row.copy()
+                trial[slot] = e
+                new_max = _rank_loads(trial, load, S, R)[live_ids].max()
+                if best is None or new_max < best[0]:
+                    best = (new_max, int(slot), int(e), v)
+        if best is None or best[0] >= current * (1 - 1e-9):
+            break
+        _, slot, e, v = best
+        row[slot] = e
+        moves.append(SlotMove(layer, slot, e, v))
+    return moves

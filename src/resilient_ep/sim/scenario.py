@@ -443,8 +443,14 @@ class ResilientEPSpec:
     reintegration_flip_s: float = 0.005
     """The one table flip between two steps that admits a repaired rank."""
 
+    rebalance_moves: int = 0
+    """Per layer, replica copies from the hottest to the coolest surviving rank after a failure
+    (``placement.replan(rebalance_moves=...)``), copied from a surviving replica over the
+    peer link in the background. 0: keep the lost rank's load on the replicas that were there."""
+
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "reroute_s", "reintegration_flip_s", allow_zero=True)
+        _positive(self, prefix, "rebalance_moves", allow_zero=True)
         if self.shadow_slots_per_rank is not None:
             _positive(self, prefix, "shadow_slots_per_rank", allow_zero=True)
         _positive(self, prefix, "placement_layers", "kv_checkpoint_interval_tokens")

@@ -99,9 +99,13 @@ class ResilientEP(Policy):
             self.start_rejoin(ev.rank, ev.hardware_back_s)
             return
         dead = np.flatnonzero(~self.inst.alive).tolist()
-        res = replan(self.layout, dead, self.load)
+        res = replan(self.layout, dead, self.load, rebalance_moves=self.spec.rebalance_moves)
         lost = int(round(len(res.uncovered) * self.layer_scale))
         t = repair.experts_repair_s(self.sc, self.repair_source, lost, self.inst.n_live)
+        coverage_copies = len(res.uncovered) - len(res.unrepairable)
+        extra = int(round((res.moved_experts - coverage_copies) * self.layer_scale))
+        if extra > 0:  # rebalancing copies come from a surviving replica, after the repair
+            t += repair.experts_repair_s(self.sc, "peer", extra, self.inst.n_live)
         self.weight_copies += res.moved_experts * self.layer_scale
         self.inst.extras["expert_weight_copies"] = int(round(self.weight_copies))
         degrade = self.spec.on_uncovered == "degrade"
@@ -158,7 +162,8 @@ class ResilientEP(Policy):
     def on_rank_back(self, rank: int) -> None:
         dead = np.flatnonzero(~self.inst.alive).tolist()
         if dead:
-            res = replan(self.base_layout, dead, self.load)
+            res = replan(self.base_layout, dead, self.load,
+                         rebalance_moves=self.spec.rebalance_moves)
             self.layout = res.repaired_layout
             servable = not res.unrepairable
         else:
