@@ -142,11 +142,18 @@ class KVCheckpointConfig:
     """Deadline of one store call (save, metadata, fetch, delete); a store that does not answer
     in time is skipped (a save is retried with the next one, a restore tries the next replica)."""
 
+    max_stall_ms: float = 100.0
+    """Backpressure that keeps the lag bound: when a save has not landed by the time the cache
+    would run more than ``interval_tokens`` ahead of the checkpoint, the decode loop waits for it,
+    at most this long per step (then decoding goes on and the lag grows: a store that is down
+    must not stop decoding). 0: never wait."""
+
     def validate(self, prefix: str) -> None:
         _check(self.interval_tokens >= 1, f"{prefix}.interval_tokens", self.interval_tokens,
                "must be >= 1")
         _check(self.replicas >= 1, f"{prefix}.replicas", self.replicas, "must be >= 1")
         _check(self.timeout_ms > 0, f"{prefix}.timeout_ms", self.timeout_ms, "must be > 0")
+        _check(self.max_stall_ms >= 0, f"{prefix}.max_stall_ms", self.max_stall_ms, "must be >= 0")
 
 
 @dataclass(frozen=True)

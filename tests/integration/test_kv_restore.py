@@ -82,7 +82,7 @@ def test_corrupt_checkpoint_falls_back_to_recompute(model_dir, prompts, referenc
     _check_restores(c, recs, reference, allow_fallback={victim.rid})
     info = c.kv.requests[victim.rid]
     assert info["restored"] == 0 and info["checksum_mismatches"] == 1
-    assert info["recomputed"] >= len(victim.prompt) + 8, "full recompute: prompt and generated tokens"
+    assert info["recomputed"] >= len(victim.prompt) + 7, "full recompute: prompt and generated tokens"
     kv = status["kv_checkpoint"]
     assert kv["store"] == "file" and kv["checksum_mismatches"] == 1 and kv["full_recomputes"] == 1
 

@@ -61,7 +61,10 @@ class RestoreResult:
 
     @property
     def recomputed_tokens(self) -> int:
-        return self.num_tokens - self.restored_tokens
+        """Tokens whose K/V the old owner had computed and this one computes again: every
+        token but the last (which no rank has processed yet: it is the next decode input,
+        failure or not) that the checkpoint does not cover."""
+        return max(0, self.num_tokens - 1 - self.restored_tokens)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class _Req:
     enqueued: int = 0
     acked: int = 0
     last: "_Save | None" = None
+    failed: bool = False                             # the last save reached no replica
     synced: dict = field(default_factory=dict)       # location -> tokens held there (I/O thread)
     checksums: list = field(default_factory=list)    # per block (I/O thread)
     locations: set = field(default_factory=set)      # everywhere a copy may be
@@ -120,7 +124,8 @@ class KVCheckpointer:
         self._thread: threading.Thread | None = None
         self.counters = {"saves": 0, "save_errors": 0, "bytes": 0, "blocks": 0, "restores": 0,
                          "restored_from_checkpoint": 0, "full_recomputes": 0, "restored_tokens": 0,
-                         "recomputed_tokens": 0, "checksum_mismatches": 0, "restore_ms_total": 0.0}
+                         "recomputed_tokens": 0, "checksum_mismatches": 0, "restore_ms_total": 0.0,
+                         "io_cpu_s": 0.0, "lag_waits": 0, "lag_wait_s": 0.0}
         self.lag_max_seen = 0
 
     # ================================================================== lifecycle
@@ -178,12 +183,14 @@ class KVCheckpointer:
             return 0
         n = 0
         event = None
+        seen = []
         for rid, tokens, cached, table in requests:
             r = self._reqs.get(rid)
             if r is None:
                 with self._lock:
                     r = self._reqs[rid] = _Req(rid)
             r.cached = cached
+            seen.append(r)
             if cached - r.enqueued < self.config.interval_tokens:
                 continue
             if callable(table):
@@ -201,7 +208,29 @@ class KVCheckpointer:
                 self._saves.move_to_end(rid)
                 self._cv.notify()
             n += 1
+        self._bound_lag(seen)
         return n
+
+    def _behind(self, r: _Req) -> bool:
+        return r.cached - r.acked > self.config.interval_tokens and not r.failed and r.rid in self._reqs
+
+    def _bound_lag(self, reqs: list) -> None:
+        """Backpressure: a request whose cache would run more than ``interval_tokens`` ahead of
+        its acknowledged checkpoint waits (at most ``max_stall_ms``) for its save in flight."""
+        if self.config.max_stall_ms <= 0 or not any(self._behind(r) for r in reqs):
+            return
+        if not self.spec.targets(self.owner, self.members):
+            return  # nowhere to save (a world of one)
+        t0 = time.perf_counter()
+        deadline = t0 + self.config.max_stall_ms / 1000.0
+        with self._cv:
+            while any(self._behind(r) for r in reqs):
+                left = deadline - time.perf_counter()
+                if left <= 0 or self._error is not None:
+                    break
+                self._cv.wait(left)
+        self.counters["lag_waits"] += 1
+        self.counters["lag_wait_s"] += time.perf_counter() - t0
 
     def forget(self, rid: str) -> None:
         """The request ended (finished, dropped): its blocks may be freed as soon as this
@@ -233,7 +262,9 @@ class KVCheckpointer:
     def track_restored(self, res: RestoreResult, tokens: Sequence[int], block_table: Sequence[int]) -> None:
         """Start checkpointing a restored request here: its blocks go to this rank's replica
         targets at once; the old copies are deleted when it ends."""
-        r = _Req(res.rid, cached=res.restored_tokens, locations=set(res.locations))
+        # acked: the copy it was restored from still exists (until this rank saves its own).
+        r = _Req(res.rid, cached=res.restored_tokens, acked=res.restored_tokens,
+                 locations=set(res.locations))
         if res.restored_tokens:
             n = res.restored_tokens
             r.crc, r.crc_tokens, r.enqueued = token_crc(tokens[:n]), n, n
@@ -261,7 +292,8 @@ class KVCheckpointer:
         return {"acks": acks, "counters": dict(self.counters), "lag_tokens_max": lag_max,
                 "lag_tokens_mean": (sum(lags) / len(lags)) if lags else 0.0,
                 "lag_tokens_max_seen": self.lag_max_seen, "tracked": len(lags),
-                "queued": len(self._saves)}
+                "queued": len(self._saves),
+                "error": repr(self._error) if self._error is not None else None}
 
     # ================================================================== I/O thread
     def _run(self) -> None:
@@ -282,6 +314,7 @@ class KVCheckpointer:
                     else:
                         job = ("save", self._saves.popitem(last=False)[1])
                     epoch, members = self.epoch, self.members
+                cpu0 = time.thread_time()
                 if self.stores.members != members or self.stores.epoch != epoch:
                     self.stores.configure(epoch, members)
                 if job[0] == "restore":
@@ -292,6 +325,7 @@ class KVCheckpointer:
                     self._do_delete(*job[1])
                 else:
                     self._do_save(job[1], epoch, members)
+                self.counters["io_cpu_s"] += time.thread_time() - cpu0
         except BaseException as e:  # surfaced through errored()
             self._error = e
         finally:
@@ -333,6 +367,10 @@ class KVCheckpointer:
         firsts = {t: min(r.synced.get(t, 0), save.num_tokens) // bs for t in targets
                   if r.synced.get(t, 0) < save.num_tokens}
         if not firsts:
+            r.failed = not targets
+            r.acked = max(r.acked, save.num_tokens) if targets else r.acked
+            with self._cv:
+                self._cv.notify_all()
             return
         first = min(firsts.values())
         blocks = self._read(save, first)
@@ -359,12 +397,15 @@ class KVCheckpointer:
             ok.append(t)
             self.counters["bytes"] += part.numel() * part.element_size()
             self.counters["blocks"] += part.shape[0]
+        r.failed = not ok
         if ok:
             self.counters["saves"] += 1
             r.acked = max(r.acked, save.num_tokens)
             held = [t for t in targets if r.synced.get(t, 0) >= save.num_tokens]
             with self._cv:
                 self._acks.append((save.rid, save.num_tokens, epoch, held))
+        with self._cv:
+            self._cv.notify_all()  # the decode loop may wait for this save (_bound_lag)
 
     def _resend_all(self, r: _Req, save: _Save, epoch: int, members: frozenset) -> None:
         r.checksums.clear()
@@ -419,7 +460,7 @@ class KVCheckpointer:
         c["restores"] += 1
         c["restored_from_checkpoint" if best_n else "full_recomputes"] += 1
         c["restored_tokens"] += best_n
-        c["recomputed_tokens"] += len(tokens) - best_n
+        c["recomputed_tokens"] += max(0, len(tokens) - 1 - best_n)
         c["checksum_mismatches"] += corrupt
         c["restore_ms_total"] += dt * 1000
         return RestoreResult(rid, len(tokens), best_n, best_blocks, best_loc, held, dt, corrupt)

@@ -44,6 +44,8 @@ class PeerStoreServer:
         self._error: Exception | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"kvstore-{location}", daemon=True)
+        self.cpu_s = 0.0
+        """CPU time the server thread spent handling requests."""
 
     def start(self, timeout: float = 5.0) -> "PeerStoreServer":
         self._thread.start()
@@ -83,6 +85,7 @@ class PeerStoreServer:
             while not self._stop.is_set():
                 if not sock.poll(50):
                     continue
+                cpu0 = time.thread_time()
                 ident, *frames = sock.recv_multipart(copy=False)
                 header, tensors = wire.decode(frames)
                 reply, out = {"id": header.get("id"), "ok": True}, []
@@ -90,7 +93,7 @@ class PeerStoreServer:
                     op = header["op"]
                     if op == "put":
                         meta = CheckpointMeta.from_dict(header["meta"])
-                        self.store.put(meta, header["first"], tensors[0], far)
+                        self.store.put(meta, header["first"], tensors[0], far, copy=False)
                     elif op == "head":
                         m = self.store.head(header["rid"], far)
                         reply["meta"] = m.to_dict() if m is not None else None
@@ -108,6 +111,7 @@ class PeerStoreServer:
                 except StoreError as e:
                     reply.update(ok=False, error=str(e))
                 sock.send_multipart([ident.bytes, *wire.encode(reply, out)], copy=False)
+                self.cpu_s += time.thread_time() - cpu0
         except Exception as e:  # surfaced through errored()
             self._error = e
         finally:

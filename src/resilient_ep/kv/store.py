@@ -101,12 +101,14 @@ class MemoryStore(CheckpointStore):
     def configure(self, epoch: int, members: Iterable[int]) -> None:
         self.epoch, self.members = epoch, frozenset(members)
 
-    def put(self, meta, first, blocks, deadline):
+    def put(self, meta, first, blocks, deadline, *, copy: bool = True):
+        """``copy=False``: keep views of ``blocks`` (the caller hands over a private buffer,
+        e.g. a received message)."""
         with self._lock:
             old = self._meta.get(meta.rid)
             held = self._blocks.get(meta.rid, [])
             check_put(old, len(held), meta, first, blocks, self.epoch, self.members)
-            new = held[:first] + [b.clone() for b in blocks]
+            new = held[:first] + [b.clone() if copy else b for b in blocks.unbind(0)]
             self._blocks[meta.rid] = new
             self._meta[meta.rid] = meta
 

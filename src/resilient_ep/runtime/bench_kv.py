@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--requests", type=int, default=16, help="concurrent requests")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
-    p.add_argument("--rounds", type=int, default=3, help="on/off pairs for (a)")
+    p.add_argument("--rounds", type=int, default=4, help="on/off pairs for (a)")
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)),
                    help="context lengths for (b), comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per context (median)")
@@ -59,12 +59,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args) -> ResilienceConfig:
-    over = ["placement.redundant_slots_per_rank=2"]
+    # A lenient hang timeout: on a shared, overloaded CPU a starved rank would otherwise be
+    # fenced as hung (a second failure) and the run would measure hang detection, not KV restore.
+    over = ["placement.redundant_slots_per_rank=2", "detector.heartbeat_timeout_ms=2000"]
     if args.store:
         over.append(f"kv_checkpoint.store={args.store}")
     if args.interval_tokens:
         over.append(f"kv_checkpoint.interval_tokens={args.interval_tokens}")
     return ResilienceConfig().with_overrides(over)
+
+
+def _cpu_s(pids) -> float:
+    """User + system CPU seconds of processes (Linux /proc; 0 where unreadable)."""
+    import os
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _kv_cpu_s(c: Coordinator) -> float:
+    kv = c.status()["kv_checkpoint"]
+    return kv.get("io_cpu_s", 0.0) + kv.get("server_cpu_s", 0.0) + kv.get("hook_s", 0.0)
 
 
 def _round(c: Coordinator, work, max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -84,13 +105,19 @@ def _runtime_part(model_dir, cfg: ResilienceConfig, args, log) -> dict:
         for r in [c.submit(p, 4) for p in work]:  # warm-up
             r.wait(300)
         outputs = None
+        kv_cpu0, rank_cpu_on = _kv_cpu_s(c), 0.0
         for i in range(args.rounds):
             for enabled, into in ((True, on), (False, off)) if i % 2 == 0 else ((False, off), (True, on)):
                 c.set_kv_checkpointing(enabled)
+                cpu0 = _cpu_s(c.pids)
                 tput, outs = _round(c, work, args.max_tokens)
+                if enabled:
+                    rank_cpu_on += _cpu_s(c.pids) - cpu0
                 into.append(tput)
                 outputs = outputs or outs
             log(f"round {i + 1}: checkpointing on {on[-1]:.0f} tok/s, off {off[-1]:.0f} tok/s")
+        time.sleep(0.2)  # the last steps' reports
+        kv_cpu = _kv_cpu_s(c) - kv_cpu0
         # (c) a failure with checkpointing on: kill rank 1 mid-decode.
         c.set_kv_checkpointing(True)
         recs = [c.submit(p, args.max_tokens) for p in work]
@@ -107,9 +134,13 @@ def _runtime_part(model_dir, cfg: ResilienceConfig, args, log) -> dict:
         recomputed = [i["recomputed"] for i in infos if "recomputed" in i]
         restored = [i["restored"] for i in infos if "restored" in i]
         equal = [r.generated for r in recs] == outputs and all(r.error is None for r in recs)
-    log(f"failure: {len(moved)} requests moved, recomputed tokens {recomputed}, outputs equal: {equal}")
+        failures = [(f.rank, f.kind) for f in c.failures]
+        degraded = sum(r.degraded for r in recs)
+    log(f"failure: {failures}, {len(moved)} requests moved, recomputed tokens {recomputed}, "
+        f"outputs equal: {equal}, degraded: {degraded}")
     return {"on": on, "off": off, "recomputed": recomputed, "restored": restored, "equal": equal,
-            "moved": len(moved), "status": status["kv_checkpoint"], "interval": interval}
+            "moved": len(moved), "status": status["kv_checkpoint"], "interval": interval,
+            "failures": failures, "degraded": degraded, "kv_cpu_s": kv_cpu, "rank_cpu_on_s": rank_cpu_on}
 
 
 def _restore_part(model_dir, cfg: ResilienceConfig, args, log) -> dict:
@@ -219,8 +250,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         recompute[k], mode[k] = (b, "batched") if b <= e else (e, "exact")
         speedup[k] = recompute[k] / r
     rec = rt["recomputed"]
+    pairs = [a / b for a, b in zip(rt["on"], rt["off"])]
     return {
-        "overhead_ratio": statistics.median(rt["on"]) / statistics.median(rt["off"]),
+        "overhead_ratio": statistics.median(pairs),
         "restore_ms": rs["restore_ms"],
         "recompute_ms": recompute,
         "speedup": speedup,
@@ -231,17 +263,26 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "restore_bit_exact": rs["bit_exact"],
         "throughput_on_tok_s": rt["on"],
         "throughput_off_tok_s": rt["off"],
+        "overhead_ratio_of_medians": statistics.median(rt["on"]) / statistics.median(rt["off"]),
+        "checkpoint_cpu_s": rt["kv_cpu_s"],
+        "checkpoint_cpu_fraction": rt["kv_cpu_s"] / rt["rank_cpu_on_s"] if rt["rank_cpu_on_s"] else None,
         "recomputed_tokens": rec,
         "recomputed_tokens_max": max(rec) if rec else None,
         "restored_tokens": rt["restored"],
         "restored_requests": len(rec),
         "restored_outputs_equal": rt["equal"],
+        "failures": rt["failures"],
+        "degraded_requests": rt["degraded"],
         "kv_status_after_failure": rt["status"],
         "setup": {"ranks": args.ranks, "requests": args.requests, "max_tokens": args.max_tokens,
                   "rounds": args.rounds, "repeats": args.repeats, "store": cfg.kv_checkpoint.store,
                   "replicas": cfg.kv_checkpoint.replicas, "interval_tokens": rt["interval"],
                   "block_size": 16, "restore_tail_tokens": cfg.kv_checkpoint.interval_tokens,
-                  "throughput_method": "alternating rounds in one runtime; off = checkpointing paused",
+                  "heartbeat_timeout_ms": cfg.detector.heartbeat_timeout_ms,
+                  "throughput_method": "alternating rounds in one runtime (off = checkpointing "
+                                       "paused); overhead_ratio = median of per-pair on/off ratios; "
+                                       "checkpoint_cpu_fraction = CPU of the I/O threads, store "
+                                       "servers and the decode-loop hook / CPU of the ranks in on rounds",
                   "restore_method": "one process, all experts local, 1 thread; restore recomputes "
                                     "interval_tokens tokens in exact mode"},
     }

@@ -42,6 +42,7 @@ class RankKV:
         self.ckpt = KVCheckpointer(rank, cache, cfg, store, members=range(num_ranks)).start()
         self.restoring: dict = {}      # rid -> RankRequest waiting for its checkpoint
         self.done: list[tuple] = []    # (rid, restored, recomputed, source, ms, mismatches)
+        self.hook_s = 0.0              # decode-loop time spent in step() (the critical-path cost)
 
     @property
     def pending(self) -> bool:
@@ -79,7 +80,7 @@ class RankKV:
         if self.ckpt.errored() is not None:  # the checkpointer broke: recompute, never hang
             for req in self.restoring.values():
                 sched.add(req)
-                self.done.append((req.rid, 0, len(req.tokens), None, 0.0, 0))
+                self.done.append((req.rid, 0, max(0, len(req.tokens) - 1), None, 0.0, 0))
             self.restoring.clear()
             return
         for res in results:
@@ -97,11 +98,15 @@ class RankKV:
 
     def step(self, sched, plan_requests) -> dict:
         """After a step: queue due saves; the ``kv`` part of the step's message."""
+        t0 = time.perf_counter()
         running = sched.running
         self.ckpt.after_step((r.rid, r.tokens, r.num_cached, lambda rid=r.rid: self.cache.block_table(rid))
                              for r in plan_requests if r.rid in running)
         rep = self.ckpt.report()
         rep["restored"], self.done = self.done, []
+        self.hook_s += time.perf_counter() - t0
+        rep["counters"]["hook_s"] = self.hook_s
+        rep["counters"]["server_cpu_s"] = self.server.cpu_s if self.server is not None else 0.0
         return rep
 
     def shutdown(self) -> None:
@@ -153,7 +158,7 @@ class KVTracker:
         """The ``restore`` field of an ``add`` that moves a request after a failure."""
         if not self.enabled:
             self.full_recomputes_without_checkpointing += 1
-            self.recomputed_without_checkpointing += tokens
+            self.recomputed_without_checkpointing += max(0, tokens - 1)  # as RestoreResult counts
             return None
         info = self.requests.get(rid, {})
         return {"hints": list(info.get("locations", ()))}
@@ -172,7 +177,7 @@ class KVTracker:
         self._samples.append((time.monotonic(), self._total("bytes")))
 
     def _total(self, key: str) -> float:
-        return sum(r["counters"].get(key, 0) for r in self.ranks.values())
+        return sum(r["counters"].get(key, 0) for r in list(self.ranks.values()))
 
     def status(self, live=None) -> dict:
         cfg = self.config
@@ -183,17 +188,22 @@ class KVTracker:
                        recomputed_tokens=self.recomputed_without_checkpointing)
             return out
         keys = ("saves", "save_errors", "bytes", "blocks", "restores", "restored_from_checkpoint",
-                "full_recomputes", "restored_tokens", "recomputed_tokens", "checksum_mismatches")
+                "full_recomputes", "restored_tokens", "recomputed_tokens", "checksum_mismatches",
+                "lag_waits")
         out.update({k: int(self._total(k)) for k in keys})
-        live_reports = [r for k, r in self.ranks.items() if live is None or k in live]
+        for k in ("io_cpu_s", "server_cpu_s", "hook_s", "lag_wait_s"):
+            out[k] = float(self._total(k))
+        ranks = dict(self.ranks)
+        live_reports = [r for k, r in ranks.items() if live is None or k in live]
         out["lag_tokens_max"] = max((r["lag_tokens_max"] for r in live_reports), default=0)
-        out["lag_tokens_max_seen"] = max((r["lag_tokens_max_seen"] for r in self.ranks.values()), default=0)
+        out["lag_tokens_max_seen"] = max((r["lag_tokens_max_seen"] for r in ranks.values()), default=0)
         n = sum(r["tracked"] for r in live_reports)
         out["lag_tokens_mean"] = (sum(r["lag_tokens_mean"] * r["tracked"] for r in live_reports) / n) if n else 0.0
         s = list(self._samples)
         recent = [x for x in s if x[0] >= s[-1][0] - 10.0] if s else []
         out["bytes_per_s"] = ((recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
                               if len(recent) >= 2 and recent[-1][0] > recent[0][0] else 0.0)
+        out["errors"] = {k: r["error"] for k, r in ranks.items() if r.get("error")}
         r = out["restores"]
         out["recomputed_tokens_per_restore"] = out["recomputed_tokens"] / r if r else 0.0
         out["restore_ms_mean"] = (self._total("restore_ms_total") / r) if r else 0.0
