@@ -144,3 +144,25 @@ def test_new_target_gets_a_full_copy_after_membership_change(tmp_path):
         ck.shutdown()
         for s in servers:
             s.shutdown()
+
+
+def test_layer_list_view_saves_opaque_blocks(shm_dir):
+    """An engine's own layout (one tensor per layer, blocks on dim 0; vLLM CPU: [NB, KVH, BS, 2D])."""
+    from resilient_ep.kv.cache_views import LayerListView
+
+    layers = [torch.randn(16, 2, BS, 6) for _ in range(3)]
+    view = LayerListView(layers, BS)
+    assert view.block_shape == (3, 2, BS, 6)
+    spec = StoreSpec("shm", replicas=1, base_dir=shm_dir)
+    ck = _ckpt(view, spec)
+    try:
+        toks = list(range(20))
+        ck.after_step([("r", toks, 9, [5, 2, 11])])
+        res = _restore(ck, "r", toks)
+        assert res.restored_tokens == 9 and res.blocks.shape == (3, 3, 2, BS, 6)
+        other = LayerListView([torch.zeros(16, 2, BS, 6) for _ in range(3)], BS)
+        other.write(torch.tensor([0, 1, 2]), res.blocks)
+        for a, b in zip(layers, other.layers):
+            assert torch.equal(a[[5, 2, 11]], b[:3])
+    finally:
+        ck.shutdown()

@@ -22,7 +22,8 @@ longest verified prefix is used; a mismatch falls back to another replica, then 
 
 Lifecycle: ``start()``, ``configure(epoch, members)`` (re-targets replicas: a new target gets a
 full copy at once), ``abort()``, ``errored()``, ``shutdown()``. The checkpointer never imports a
-runtime: the cache is anything with ``kv [L, 2, NB, BS, KVH, D]`` and ``block_size``.
+runtime: the cache is a view of :mod:`.cache_views` (or anything with ``kv [L, 2, NB, BS, KVH, D]``
+and ``block_size``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 
 from ..config import KVCheckpointConfig
 from .locations import StoreSet, StoreSpec
-from .meta import CheckpointMeta, block_crcs, to_block_major, token_crc, verified_blocks
+from .cache_views import as_view
+from .meta import CheckpointMeta, block_crcs, token_crc, verified_blocks
 from .store import StoreError
 
 __all__ = ["KVCheckpointer", "RestoreResult"]
@@ -99,11 +101,11 @@ class KVCheckpointer:
         self.config = config
         self.spec = spec
         self.block_size = cache.block_size
-        kv = cache.kv  # [L, 2, NB, BS, KVH, D]
-        self.block_shape = (kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[4], kv.shape[5])
-        self.dtype = str(kv.dtype).removeprefix("torch.")
-        self.cuda = kv.is_cuda
-        self._side = torch.cuda.Stream(device=kv.device) if self.cuda else None
+        self.view = as_view(cache)  # whole blocks in and out (kv/cache_views.py)
+        self.block_shape = tuple(self.view.block_shape)
+        self.dtype = str(self.view.dtype).removeprefix("torch.")
+        self.cuda = self.view.device.type == "cuda"
+        self._side = torch.cuda.Stream(device=self.view.device) if self.cuda else None
         self.epoch = epoch
         self.members = frozenset(members if members is not None else [owner])
         self.stores = StoreSet(spec, ctx=ctx)
@@ -339,18 +341,17 @@ class KVCheckpointer:
 
     def _read(self, save: _Save, first: int) -> torch.Tensor | None:
         """Blocks ``first ..`` of a save, block-major on the CPU (None: the request ended)."""
-        kv = self.cache.kv
+        view = self.view
         with self._lock:
             if save.rid not in self._reqs:
                 return None
             if not self.cuda:
-                ids = torch.tensor(save.block_ids[first:], dtype=torch.long)
-                return to_block_major(kv.index_select(2, ids))
+                return view.read(torch.tensor(save.block_ids[first:], dtype=torch.long))
             with torch.cuda.stream(self._side):
-                ids = torch.tensor(save.block_ids[first:], dtype=torch.long).to(kv.device, non_blocking=True)
+                ids = torch.tensor(save.block_ids[first:], dtype=torch.long).to(view.device, non_blocking=True)
                 if save.event is not None:
                     self._side.wait_event(save.event)
-                dev = to_block_major(kv.index_select(2, ids))
+                dev = view.read(ids)
                 host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
                 host.copy_(dev, non_blocking=True)
                 done = torch.cuda.Event()

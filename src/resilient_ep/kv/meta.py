@@ -53,7 +53,8 @@ class CheckpointMeta:
     token_crc: int
     """crc32 of ``tokens[:num_tokens]`` as int64: a restore checks it is the same sequence."""
     block_shape: tuple[int, ...]
-    """One block: ``(L, 2, BS, KVH, D)``."""
+    """One block: ``(L, 2, BS, KVH, D)`` in the reference runtime; opaque per-layer block bytes
+    ``(L, *rest)`` for an engine's own cache layout (see ``cache_views``)."""
     dtype: str
 
     def __post_init__(self) -> None:
@@ -62,8 +63,8 @@ class CheckpointMeta:
         if len(self.checksums) != self.num_blocks:
             raise ValueError(f"{self.num_tokens} tokens in blocks of {self.block_size} need "
                              f"{self.num_blocks} checksums, got {len(self.checksums)}")
-        if len(self.block_shape) != 5 or self.block_shape[2] != self.block_size:
-            raise ValueError(f"block_shape {self.block_shape} must be (L, 2, {self.block_size}, KVH, D)")
+        if not self.block_shape or any(int(x) <= 0 for x in self.block_shape):
+            raise ValueError(f"block_shape {self.block_shape} must be positive sizes")
 
     @property
     def num_blocks(self) -> int:

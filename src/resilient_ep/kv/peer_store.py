@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 
-import torch
 import zmq
 
 from ..transport import wire

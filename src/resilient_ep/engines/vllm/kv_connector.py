@@ -1,0 +1,222 @@
+"""KV checkpoints in vLLM: a ``KVConnectorBase_V1`` connector over :mod:`resilient_ep.kv`.
+
+Out of tree, through vLLM's own hook::
+
+    --kv-transfer-config '{"kv_connector": "ResilientKVConnector",
+        "kv_connector_module_path": "resilient_ep.engines.vllm.kv_connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"store": "shm", "base_dir": "/dev/shm/rep-kv",
+                                      "interval_tokens": 32, "replicas": 1}}'
+
+- **Save.** The scheduler side decides, per step, which running requests have
+  ``interval_tokens`` more computed tokens than their last save and sends them in the step's
+  metadata; after the forward (``wait_for_save``) the worker side hands them to a
+  :class:`~resilient_ep.kv.KVCheckpointer`, whose background thread copies the changed blocks of
+  every layer (opaque bytes, vLLM's layout) to the stores. Finished requests are forgotten (and
+  their copies deleted) before the next forward can reuse their blocks.
+- **Restore as an external cache hit.** A request re-admitted after its engine died carries
+  ``kv_transfer_params={"resilient_restore": KEY}`` (``KEY``: the original request's
+  ``resilient_id``, or its vLLM request id) and its prompt plus the tokens already streamed.
+  ``get_num_new_matched_tokens`` finds the checkpoint, checks it was made from the same tokens
+  and reports its block-aligned length as external tokens; vLLM allocates the blocks and the
+  worker writes the checkpoint into them before the forward (``start_load_kv``); vLLM computes
+  only the rest. Blocks that fail their checksum are reported through
+  ``get_block_ids_with_load_errors`` and vLLM recomputes them.
+
+Stores: ``shm`` and ``file`` (shared by the scheduler and worker processes of a host). The
+``peer`` store needs a store server per engine rank, which the vLLM failover work will add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorRole)
+
+from ...config import KVCheckpointConfig
+from ...kv.cache_views import LayerListView
+from ...kv.checkpoint import KVCheckpointer
+from ...kv.locations import StoreSet, StoreSpec
+from ...kv.meta import token_crc
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+__all__ = ["ResilientKVConnector", "ResilientKVConnectorMetadata"]
+
+
+class ResilientKVConnectorMetadata(KVConnectorMetadata):
+    def __init__(self) -> None:
+        self.saves: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
+        self.loads: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
+        self.forgets: list[str] = []
+
+
+def _key(request: "Request") -> str:
+    params = request.kv_transfer_params or {}
+    return str(params.get("resilient_id") or params.get("resilient_restore") or request.request_id)
+
+
+class ResilientKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.block_size = vllm_config.cache_config.block_size
+        kind = extra.get("store", "shm")
+        if kind not in ("shm", "file"):
+            raise ValueError(f"kv_connector_extra_config.store must be shm or file, got {kind!r}")
+        self.cfg = KVCheckpointConfig(interval_tokens=int(extra.get("interval_tokens", 32)), store=kind,
+                                      replicas=int(extra.get("replicas", 1)))
+        self.spec = StoreSpec(kind, self.cfg.replicas, base_dir=str(extra.get("base_dir", "/dev/shm/rep-kv")))
+        self.keep_on_finish = bool(extra.get("keep_on_finish", False))
+        """Keep a finished request's checkpoint (tests; reuse by a follow-up request)."""
+        # scheduler side
+        self._reqs: dict[str, dict] = {}
+        self._pending_loads: dict[str, tuple[str, int]] = {}
+        self._loads: list[tuple[str, list[int], int, list[int]]] = []
+        self._forgets: list[str] = []
+        self._stores: StoreSet | None = None
+        # worker side
+        self.ckpt: KVCheckpointer | None = None
+        self.view: LayerListView | None = None
+        self._load_errors: set[int] = set()
+        self.stats = {"external_hit_tokens": 0, "loads": 0, "load_errors": 0}
+
+    # ================================================================== scheduler side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._reqs.setdefault(request.request_id, {"request": request, "key": _key(request),
+                                                   "blocks": [], "saved": 0})
+        params = request.kv_transfer_params or {}
+        key = params.get("resilient_restore")
+        if not key:
+            return 0, False
+        if self._stores is None:
+            self._stores = StoreSet(self.spec)
+        tokens = list(request.all_token_ids)
+        best = 0
+        for loc in self.spec.candidates([0]):
+            try:
+                m = self._stores.get(loc).head(str(key), time.monotonic() + 2)
+            except (RuntimeError, TimeoutError):
+                continue
+            if m is None or m.num_tokens > len(tokens) or token_crc(tokens[: m.num_tokens]) != m.token_crc:
+                continue
+            best = max(best, m.num_tokens)
+        n = (min(best, len(tokens) - 1) // self.block_size) * self.block_size
+        if n <= num_computed_tokens:
+            return 0, False
+        self._pending_loads[request.request_id] = (str(key), n)
+        return n - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        pending = self._pending_loads.pop(request.request_id, None)
+        if pending is None or num_external_tokens <= 0:
+            return
+        key, n = pending
+        block_ids = list(blocks.get_block_ids()[0])
+        self._loads.append((key, list(request.all_token_ids), n, block_ids))
+        info = self._reqs[request.request_id]
+        info["saved"] = n
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = ResilientKVConnectorMetadata()
+        meta.loads, self._loads = self._loads, []
+        meta.forgets, self._forgets = self._forgets, []
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            info = self._reqs.get(new.req_id)
+            if info is None:
+                continue
+            info["blocks"] = list(new.block_ids[0])
+            self._maybe_save(meta, info, new.num_computed_tokens + sched.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            info = self._reqs.get(rid)
+            if info is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if rid in cached.resumed_req_ids:
+                    info["blocks"] = list(new_ids[0])
+                else:
+                    info["blocks"].extend(new_ids[0])
+            self._maybe_save(meta, info, cached.num_computed_tokens[i] + sched.get(rid, 0))
+        return meta
+
+    def _maybe_save(self, meta: ResilientKVConnectorMetadata, info: dict, computed: int) -> None:
+        if computed - info["saved"] < self.cfg.interval_tokens:
+            return
+        nb = -(-computed // self.block_size)
+        tokens = list(info["request"].all_token_ids[:computed])
+        meta.saves.append((info["key"], tokens, computed, info["blocks"][:nb]))
+        info["saved"] = computed
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        info = self._reqs.pop(request.request_id, None)
+        if info is not None and not self.keep_on_finish:
+            self._forgets.append(info["key"])
+        return False, None
+
+    # ================================================================== worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        layers = [kv_caches[name] for name in kv_caches]
+        self.view = LayerListView(layers, self.block_size)
+        self.ckpt = KVCheckpointer(0, self.view, self.cfg, self.spec, members=[0]).start()
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, ResilientKVConnectorMetadata)
+        for key in meta.forgets:
+            self.ckpt.forget(key)  # before this forward can reuse its blocks
+        for key, tokens, n, block_ids in meta.loads:
+            self.ckpt.restore(key, tokens)
+            deadline = time.monotonic() + self.cfg.timeout_ms / 1000.0
+            results = []
+            while not results and time.monotonic() < deadline:
+                results = [r for r in self.ckpt.restored() if r.rid == key]
+                if not results:
+                    time.sleep(0.0005)
+            nb = n // self.block_size
+            got = 0
+            if results and results[0].blocks is not None:
+                res = results[0]
+                got = min(nb, res.restored_tokens // self.block_size)
+                if got:
+                    self.view.write(torch.tensor(block_ids[:got]), res.blocks[:got])
+                # Only whole blocks were written: re-save from there (the rest is computed now).
+                self.ckpt.track_restored(dataclasses.replace(res, restored_tokens=got * self.block_size),
+                                         tokens, block_ids)
+            self._load_errors.update(block_ids[got:nb])
+            self.stats["loads"] += 1
+            self.stats["external_hit_tokens"] += got * self.block_size
+            self.stats["load_errors"] += nb - got
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return  # whole blocks of every layer are saved after the forward (wait_for_save)
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        if self.ckpt is None or not isinstance(meta, ResilientKVConnectorMetadata) or not meta.saves:
+            return
+        self.ckpt.after_step((key, tokens, n, block_ids) for key, tokens, n, block_ids in meta.saves)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self):
+        if self.ckpt is not None:
+            self.ckpt.flush(time.monotonic() + 5)
+            self.ckpt.shutdown()
+        if self._stores is not None:
+            self._stores.shutdown()
