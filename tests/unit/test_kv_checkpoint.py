@@ -137,6 +137,12 @@ def test_new_target_gets_a_full_copy_after_membership_change(tmp_path):
         assert servers[2].store.rids(0) == ["r"]
         assert ck.report()["acks"][-1] == ("r", 12, 1, ["peer:2"])
 
+        # Rank 1 rejoins with an empty store: it is the target again and gets a full copy.
+        servers[1] = PeerStoreServer(servers[1].endpoint, location="peer:1").start()
+        ck.configure(2, {0, 1, 2})
+        assert ck.flush(time.monotonic() + 5)
+        assert servers[1].store.rids(0) == ["r"] and ck.counters["save_errors"] == 0
+
         ck.paused = True
         _fill(a, "r", toks, 20)
         assert _step(ck, a, [("r", toks, 20)]) == 0, "paused: checkpointing off"

@@ -364,6 +364,8 @@ class KVCheckpointer:
         if r is None:
             return
         targets = self.spec.targets(self.owner, members)
+        for t in [t for t in r.synced if t not in targets]:
+            del r.synced[t]  # a rank that left (and may rejoin empty) gets a full copy next time
         bs = self.block_size
         firsts = {t: min(r.synced.get(t, 0), save.num_tokens) // bs for t in targets
                   if r.synced.get(t, 0) < save.num_tokens}
