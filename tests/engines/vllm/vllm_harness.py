@@ -83,13 +83,14 @@ def run_llm(model: Path, out: Path, log: Path, *, env: dict[str, str], timeout_s
 
 
 class Server:
-    """``resilient-ep serve --engine vllm`` (the launcher) in its own process group."""
+    """``resilient-ep serve MODEL --engine vllm ...`` (what a user types) in its own process
+    group."""
 
     def __init__(self, model: Path, args: list[str], log: Path, env: dict[str, str]):
         self.port = free_port()
         self.model = str(model)
         self.log = log
-        cmd = [sys.executable, "-m", "resilient_ep.engines.vllm.launcher", str(model),
+        cmd = [sys.executable, "-m", "resilient_ep.cli", "serve", str(model),
                "--engine", "vllm", "--port", str(self.port), *args]
         self._f = open(log, "w")
         t0 = time.monotonic()
