@@ -207,6 +207,10 @@ class RecoveryConfig:
     max_failures: int = 0
     """Stop serving once more than this many ranks are down at once (0: until one is left)."""
 
+    readmit_fenced: bool = True
+    """A rank fenced as hung that heartbeats again (it was only slow, or was resumed) is
+    re-admitted with one table flip; its weights are still loaded. False: it stays out."""
+
     def validate(self, prefix: str) -> None:
         _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures,
                "must be >= 0")

@@ -23,7 +23,7 @@ from .layout import ExpertLayout
 from .membership import Membership, MembershipView, RankState
 from .placement import ReplanResult, replan
 
-__all__ = ["RecoveryPlan", "RecoveryOrchestrator"]
+__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,17 @@ class RecoveryPlan:
     """Request id -> new owner rank."""
     abandoned: list[str] = field(default_factory=list)
     """Requests that cannot be moved (no live rank, or migration disabled)."""
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    view: MembershipView
+    """Membership after the join (new epoch)."""
+    joined: tuple[int, ...]
+    layout: ExpertLayout
+    """Layout to route by from the join on: the joined ranks hold their original slots."""
+    uncovered: list[tuple[int, int]]
+    """(layer, expert) still without a live replica."""
 
 
 class RecoveryOrchestrator:
@@ -74,7 +85,7 @@ class RecoveryOrchestrator:
                                 abandoned=[rid for rid, o in owners.items() if o in ranks])
         res = replan(self.initial_layout, out, load)
         self.layout, self._last = res.layout, res
-        self.uncovered |= set(res.uncovered)
+        self.uncovered = set(res.uncovered)
         migrations: dict[str, int] = {}
         abandoned: list[str] = []
         work = {r: 0 for r in view.live_ranks}
@@ -94,3 +105,15 @@ class RecoveryOrchestrator:
             work[target] += 1
         return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered), migrations,
                             abandoned)
+
+    def on_join(self, ranks: Iterable[int], load=None) -> JoinPlan:
+        """Admit repaired ranks (already loaded and warm, state ``joining``): one epoch bump,
+        and the layout over the new live set, where each joined rank holds the slots it held
+        in the initial layout (what it loaded)."""
+        ranks = tuple(sorted(set(ranks)))
+        view = self.membership.join(ranks)
+        out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
+        res = replan(self.initial_layout, out, load)
+        self.layout, self._last = res.layout, res
+        self.uncovered = set(res.uncovered)
+        return JoinPlan(view, ranks, res.layout, sorted(self.uncovered))

@@ -66,10 +66,29 @@ def test_hung_rank_is_fenced_and_its_late_messages_ignored(model_dir, prompts, r
         os.kill(c.pids[2], signal.SIGCONT)  # the hung rank resumes and sends stale messages
 
     c, recs, status = _run(model_dir, prompts, fail_at={2: {"point": "combine", "step": 2, "signal": "STOP"}},
-                           during=wake_it_later, config=_config("detector.heartbeat_timeout_ms=500"))
+                           during=wake_it_later, config=_config("detector.heartbeat_timeout_ms=500",
+                                                                "recovery.readmit_fenced=false"))
     _assert_nothing_lost(recs, reference)
     assert [f.kind for f in c.failures] == ["hang"]
-    assert status["ranks"][2]["state"] == "fenced"
+    assert status["ranks"][2]["state"] == "fenced", "readmission off: it stays out"
+
+
+def test_resumed_rank_is_readmitted(model_dir, prompts, reference):
+    # A rank hangs (SIGSTOP), is fenced, its requests move; then it resumes (SIGCONT): it drops
+    # its stale work, heartbeats again and is re-admitted with its weights still loaded.
+    def wake_and_wait(c, recs):
+        deadline = time.monotonic() + 60
+        while c.status()["ranks"][2]["state"] != "fenced" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(c.pids[2], signal.SIGCONT)
+        while not c.joins and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    c, recs, status = _run(model_dir, prompts, fail_at={2: {"point": "combine", "step": 2, "signal": "STOP"}},
+                           during=wake_and_wait, config=_config("detector.heartbeat_timeout_ms=500"))
+    _assert_nothing_lost(recs, reference)
+    assert [f.kind for f in c.failures] == ["hang"] and [j["rank"] for j in c.joins] == [2]
+    assert status["ranks"][2]["state"] == "live" and status["epoch"] == 2
 
 
 def test_two_failures_in_a_row_and_one_during_recovery(model_dir, prompts, reference):
@@ -120,3 +139,27 @@ def test_last_replica_lost_fail(model_dir, prompts, reference):
     for r, ref in zip(recs, reference):
         if not r.error:
             assert r.generated == ref
+
+
+def test_killed_rank_rejoins_without_a_restart(model_dir, prompts, reference):
+    with Coordinator(model_dir, num_ranks=4, config=_config(),
+                     fail_at={1: {"point": "combine", "step": 2}}) as c:
+        wave1 = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in wave1:
+            r.wait(TIMEOUT)
+        assert c.status()["ranks"][1]["state"] == "dead"
+        old_pid = c.pids[1]
+        took = c.rejoin(1, timeout=TIMEOUT)
+        st = c.status()
+        assert took > 0 and st["epoch"] == 2 and st["ranks"][1]["state"] == "live"
+        assert st["ranks"][1]["pid"] != old_pid and c.joins[0]["rank"] == 1
+        others = {r: c.procs[r].pid for r in (0, 2, 3)}
+        wave2 = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in wave2:
+            r.wait(TIMEOUT)
+        assert any(r.owner == 1 for r in wave2), "the rejoined rank serves again"
+        assert {r: c.procs[r].pid for r in (0, 2, 3)} == others, "no survivor was restarted"
+        _assert_nothing_lost(wave1, reference)
+        _assert_nothing_lost(wave2, reference)
+        # The rejoined rank holds its experts again: nothing uncovered, rank 1 in the routing.
+        assert c.status()["uncovered_experts"] == []

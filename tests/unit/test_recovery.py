@@ -54,3 +54,13 @@ def test_every_rank_lost():
     assert plan.view.live_ranks == () and plan.abandoned == ["r"]
     with pytest.raises(ValueError, match="kind"):
         o.on_failure([0], "melted", {})
+
+
+def test_join_restores_the_initial_slots():
+    o = _orch()
+    o.on_failure([1], "crash", {})
+    o.membership.begin_join([1])
+    plan = o.on_join([1])
+    assert plan.view.epoch == 2 and plan.view.live_ranks == (0, 1, 2, 3)
+    assert plan.layout.physical_to_logical.tolist() == o.initial_layout.physical_to_logical.tolist()
+    assert plan.uncovered == []

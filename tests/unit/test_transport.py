@@ -56,6 +56,14 @@ def test_transport_conformance(tmp_path, make):
         assert a.send(1, {"t": "ok"}, [])
         h, _ = b.recv(time.monotonic() + 2)
         assert h["t"] == "ok"
+
+        # A rank admitted under a newer epoch that b has not applied yet: held, not dropped.
+        c.configure(2, {0, 1, 2})
+        assert c.send(1, {"t": "early"}, [torch.ones(2)])
+        assert b.recv(time.monotonic() + 0.2) is None
+        b.configure(2, {0, 1, 2})
+        h, (t,) = b.recv(time.monotonic() + 2)
+        assert h["t"] == "early" and h["src"] == 2 and torch.equal(t, torch.ones(2))
         assert b.errored() is None
     finally:
         for t in (a, b, c):

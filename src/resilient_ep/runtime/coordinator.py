@@ -146,6 +146,7 @@ class Coordinator:
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
+        self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
         self.steps: list[dict] = []          # per-step timeline from every rank
         self.procs: list[subprocess.Popen] = []
         self.pids: list[int] = []
@@ -174,22 +175,19 @@ class Coordinator:
         self.wake_tx.connect(f"inproc://wake-{id(self)}")
         self.ctl: list[zmq.Socket] = []
         self.mon: list[zmq.Socket] = []
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self._spec_base = {
+            "num_ranks": self.num_ranks, "model_dir": self.model_dir, "heartbeat": hb_ep,
+            "data": data, "layout": self.layout.physical_to_logical.tolist(),
+            "num_experts": self.num_experts, "max_replicas": self.layout.max_replicas,
+            "resilience": self.resilience, "heartbeat_interval_ms": det.heartbeat_interval_ms,
+            "step_timeout_s": max(self.config.transport.step_timeout_ms / 1000.0, 1.0) * 30,
+            "on_uncovered": self.config.recovery.on_uncovered,
+            "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
+            "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
+        }
         for r in range(self.num_ranks):
-            spec = {
-                "rank": r, "num_ranks": self.num_ranks, "model_dir": self.model_dir,
-                "control": f"ipc://{self.run_dir}/control-{r}", "heartbeat": hb_ep, "data": data,
-                "layout": self.layout.physical_to_logical.tolist(), "num_experts": self.num_experts,
-                "max_replicas": self.layout.max_replicas, "resilience": self.resilience,
-                "heartbeat_interval_ms": det.heartbeat_interval_ms,
-                "step_timeout_s": max(self.config.transport.step_timeout_ms / 1000.0, 1.0) * 30,
-                "on_uncovered": self.config.recovery.on_uncovered,
-                "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
-                "fail_at": self.fail_at.get(r), "exact": self.exact,
-                "kv_checkpoint": self.kv.rank_spec(),
-            }
-            p = subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
-                                 env=env, stdin=subprocess.DEVNULL)
+            spec = self._rank_spec(r, fail_at=self.fail_at.get(r))
+            p = self._spawn(spec)
             self.procs.append(p)
             self.pids.append(p.pid)
             s = self.ctx.socket(zmq.PAIR)
@@ -202,6 +200,16 @@ class Coordinator:
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
         self._thread.start()
         return self
+
+    def _rank_spec(self, rank: int, **extra) -> dict:
+        return dict(self._spec_base, rank=rank, control=f"ipc://{self.run_dir}/control-{rank}",
+                    **extra)
+
+    @staticmethod
+    def _spawn(spec: dict) -> subprocess.Popen:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        return subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
+                                env=env, stdin=subprocess.DEVNULL)
 
     def _await_ready(self) -> None:
         ready: set[int] = set()
@@ -290,6 +298,40 @@ class Coordinator:
         os.kill(self.pids[rank], sig)
         return t
 
+    def rejoin(self, rank: int, timeout: float = 120.0) -> float:
+        """Take a failed rank back without a restart: a fresh process for it loads its
+        weights and connects in the background (state ``joining``), then the live ranks admit
+        it with one table flip between two steps. Returns the seconds until admitted."""
+        state = self.membership.state(rank)
+        if state is RankState.LIVE:
+            raise ValueError(f"rank {rank} is live: nothing to rejoin")
+        if state is RankState.JOINING:
+            raise ValueError(f"rank {rank} is already joining")
+        old = self.procs[rank]
+        if old.poll() is None:  # a fenced rank may still be around: make sure it is gone
+            try:
+                os.kill(old.pid, signal.SIGCONT)
+                old.kill()
+            except ProcessLookupError:
+                pass
+            old.wait(10)
+        t0 = time.time()
+        view = self.membership.begin_join([rank])
+        spec = self._rank_spec(rank, membership={"epoch": view.epoch,
+                                                  "states": [s.value for s in view.states]},
+                               route_layout=self.recovery.layout.physical_to_logical.tolist())
+        proc = self._spawn(spec)
+        self.procs[rank] = proc
+        self.pids[rank] = proc.pid
+        end = time.monotonic() + timeout
+        while not any(j["rank"] == rank and j["t"] >= t0 for j in self.joins):
+            if proc.poll() is not None:
+                raise RuntimeError(f"rank {rank} exited with code {proc.returncode} while joining")
+            if time.monotonic() > end:
+                raise TimeoutError(f"rank {rank} not admitted within {timeout} s")
+            time.sleep(0.01)
+        return max(j["t"] for j in self.joins if j["rank"] == rank) - t0
+
     def status(self) -> dict:
         view = self.membership.view()
         with self._lock:
@@ -344,8 +386,11 @@ class Coordinator:
                             self._on_rank_message(r, pickle.loads(s.recv()))
                 if self.hb in events:
                     while self.hb.poll(0):
-                        rank, _pid, _step, _t = pickle.loads(self.hb.recv())
+                        rank, pid, _step, _t = pickle.loads(self.hb.recv())
                         self.detector.heartbeat(rank)
+                        if (self.membership.state(rank) is RankState.FENCED and pid == self.pids[rank]
+                                and self.config.recovery.readmit_fenced and self.resilience):
+                            self._readmit(rank)
                 if not self.resilience:
                     continue
                 for r, m in enumerate(self.mon):
@@ -388,6 +433,9 @@ class Coordinator:
         self._send(rec.owner, msg)
 
     def _on_rank_message(self, rank: int, msg: dict) -> None:
+        if msg["t"] == "ready" and self.membership.state(rank) is RankState.JOINING:
+            self._on_join(rank)
+            return
         if msg["t"] != "tokens":
             return
         if self.membership.state(rank) is not RankState.LIVE:
@@ -429,7 +477,7 @@ class Coordinator:
             return
         now = time.time()
         with self._lock:
-            self.uncovered = sorted(set(self.uncovered) | set(plan.uncovered))
+            self.uncovered = list(plan.uncovered)
         msg = {"t": "membership", "epoch": plan.view.epoch,
                "states": [s.value for s in plan.view.states],
                "layout": plan.layout.physical_to_logical.tolist()}
@@ -444,6 +492,21 @@ class Coordinator:
         for r in plan.failed:
             self.failures.append(FailureEvent(r, kind, now, plan.view.epoch, self._inject.get(r),
                                               len(plan.migrations), list(plan.replan.uncovered)))
+
+    def _readmit(self, rank: int) -> None:
+        """A fenced rank is heartbeating again: take it back (weights still loaded)."""
+        self.membership.begin_join([rank])
+        self._send(rank, {"t": "rejoin"})
+
+    def _on_join(self, rank: int) -> None:
+        plan = self.recovery.on_join([rank])
+        with self._lock:
+            self.uncovered = list(plan.uncovered)
+        self.detector.reset(rank)
+        self._broadcast({"t": "membership", "epoch": plan.view.epoch,
+                         "states": [s.value for s in plan.view.states],
+                         "layout": plan.layout.physical_to_logical.tolist()})
+        self.joins.append({"rank": rank, "t": time.time(), "epoch": plan.view.epoch})
 
     def _send(self, rank: int, msg: dict) -> None:
         try:

@@ -71,6 +71,7 @@ class MoEExchange:
         self.dropped = torch.zeros(T * k, dtype=torch.bool)      # [T*k] no live replica
         self.on_uncovered = on_uncovered
         self.pending: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # id -> (dst, flat)
+        self.unsent: set[tuple[int, int]] = set()  # refused by a live peer (not connected yet)
         self.uncovered: set[int] = set()
         self._route(torch.arange(T * k))
 
@@ -99,15 +100,27 @@ class MoEExchange:
                 local = sub
                 continue
             rid = (self.rank, next(_seq))
-            self.transport.send(d, {"t": "dispatch", "id": rid, "layer": self.layer,
-                                         "step": self.step},
-                                     [self.x[sub // self.k], self.ids[sub // self.k, sub % self.k]])
-            # A refused send (peer gone) stays pending: the membership change reroutes it.
+            # A refused send stays pending: retried while the peer is a member (it may be
+            # reconnecting), rerouted by the membership change if the peer is gone.
             self.pending[rid] = (d, sub)
+            if not self._send(rid):
+                self.unsent.add(rid)
         if local is not None:  # overlap: the local share is computed after the sends
             rows = self.x[local // self.k]
             self._deliver(local, *expert_forward(self.bank, self.layer, rows,
                                                  self.ids[local // self.k, local % self.k]))
+
+    def _send(self, rid: tuple[int, int]) -> bool:
+        d, sub = self.pending[rid]
+        return self.transport.send(d, {"t": "dispatch", "id": rid, "layer": self.layer,
+                                       "step": self.step},
+                                   [self.x[sub // self.k], self.ids[sub // self.k, sub % self.k]])
+
+    def retry(self) -> None:
+        """Send again what a live peer refused (its socket was reconnecting)."""
+        for rid in list(self.unsent):
+            if rid not in self.pending or self._send(rid):
+                self.unsent.discard(rid)
 
     def _deliver(self, flat: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> None:
         self.y[flat[ok]] = y[ok]
@@ -129,6 +142,7 @@ class MoEExchange:
         lost = [rid for rid, (dst, _) in self.pending.items() if dst not in live]
         for rid in lost:
             _dst, flat = self.pending.pop(rid)
+            self.unsent.discard(rid)
             self._route(flat)
 
     @property
@@ -167,9 +181,13 @@ def expert_forward(bank: ExpertBank, layer: int, rows: torch.Tensor, experts: to
     return y, ok
 
 
-def serve_dispatch(transport, bank: ExpertBank, header: dict, tensors: list[torch.Tensor]) -> None:
-    """Answer another rank's dispatch with a combine message."""
+def serve_dispatch(transport, bank: ExpertBank, header: dict, tensors: list[torch.Tensor]
+                   ) -> tuple[int, dict, list] | None:
+    """Answer another rank's dispatch with a combine message. Returns the reply when the send
+    was refused (the origin's socket is reconnecting), for the caller to retry."""
     rows, experts = tensors
     y, ok = expert_forward(bank, header["layer"], rows, experts)
-    transport.send(header["src"], {"t": "combine", "id": header["id"], "layer": header["layer"]},
-                   [y, ok])
+    reply = {"t": "combine", "id": header["id"], "layer": header["layer"]}
+    if transport.send(header["src"], reply, [y, ok]):
+        return None
+    return header["src"], reply, [y, ok]

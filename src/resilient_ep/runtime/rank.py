@@ -91,6 +91,9 @@ class Rank:
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.transport.inbox, zmq.POLLIN)
         self.exchange: MoEExchange | None = None
+        self._unsent_replies: list[tuple[int, dict, list]] = []
+        if spec.get("membership"):  # a rank (re)joining a running instance
+            self._apply_view(spec["membership"], spec.get("route_layout"))
         self.step = 0
         self.fenced = False
         self.stop = False
@@ -134,19 +137,39 @@ class Rank:
                 self.kvc.set_paused(msg["paused"])
         elif t == "shutdown":
             self.stop = True
+        elif t == "rejoin":  # re-admission after a fence: weights are loaded, we are warm
+            self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
         else:
             raise ValueError(f"rank {self.rank}: unknown control message {t!r}")
+
+    def _apply_view(self, membership: dict, layout_rows) -> None:
+        """Start from a running instance's membership and routing (joining: not live yet)."""
+        states = tuple(RankState(s) for s in membership["states"])
+        self.epoch = membership["epoch"]
+        self.live = frozenset(r for r, s in enumerate(states) if s is RankState.LIVE)
+        layout = None
+        if layout_rows is not None:
+            layout = ExpertLayout.from_mapping(torch.tensor(layout_rows), num_ranks=self.num_ranks,
+                                               num_experts=self.table.num_experts,
+                                               max_replicas=self.table.max_replicas)
+        self.table.update(layout, torch.tensor([s is RankState.LIVE for s in states]),
+                          epoch=self.epoch)
+        self.transport.configure(self.epoch, self.live)
+        if self.kvc is not None:
+            self.kvc.configure(self.epoch, self.live)
 
     def _on_membership(self, msg: dict) -> None:
         view = MembershipView(msg["epoch"], tuple(RankState(s) for s in msg["states"]))
         if view.epoch <= self.epoch:
             return
         if not view.is_live(self.rank):
-            # Fenced: we were declared hung. Stop serving; late messages we might still send
-            # carry the old epoch and are dropped by every member.
+            # Fenced: we were declared hung (and may have been only slow). Drop our requests
+            # (the coordinator moved them) and whatever step is in flight; anything late we
+            # still send carries the old epoch and is dropped by every member. Keep the
+            # weights and keep heartbeating: the coordinator may re-admit us.
             self.fenced = True
-            self.stop = True
             return
+        self.fenced = False
         self.epoch = view.epoch
         self.live = frozenset(view.live_ranks)
         layout = None
@@ -162,6 +185,11 @@ class Rank:
         if self.exchange is not None:
             self.exchange.reroute(self.live)
 
+    def _drop_all(self) -> None:
+        for rid in list(self.sched.running):
+            self.sched.drop(rid)
+        self.exchange = None
+
     def _maybe_fail(self, point: str) -> None:
         f = self.fail_at
         if f and f["point"] == point and self.step >= f.get("step", 0):
@@ -171,6 +199,10 @@ class Rank:
     # ------------------------------------------------------------------ message pump
     def pump(self, timeout_ms: float) -> None:
         """Handle whatever arrives within ``timeout_ms``: control, dispatches, combines."""
+        if self._unsent_replies:
+            # Replies a member's reconnecting socket refused: send again, drop for non-members.
+            self._unsent_replies = [(d, h, t) for d, h, t in self._unsent_replies
+                                    if d in self.transport.members and not self.transport.send(d, h, t)]
         events = dict(self.poller.poll(timeout_ms))
         if self.control in events:
             while True:
@@ -179,7 +211,7 @@ class Rank:
                 except zmq.Again:
                     break
                 self._on_control(pickle.loads(raw))
-        if self.transport.inbox in events:
+        if self.transport.inbox in events or self.transport.has_released():
             for _ in range(256):
                 msg = self.transport.recv_nowait()
                 if msg is None:
@@ -187,7 +219,9 @@ class Rank:
                 header, tensors = msg
                 if header["t"] == "dispatch":
                     self._maybe_fail("serve")
-                    serve_dispatch(self.transport, self.bank, header, tensors)
+                    refused = serve_dispatch(self.transport, self.bank, header, tensors)
+                    if refused is not None:
+                        self._unsent_replies.append(refused)
                 elif header["t"] == "combine" and self.exchange is not None:
                     self.exchange.on_combine(header, tensors)
 
@@ -203,6 +237,9 @@ class Rank:
         while not self.exchange.complete:
             if self.stop:
                 raise _Stopped()
+            if self.fenced:
+                raise _Fenced()
+            self.exchange.retry()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: layer {layer} of step {self.step} got no "
                                    f"reply from ranks {sorted({d for d, _ in self.exchange.pending.values()})} "
@@ -256,7 +293,8 @@ class Rank:
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> int:
-        missing = self.transport.wait_connected(range(self.num_ranks), time.monotonic() + 60)
+        peers = sorted(self.live) if self.spec.get("membership") else range(self.num_ranks)
+        missing = self.transport.wait_connected(peers, time.monotonic() + 60)
         if missing:
             print(f"rank {self.rank}: peers {missing} never connected", file=sys.stderr)
             return 1
@@ -268,10 +306,16 @@ class Rank:
         try:
             while not self.stop:
                 self.pump(0 if self.sched.running else (1 if self.kvc and self.kvc.pending else 5))
+                if self.fenced:
+                    self._drop_all()
+                    continue
                 if self.kvc is not None:
                     self.kvc.poll(self.sched)
                 if self.sched.running and not self.stop:
-                    self.run_step()
+                    try:
+                        self.run_step()
+                    except _Fenced:
+                        self.exchange = None
         except _Stopped:
             pass
         finally:
@@ -287,6 +331,10 @@ class Rank:
 
 
 class _Stopped(Exception):
+    pass
+
+
+class _Fenced(Exception):
     pass
 
 

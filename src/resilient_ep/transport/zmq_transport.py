@@ -5,7 +5,9 @@ peers that messages may come from; ``abort()`` interrupts a blocked ``recv``; ``
 returns the first transport error; ``shutdown()`` closes every socket. ``recv`` takes a deadline
 and never blocks past it. Messages from an older epoch are kept (a surviving peer's expert
 results stay valid across epochs) but messages from ranks outside ``members`` are dropped:
-that is how a fenced rank's late messages are ignored.
+that is how a fenced rank's late messages are ignored. A message from a non-member made under
+a *newer* epoch than ours (a rank admitted by a membership change we have not applied yet) is
+held back and delivered once ``configure`` makes its sender a member.
 
 Addresses: ``ipc://<dir>/data-<rank>`` (Unix sockets in a private directory) or
 ``tcp://127.0.0.1:<base_port + rank>``.
@@ -59,11 +61,19 @@ class ZmqTransport:
         self.epoch = 0
         self.members: frozenset[int] = frozenset(range(len(endpoints)))
         self._error: Exception | None = None
+        self._early: list[tuple[dict, list]] = []   # from the future: held until configure
+        self._released: list[tuple[dict, list]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def configure(self, epoch: int, members: Iterable[int]) -> None:
         self.epoch = epoch
         self.members = frozenset(members)
+        held, self._early = self._early, []
+        for header, tensors in held:
+            if header.get("src") in self.members:
+                self._released.append((header, tensors))
+            elif header.get("epoch", 0) > epoch:
+                self._early.append((header, tensors))
 
     def abort(self) -> None:
         self._abort_tx.send(b"x")
@@ -105,6 +115,10 @@ class ZmqTransport:
                 time.sleep(0.005)
         return missing
 
+    def has_released(self) -> bool:
+        """True when held-back messages became deliverable (``recv_nowait`` returns them)."""
+        return bool(self._released)
+
     def poll_sockets(self) -> list[zmq.Socket]:
         """Sockets a caller's poller should watch: the inbox and the abort pipe."""
         return [self.inbox, self._abort]
@@ -122,17 +136,21 @@ class ZmqTransport:
             if self._abort in ready:
                 self._abort.recv()
                 return None
-            if self.inbox in ready:
+            if self.inbox in ready or self.has_released():
                 msg = self.recv_nowait()
                 if msg is not None:
                     return msg
 
     def recv_nowait(self) -> tuple[dict, list] | None:
+        if self._released:
+            return self._released.pop(0)
         try:
             frames = self.inbox.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
         header, tensors = wire.decode(frames)
         if header.get("src") not in self.members:
-            return None  # a fenced or dead rank's late message
+            if header.get("epoch", 0) > self.epoch and len(self._early) < 10_000:
+                self._early.append((header, tensors))  # we are behind: keep it for later
+            return None  # otherwise a fenced or dead rank's late message
         return header, tensors
