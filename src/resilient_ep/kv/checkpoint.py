@@ -183,7 +183,7 @@ class KVCheckpointer:
         of its last save; returns how many were queued."""
         if self.paused:
             return 0
-        n = 0
+        due: list[_Save] = []
         event = None
         seen = []
         for rid, tokens, cached, table in requests:
@@ -205,13 +205,15 @@ class KVCheckpointer:
                 event.record()
             save = _Save(rid, cached, r.crc, tuple(table[:nb]), event)
             r.enqueued, r.last = cached, save
+            due.append(save)
+        if due:  # one hand-over (and one wake-up of the I/O thread) per step
             with self._cv:
-                self._saves[rid] = save
-                self._saves.move_to_end(rid)
+                for save in due:
+                    self._saves[save.rid] = save
+                    self._saves.move_to_end(save.rid)
                 self._cv.notify()
-            n += 1
         self._bound_lag(seen)
-        return n
+        return len(due)
 
     def _behind(self, r: _Req) -> bool:
         return r.cached - r.acked > self.config.interval_tokens and not r.failed and r.rid in self._reqs
@@ -313,8 +315,9 @@ class KVCheckpointer:
                         job = ("restore", self._restores.popleft())
                     elif self._deletes:
                         job = ("delete", self._deletes.popleft())
-                    else:
-                        job = ("save", self._saves.popitem(last=False)[1])
+                    else:  # every pending save at once: one gather, one copy (one sync on GPU)
+                        job = ("save", [self._saves.popitem(last=False)[1]
+                                        for _ in range(min(len(self._saves), 256))])
                     epoch, members = self.epoch, self.members
                 cpu0 = time.thread_time()
                 if self.stores.members != members or self.stores.epoch != epoch:
@@ -326,7 +329,7 @@ class KVCheckpointer:
                 elif job[0] == "delete":
                     self._do_delete(*job[1])
                 else:
-                    self._do_save(job[1], epoch, members)
+                    self._do_saves(job[1], epoch, members)
                 self.counters["io_cpu_s"] += time.thread_time() - cpu0
         except BaseException as e:  # surfaced through errored()
             self._error = e
@@ -339,46 +342,65 @@ class KVCheckpointer:
     def _deadline(self) -> float:
         return time.monotonic() + self.config.timeout_ms / 1000.0
 
-    def _read(self, save: _Save, first: int) -> torch.Tensor | None:
-        """Blocks ``first ..`` of a save, block-major on the CPU (None: the request ended)."""
+    def _read(self, parts: list[tuple[_Save, int]]) -> list[torch.Tensor | None]:
+        """Blocks ``first ..`` of each save, block-major on the CPU, in one gather (and on GPU
+        one device-to-host copy); None for a request that ended."""
         view = self.view
         with self._lock:
-            if save.rid not in self._reqs:
-                return None
+            live = [(s, f) for s, f in parts if s.rid in self._reqs]
+            if not live:
+                return [None] * len(parts)
+            ids = torch.tensor([b for s, f in live for b in s.block_ids[f:]], dtype=torch.long)
             if not self.cuda:
-                return view.read(torch.tensor(save.block_ids[first:], dtype=torch.long))
-            with torch.cuda.stream(self._side):
-                ids = torch.tensor(save.block_ids[first:], dtype=torch.long).to(view.device, non_blocking=True)
-                if save.event is not None:
-                    self._side.wait_event(save.event)
-                dev = view.read(ids)
-                host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
-                host.copy_(dev, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._side)
-        done.synchronize()
-        return host
+                host = view.read(ids)
+            else:
+                with torch.cuda.stream(self._side):
+                    ids = ids.to(view.device, non_blocking=True)
+                    for ev in {id(s.event): s.event for s, _ in live if s.event is not None}.values():
+                        self._side.wait_event(ev)
+                    dev = view.read(ids)
+                    host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+                    host.copy_(dev, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._side)
+        if self.cuda:
+            done.synchronize()
+        out, i = {}, 0
+        for s, f in live:
+            n = len(s.block_ids) - f
+            out[id(s)] = host[i:i + n]
+            i += n
+        return [out.get(id(s)) for s, _ in parts]
 
     def _do_save(self, save: _Save, epoch: int, members: frozenset) -> None:
-        r = self._reqs.get(save.rid)
-        if r is None:
-            return
+        self._do_saves([save], epoch, members)
+
+    def _do_saves(self, saves: list[_Save], epoch: int, members: frozenset) -> None:
         targets = self.spec.targets(self.owner, members)
-        for t in [t for t in r.synced if t not in targets]:
-            del r.synced[t]  # a rank that left (and may rejoin empty) gets a full copy next time
+        plans = []
+        for save in saves:
+            r = self._reqs.get(save.rid)
+            if r is None:
+                continue
+            for t in [t for t in r.synced if t not in targets]:
+                del r.synced[t]  # a rank that left (and may rejoin empty) gets a full copy next time
+            firsts = {t: min(r.synced.get(t, 0), save.num_tokens) // self.block_size for t in targets
+                      if r.synced.get(t, 0) < save.num_tokens}
+            if not firsts:
+                r.failed = not targets
+                r.acked = max(r.acked, save.num_tokens) if targets else r.acked
+                continue
+            plans.append((save, r, firsts, min(firsts.values())))
+        blocks = self._read([(save, first) for save, _, _, first in plans]) if plans else []
+        for (save, r, firsts, first), b in zip(plans, blocks):
+            if b is not None:
+                self._finish_save(save, r, targets, firsts, first, b, epoch, members)
+        with self._cv:
+            self._cv.notify_all()  # the decode loop may wait for these saves (_bound_lag)
+
+    def _finish_save(self, save: _Save, r: _Req, targets: list, firsts: dict, first: int,
+                     blocks: torch.Tensor, epoch: int, members: frozenset) -> None:
         bs = self.block_size
-        firsts = {t: min(r.synced.get(t, 0), save.num_tokens) // bs for t in targets
-                  if r.synced.get(t, 0) < save.num_tokens}
-        if not firsts:
-            r.failed = not targets
-            r.acked = max(r.acked, save.num_tokens) if targets else r.acked
-            with self._cv:
-                self._cv.notify_all()
-            return
-        first = min(firsts.values())
-        blocks = self._read(save, first)
-        if blocks is None:
-            return
         nb = len(save.block_ids)
         crcs = block_crcs(blocks)
         del r.checksums[first:]
@@ -407,8 +429,6 @@ class KVCheckpointer:
             held = [t for t in targets if r.synced.get(t, 0) >= save.num_tokens]
             with self._cv:
                 self._acks.append((save.rid, save.num_tokens, epoch, held))
-        with self._cv:
-            self._cv.notify_all()  # the decode loop may wait for this save (_bound_lag)
 
     def _resend_all(self, r: _Req, save: _Save, epoch: int, members: frozenset) -> None:
         r.checksums.clear()
