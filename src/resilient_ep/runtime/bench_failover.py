@@ -1,7 +1,8 @@
 """``resilient-ep bench failover``: what a failure costs on the reference runtime, all in one run.
 
 (a) steady-state decode throughput with resilience on vs off (off: static membership, no
-    heartbeats, no socket monitors), runs interleaved on/off/on/off so machine noise hits both;
+    heartbeats, no socket monitors, no KV checkpoints), runs interleaved on/off/off/on so
+    machine noise hits both;
 (b) crash stall: SIGKILL a rank mid-decode; time from the kill until every survivor has
     completed a step under the new epoch;
 (c) hang stall: SIGSTOP a rank, the same (detection waits for the heartbeat timeout);
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=5, help="failure trials (default 5)")
     p.add_argument("--requests", type=int, default=16, help="concurrent requests")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
-    p.add_argument("--throughput-runs", type=int, default=2, help="on/off pairs for (a)")
+    p.add_argument("--throughput-runs", type=int, default=4, help="on/off pairs for (a)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--engine", default="reference", choices=["reference"],
                    help="runtime to measure (vLLM: see docs/vllm.md)")
@@ -90,11 +91,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.ranks < 3:
         raise ValueError(f"--ranks must be >= 3 (a crash and a hang per trial), got {args.ranks}")
 
-    # (a) throughput, interleaved on/off.
+    # (a) throughput, interleaved on/off, the order alternating between pairs so that drift on
+    # a shared machine does not favour one side.
     on, off = [], []
     for i in range(args.throughput_runs):
-        on.append(_throughput(model_dir, cfg, True, args.requests, args.max_tokens, args.ranks))
-        off.append(_throughput(model_dir, cfg, False, args.requests, args.max_tokens, args.ranks))
+        for resilience in ((True, False) if i % 2 == 0 else (False, True)):
+            tput = _throughput(model_dir, cfg, resilience, args.requests, args.max_tokens, args.ranks)
+            (on if resilience else off).append(tput)
         log(f"throughput pair {i + 1}: on {on[-1]:.0f} tok/s, off {off[-1]:.0f} tok/s")
 
     # (b, c, d) failure trials.
