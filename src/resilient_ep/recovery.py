@@ -10,7 +10,14 @@ the host (the reference runtime's coordinator, an engine adapter) carries the de
 3. **restore**: each request owned by a lost rank gets a new owner, the least-loaded live rank
    (ties to the lowest rank id), so the host re-admits it there (resuming from a KV checkpoint
    where one survives, else recomputing prompt + generated tokens);
-4. **repair**: ``plan.replan.moves`` are the weight copies that would restore coverage.
+4. **repair**: ``plan.replan.moves`` are the weight copies that restore coverage. The host
+   first routes by :meth:`RecoveryOrchestrator.vacate` (the slots to overwrite taken out of
+   the tables), has the owners load the weights, reports each finished copy with
+   :meth:`RecoveryOrchestrator.repaired` and routes by the layout it returns.
+
+The orchestrator keeps ``physical``: what every slot holds right now (the initial layout,
+updated by finished repairs and by rejoins, which reload a rank's initial slots), so every
+replan starts from the truth.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class RecoveryOrchestrator:
                  config: ResilienceConfig | None = None):
         self.membership = membership
         self.initial_layout = layout
+        self.physical = layout
+        """What every slot holds now (dead ranks: what they held)."""
         self.layout = layout
         self._last = replan(layout, [])
         self.config = config or ResilienceConfig()
@@ -83,7 +92,7 @@ class RecoveryOrchestrator:
         if not view.live_ranks:
             return RecoveryPlan(view, ranks, kind, self.layout, self._last, sorted(self.uncovered),
                                 abandoned=[rid for rid, o in owners.items() if o in ranks])
-        res = replan(self.initial_layout, out, load)
+        res = replan(self.physical, out, load)
         self.layout, self._last = res.layout, res
         self.uncovered = set(res.uncovered)
         migrations: dict[str, int] = {}
@@ -112,8 +121,45 @@ class RecoveryOrchestrator:
         in the initial layout (what it loaded)."""
         ranks = tuple(sorted(set(ranks)))
         view = self.membership.join(ranks)
+        rows = self.physical.physical_to_logical.clone()
+        for r in ranks:  # a joined rank loaded its initial slots
+            sl = list(self.initial_layout.slots_of_rank(r))
+            rows[:, sl] = self.initial_layout.physical_to_logical[:, sl]
+        self.physical = self._with_rows(rows)
         out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
-        res = replan(self.initial_layout, out, load)
+        res = replan(self.physical, out, load)
         self.layout, self._last = res.layout, res
         self.uncovered = set(res.uncovered)
         return JoinPlan(view, ranks, res.layout, sorted(self.uncovered))
+
+    # ------------------------------------------------------------------ weight repair
+    def _with_rows(self, rows) -> ExpertLayout:
+        return ExpertLayout.from_mapping(rows, num_ranks=self.initial_layout.num_ranks,
+                                         num_experts=self.initial_layout.num_experts,
+                                         max_replicas=self.initial_layout.max_replicas)
+
+    def _routing_layout(self) -> ExpertLayout:
+        out = [r for r, s in enumerate(self.membership.view().states) if s is not RankState.LIVE]
+        res = replan(self.physical, out)
+        self._last = res
+        self.uncovered = set(res.uncovered)
+        return res.layout
+
+    def vacate(self, moves) -> ExpertLayout:
+        """The current routing layout with the slots about to be overwritten taken out, so no
+        token is sent to a slot while its weights change. Sets and returns ``self.layout``."""
+        rows = self._routing_layout().physical_to_logical.clone()
+        for m in moves:
+            rows[m.layer, m.slot] = -1
+        self.layout = self._with_rows(rows)
+        return self.layout
+
+    def repaired(self, moves) -> ExpertLayout:
+        """Weight copies that finished (each slot now holds ``move.expert``): record them and
+        return the layout to route by (also ``self.layout``; ``self.uncovered`` updated)."""
+        rows = self.physical.physical_to_logical.clone()
+        for m in moves:
+            rows[m.layer, m.slot] = m.expert
+        self.physical = self._with_rows(rows)
+        self.layout = self._routing_layout()
+        return self.layout

@@ -163,3 +163,31 @@ def test_killed_rank_rejoins_without_a_restart(model_dir, prompts, reference):
         _assert_nothing_lost(wave2, reference)
         # The rejoined rank holds its experts again: nothing uncovered, rank 1 in the routing.
         assert c.status()["uncovered_experts"] == []
+
+
+def test_lost_experts_repaired_from_disk_without_the_rank(model_dir, prompts, reference):
+    # One redundant slot per rank: some experts have a single replica. Rank 1 dies; its
+    # single-replica experts are loaded from the checkpoint into survivors' spare-replica
+    # slots, and the instance is exact again while rank 1 is still out.
+    with Coordinator(model_dir, num_ranks=4, config=_config("placement.redundant_slots_per_rank=1"),
+                     fail_at={1: {"point": "combine", "step": 2}}) as c:
+        lost = {e for e in range(8) if c.layout.replica_ranks(0, e) == [1]}
+        assert lost, "the test needs an expert whose only replica is on rank 1"
+        wave1 = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in wave1:
+            r.wait(TIMEOUT)
+        deadline = time.monotonic() + 60
+        while not (c.repairs and c.repairs[-1]["t1"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.repairs and c.repairs[-1]["t1"], "the repair finished"
+        st = c.status()
+        assert st["ranks"][1]["state"] == "dead" and st["uncovered_experts"] == []
+        for r in wave1:  # served, degraded at worst while the repair ran
+            assert r.error is None and len(r.generated) == MAX_TOKENS
+            if not r.degraded:
+                assert r.generated == reference[wave1.index(r)]
+        wave2 = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in wave2:
+            r.wait(TIMEOUT)
+        _assert_nothing_lost(wave2, reference)
+        assert not any(r.degraded for r in wave2)

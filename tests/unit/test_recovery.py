@@ -64,3 +64,22 @@ def test_join_restores_the_initial_slots():
     assert plan.view.epoch == 2 and plan.view.live_ranks == (0, 1, 2, 3)
     assert plan.layout.physical_to_logical.tolist() == o.initial_layout.physical_to_logical.tolist()
     assert plan.uncovered == []
+
+
+def test_repair_vacates_then_fills_and_later_replans_keep_it():
+    # 4 ranks x 2 slots, 6 experts: 0 and 1 have two replicas, 2..5 one.
+    lay = ExpertLayout.from_mapping([[0, 2, 1, 3, 0, 4, 1, 5]], num_ranks=4, num_experts=6)
+    o = RecoveryOrchestrator(Membership(4), lay)
+    plan = o.on_failure([1], "crash", {})
+    assert plan.uncovered == [(0, 3)]
+    moves = plan.replan.moves
+    assert len(moves) == 1 and moves[0].expert == 3 and moves[0].evicted in (0, 1), "over a spare replica"
+    vac = o.vacate(moves)
+    assert vac.physical_to_logical[0, moves[0].slot] == -1
+    assert vac.uncovered([0, 2, 3]) == [(0, 3)]
+    fixed = o.repaired(moves)
+    assert fixed.uncovered([0, 2, 3]) == [] and o.uncovered == set()
+    # A second failure replans from what the slots really hold now.
+    plan2 = o.on_failure([3], "crash", {})
+    assert (0, 3) not in plan2.uncovered
+    assert plan2.layout.physical_to_logical[0, moves[0].slot] == 3

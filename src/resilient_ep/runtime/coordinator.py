@@ -147,6 +147,9 @@ class Coordinator:
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
         self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
+        self.repairs: list[dict] = []        # {"epoch", "t0", "t1", "moves"} per weight repair
+        self._repairs_pending: set[int] = set()
+        self._layout_version = 0
         self.steps: list[dict] = []          # per-step timeline from every rank
         self.procs: list[subprocess.Popen] = []
         self.pids: list[int] = []
@@ -436,6 +439,9 @@ class Coordinator:
         if msg["t"] == "ready" and self.membership.state(rank) is RankState.JOINING:
             self._on_join(rank)
             return
+        if msg["t"] == "repaired":
+            self._on_repaired(rank, msg)
+            return
         if msg["t"] != "tokens":
             return
         if self.membership.state(rank) is not RankState.LIVE:
@@ -444,9 +450,6 @@ class Coordinator:
             self.kv.on_report(rank, msg["kv"], lambda rid: getattr(self.requests.get(rid), "owner", None))
         self.steps.append({k: msg[k] for k in ("rank", "step", "epoch", "epoch_start", "t0", "t1",
                                                  "num_tokens")})
-        if msg["uncovered"]:
-            with self._lock:
-                self.uncovered = sorted(set(self.uncovered) | {tuple(x) for x in msg["uncovered"]})
         for rid, tok, fin, note in msg["items"]:
             rec = self.requests.get(rid)
             if rec is None or rec.finished or rec.owner != rank:
@@ -478,10 +481,13 @@ class Coordinator:
         now = time.time()
         with self._lock:
             self.uncovered = list(plan.uncovered)
-        msg = {"t": "membership", "epoch": plan.view.epoch,
+        self._layout_version += 1
+        msg = {"t": "membership", "epoch": plan.view.epoch, "version": self._layout_version,
                "states": [s.value for s in plan.view.states],
                "layout": plan.layout.physical_to_logical.tolist()}
         self._broadcast(msg, include=list(ranks))  # a fenced rank learns it is out, if it wakes
+        if plan.replan.moves and "disk" in self.config.repair.sources:
+            self._start_repair(plan.replan.moves, plan.view.epoch)
         for rid, target in plan.migrations.items():
             rec = self.requests[rid]
             rec.migrations += 1
@@ -493,6 +499,37 @@ class Coordinator:
             self.failures.append(FailureEvent(r, kind, now, plan.view.epoch, self._inject.get(r),
                                               len(plan.migrations), list(plan.replan.uncovered)))
 
+    def _start_repair(self, moves, epoch: int) -> None:
+        """Restore coverage: take the target slots out of routing, have their owners load the
+        lost experts from the checkpoint on disk, then route by the repaired layout."""
+        self._flip_layout(self.recovery.vacate(moves), epoch)
+        by_rank: dict[int, list] = {}
+        for m in moves:
+            by_rank.setdefault(m.slot // self.slots_per_rank, []).append(
+                (m.layer, m.slot, m.expert, m.evicted))
+        for r, ms in by_rank.items():
+            self._send(r, {"t": "repair", "moves": ms})
+        self._repairs_pending |= set(by_rank)
+        self.repairs.append({"epoch": epoch, "t0": time.time(), "moves": len(moves),
+                             "t1": None})
+
+    def _on_repaired(self, rank: int, msg: dict) -> None:
+        from ..placement import SlotMove
+        moves = [SlotMove(*m) for m in msg["moves"]]
+        layout = self.recovery.repaired(moves)
+        self._repairs_pending.discard(rank)
+        if not self._repairs_pending:
+            self._flip_layout(layout, self.membership.epoch)
+            with self._lock:
+                self.uncovered = sorted(self.recovery.uncovered)
+            if self.repairs and self.repairs[-1]["t1"] is None:
+                self.repairs[-1]["t1"] = time.time()
+
+    def _flip_layout(self, layout, epoch: int) -> None:
+        self._layout_version += 1
+        self._broadcast({"t": "layout", "epoch": epoch, "version": self._layout_version,
+                         "layout": layout.physical_to_logical.tolist()})
+
     def _readmit(self, rank: int) -> None:
         """A fenced rank is heartbeating again: take it back (weights still loaded)."""
         self.membership.begin_join([rank])
@@ -503,7 +540,8 @@ class Coordinator:
         with self._lock:
             self.uncovered = list(plan.uncovered)
         self.detector.reset(rank)
-        self._broadcast({"t": "membership", "epoch": plan.view.epoch,
+        self._layout_version += 1
+        self._broadcast({"t": "membership", "epoch": plan.view.epoch, "version": self._layout_version,
                          "states": [s.value for s in plan.view.states],
                          "layout": plan.layout.physical_to_logical.tolist()})
         self.joins.append({"rank": rank, "t": time.time(), "epoch": plan.view.epoch})

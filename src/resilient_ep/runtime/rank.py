@@ -92,6 +92,7 @@ class Rank:
         self.poller.register(self.transport.inbox, zmq.POLLIN)
         self.exchange: MoEExchange | None = None
         self._unsent_replies: list[tuple[int, dict, list]] = []
+        self.layout_version = 0
         if spec.get("membership"):  # a rank (re)joining a running instance
             self._apply_view(spec["membership"], spec.get("route_layout"))
         self.step = 0
@@ -139,6 +140,14 @@ class Rank:
             self.stop = True
         elif t == "rejoin":  # re-admission after a fence: weights are loaded, we are warm
             self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
+        elif t == "layout":  # same membership, new placement (weight repair)
+            if msg["epoch"] == self.epoch and msg["version"] > self.layout_version:
+                self.layout_version = msg["version"]
+                self.table.update(self._layout_from(msg["layout"]))
+                if self.exchange is not None:
+                    self.exchange.reroute(self.live)
+        elif t == "repair":
+            self._repair(msg["moves"])
         else:
             raise ValueError(f"rank {self.rank}: unknown control message {t!r}")
 
@@ -171,6 +180,7 @@ class Rank:
             return
         self.fenced = False
         self.epoch = view.epoch
+        self.layout_version = max(self.layout_version, msg.get("version", 0))
         self.live = frozenset(view.live_ranks)
         layout = None
         if msg.get("layout") is not None:
@@ -184,6 +194,26 @@ class Rank:
             self.kvc.configure(view.epoch, self.live)
         if self.exchange is not None:
             self.exchange.reroute(self.live)
+
+    def _layout_from(self, rows) -> ExpertLayout:
+        return ExpertLayout.from_mapping(torch.tensor(rows), num_ranks=self.num_ranks,
+                                         num_experts=self.table.num_experts,
+                                         max_replicas=self.table.max_replicas)
+
+    def _repair(self, moves: list) -> None:
+        """Load experts that lost every replica into our slots, from the checkpoint on disk
+        (the routing tables no longer point at these slots while we write them)."""
+        t0 = time.time()
+        S = self.table.slots_per_rank
+        done = []
+        for layer, slot, expert, evicted in moves:
+            if slot // S != self.rank:
+                continue
+            weights = ExpertBank.read_expert(self.spec["model_dir"], layer, expert)
+            self.bank.set_slot(layer, slot % S, weights, expert)
+            done.append((layer, slot, expert, evicted))
+        self._send_control({"t": "repaired", "rank": self.rank, "epoch": self.epoch,
+                            "moves": done, "seconds": time.time() - t0})
 
     def _drop_all(self) -> None:
         for rid in list(self.sched.running):
