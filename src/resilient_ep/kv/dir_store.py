@@ -33,21 +33,7 @@ class DirStore(CheckpointStore):
         self.location = location
         self.durable = durable
         """fsync blocks and metadata before a save returns (files that survive a power loss)."""
-        self.epoch, self.members = 0, None
-        self._error: Exception | None = None
-        self._aborted = False
         self.path.mkdir(parents=True, exist_ok=True)
-
-    # ------------------------------------------------------------------ lifecycle
-    def configure(self, epoch, members):
-        self.epoch, self.members = epoch, frozenset(members)
-        self._aborted = False
-
-    def abort(self):
-        self._aborted = True
-
-    def errored(self):
-        return self._error
 
     # ------------------------------------------------------------------ files
     def _files(self, rid: str) -> tuple[Path, Path]:

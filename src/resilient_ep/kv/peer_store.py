@@ -124,24 +124,11 @@ class PeerStore(CheckpointStore):
         self.endpoint = endpoint
         self.location = location
         self.ctx = ctx or zmq.Context.instance()
-        self.epoch, self.members = 0, None
         self._ids = itertools.count()
-        self._error: Exception | None = None
-        self._aborted = False
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a server that is not connected
         self.sock.connect(endpoint)
-
-    def configure(self, epoch, members):
-        self.epoch, self.members = epoch, frozenset(members)
-        self._aborted = False
-
-    def abort(self):
-        self._aborted = True
-
-    def errored(self):
-        return self._error
 
     def shutdown(self):
         self.sock.close(linger=0)

@@ -30,17 +30,24 @@ class StoreError(RuntimeError):
 
 
 class CheckpointStore(ABC):
+    """The lifecycle is shared: ``configure`` sets the epoch and members (and re-arms after
+    ``abort``); ``abort`` makes blocking calls give up; ``errored`` is the first I/O error."""
+
     location: str = "?"
+    epoch: int = 0
+    members: frozenset[int] | None = None
+    _error: Exception | None = None
+    _aborted: bool = False
 
     def configure(self, epoch: int, members: Iterable[int]) -> None:
-        self.epoch = epoch
-        self.members = frozenset(members)
+        self.epoch, self.members = epoch, frozenset(members)
+        self._aborted = False
 
     def abort(self) -> None:
-        pass
+        self._aborted = True
 
     def errored(self) -> Exception | None:
-        return None
+        return self._error
 
     def shutdown(self) -> None:
         pass
@@ -93,13 +100,9 @@ class MemoryStore(CheckpointStore):
 
     def __init__(self, location: str = "memory:0"):
         self.location = location
-        self.epoch, self.members = 0, None
         self._lock = threading.Lock()
         self._meta: dict[str, CheckpointMeta] = {}
         self._blocks: dict[str, list[torch.Tensor]] = {}
-
-    def configure(self, epoch: int, members: Iterable[int]) -> None:
-        self.epoch, self.members = epoch, frozenset(members)
 
     def put(self, meta, first, blocks, deadline, *, copy: bool = True):
         """``copy=False``: keep views of ``blocks`` (the caller hands over a private buffer,
