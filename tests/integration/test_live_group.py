@@ -1,0 +1,84 @@
+"""LiveGroup over real processes: SIGKILL one member mid-collective, SIGSTOP another; the
+survivors raise PeerLost once (strict), agree on the epoch and keep exchanging."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from resilient_ep.config import DetectorConfig
+from resilient_ep.transport.group import LiveGroup, PeerLost
+
+ROUNDS = 400
+
+
+def _member(rank: int, endpoints: list[str], strict: bool, timeout_ms: float, out) -> None:
+    group = LiveGroup("t", rank, endpoints, detector=DetectorConfig(
+        heartbeat_interval_ms=20, heartbeat_timeout_ms=timeout_ms))
+    lost, sums, live_seen = [], [], []
+    try:
+        for i in range(ROUNDS):
+            try:
+                got = group.allgather([torch.tensor([rank + 1, i])], strict=strict)
+            except PeerLost as e:
+                lost.append((i, sorted(e.dead), e.epoch))
+                continue
+            if i == 0:
+                out.put(("ready", rank))
+            sums.append(int(sum(t[0][0] for t in got.values())))
+            live_seen.append(sorted(got))
+            time.sleep(0.005)
+        out.put((rank, lost, sums[-1], live_seen[-1], group.epoch,
+                 {r: group.cause(r) for r in group.dead}))
+    finally:
+        group.close()
+
+
+def _run(tmp_path, strict: bool, sig: int, timeout_ms: float):
+    n = 3
+    endpoints = [f"ipc://{tmp_path}/g-{r}" for r in range(n)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_member, args=(r, endpoints, strict, timeout_ms, out))
+             for r in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        ready = {out.get(timeout=120)[1] for _ in range(n)}  # spawn imports torch: slow
+        assert ready == set(range(n))
+        time.sleep(0.3)
+        os.kill(procs[2].pid, sig)
+        results = {}
+        for _ in range(2):
+            rank, *rest = out.get(timeout=60)
+            results[rank] = rest
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+
+
+@pytest.mark.parametrize("sig,cause", [(signal.SIGKILL, "crash"), (signal.SIGSTOP, "hang")])
+def test_strict_survivors_agree_after_member_lost(tmp_path, sig, cause):
+    results = _run(tmp_path, strict=True, sig=sig, timeout_ms=400)
+    assert set(results) == {0, 1}
+    for rank, (lost, last_sum, live, epoch, causes) in results.items():
+        assert len(lost) == 1, lost            # one failed collective, then back in step
+        assert lost[0][1:] == ([2], 1)
+        assert epoch == 1 and live == [0, 1]
+        assert last_sum == 1 + 2                # only the survivors contribute now
+    # at least one survivor saw it itself; the other may have been told
+    assert cause in {c for *_, causes in results.values() for c in causes.values()}
+
+
+def test_lenient_never_raises(tmp_path):
+    results = _run(tmp_path, strict=False, sig=signal.SIGKILL, timeout_ms=400)
+    for rank, (lost, last_sum, live, epoch, causes) in results.items():
+        assert lost == [] and epoch == 1 and live == [0, 1] and last_sum == 3
