@@ -11,6 +11,8 @@ Detection, per member process, while it waits in a collective:
   (a SIGKILLed process's sockets close at once);
 - hang: heartbeats (a background thread, ``detector.heartbeat_interval_ms``) stop for
   ``detector.heartbeat_timeout_ms``; a peer is watched from its first message on;
+- goodbye: a member tied to a parent process (``tied_to_parent``) tells its peers it is gone
+  as soon as that parent dies;
 - hearsay: every message carries its sender's dead set; a newer one is adopted (all members
   converge on the same view even when only one of them saw the failure).
 
@@ -31,6 +33,7 @@ the same epoch.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -80,7 +83,8 @@ class LiveGroup:
     """
 
     def __init__(self, name: str, rank: int, endpoints: list[str], *,
-                 detector: DetectorConfig | None = None, ctx: zmq.Context | None = None):
+                 detector: DetectorConfig | None = None, ctx: zmq.Context | None = None,
+                 tied_to_parent: bool = False):
         self.name = name
         self.rank = rank
         self.size = len(endpoints)
@@ -92,6 +96,7 @@ class LiveGroup:
         self.dead: frozenset[int] = frozenset()
         self._seq = 0          # strict collectives, reset on every epoch change
         self._lenient_seq = 0  # lenient collectives, never reset
+        self._strict_epoch = 0  # epoch of the last strict collective begun
         self._held: dict[tuple, _Msg] = {}
         self._listeners: list[Callable[[frozenset[int], int], None]] = []
         self._detector = FailureDetector([], self.config)
@@ -113,6 +118,9 @@ class LiveGroup:
             s.connect(self.endpoints[peer])
             self._out[peer] = s
             self._monitors[mon] = peer
+        # A member that is a helper of another process (vLLM's worker of an engine core) leaves
+        # the group the moment that parent dies, instead of lingering until it exits itself.
+        self._parent = os.getppid() if tied_to_parent else None
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                     name=f"resilient-ep-hb-{name}-{rank}")
@@ -164,7 +172,23 @@ class LiveGroup:
         Strict: raises :class:`PeerLost` when the membership changes before it completes.
         Lenient: completes over whoever is live when it completes.
         """
+        return self._exchange(lambda peer: tensors, list(tensors), strict)
+
+    def alltoall(self, payloads: dict[int, list[torch.Tensor]], *, strict: bool = True
+                 ) -> dict[int, list[torch.Tensor]]:
+        """Send ``payloads[peer]`` to each live peer; returns what each live member sent
+        this one (``payloads[self.rank]`` for itself). Same failure rules as ``allgather``."""
+        return self._exchange(lambda peer: payloads[peer], list(payloads[self.rank]), strict)
+
+    def _exchange(self, payload_for, own: list[torch.Tensor], strict: bool
+                  ) -> dict[int, list[torch.Tensor]]:
+        self._pump(timeout_s=0)  # learn of deaths that happened while we computed
         epoch0 = self.epoch
+        if strict and epoch0 != self._strict_epoch:
+            # A member died since our last strict collective: the caller's pass is broken
+            # even though this exchange has not started (peers may be mid-way elsewhere).
+            self._strict_epoch = epoch0
+            raise PeerLost(self.name, self.dead, epoch0)
         if strict:
             key = ("s", self.epoch, self._seq)
             self._seq += 1
@@ -173,13 +197,14 @@ class LiveGroup:
             self._lenient_seq += 1
         header = {"t": "c", "key": key, "dead": sorted(self.dead), "src": self.rank,
                   "epoch": self.epoch}
-        frames = wire.encode(header, list(tensors))
         for peer in self.live:
             if peer != self.rank:
+                frames = wire.encode(header, list(payload_for(peer)))
                 self._out[peer].send_multipart(frames, copy=False)
-        got: dict[int, list[torch.Tensor]] = {self.rank: list(tensors)}
+        got: dict[int, list[torch.Tensor]] = {self.rank: own}
         while True:
             if strict and self.epoch != epoch0:
+                self._strict_epoch = self.epoch
                 raise PeerLost(self.name, self.dead, self.epoch)
             for peer in self.live:
                 if peer not in got:
@@ -228,6 +253,9 @@ class LiveGroup:
                 theirs = set(header.get("dead", ()))
                 if not theirs <= self.dead:
                     self._declare(theirs, "reported")
+                if header["t"] == "bye":
+                    self._declare([src], "crash")
+                    continue
                 if header["t"] != "c":
                     continue
                 key = tuple(header["key"])
@@ -249,6 +277,18 @@ class LiveGroup:
                 socks[peer] = s
             interval = self.config.heartbeat_interval_ms / 1000.0
             while not self._stop.wait(interval):
+                if self._parent is not None and os.getppid() != self._parent:
+                    bye = wire.encode({"t": "bye", "src": self.rank, "epoch": self.epoch,
+                                       "dead": sorted(self.dead)})
+                    for peer, s in socks.items():
+                        try:
+                            s.send_multipart(bye, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
+                    log.warning("[%s rank %d] parent process gone: left the group",
+                                self.name, self.rank)
+                    time.sleep(0.05)  # let the goodbyes leave before the process dies
+                    return
                 frames = wire.encode({"t": "hb", "src": self.rank, "epoch": self.epoch,
                                       "dead": sorted(self.dead)})
                 for peer, s in socks.items():

@@ -16,6 +16,7 @@ A ``resilience`` key that is absent, or ``{"enabled": false}``, leaves vLLM unto
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ __all__ = ["KEY", "VllmTopology", "resilience_settings", "is_enabled", "normaliz
            "resilience_config", "topology"]
 
 KEY = "resilience"
-_ADAPTER_KEYS = ("config_file", "overrides")
+_ADAPTER_KEYS = ("config_file", "overrides", "instance")
 
 
 def resilience_settings(additional_config: Any) -> dict[str, Any] | None:
@@ -79,7 +80,12 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
     if cfg is None:
         return None
     assert additional_config is not None
-    additional_config[KEY] = cfg.to_dict()
+    raw = resilience_settings(additional_config) or {}
+    out = cfg.to_dict()
+    # Names this instance's private sockets (the engines' failover groups); the same in every
+    # process because the engine processes receive this dict from the front end.
+    out["instance"] = str(raw.get("instance") or uuid.uuid4().hex[:12])
+    additional_config[KEY] = out
     return additional_config
 
 

@@ -84,9 +84,11 @@ def _apply_backend_patches() -> None:
 
     if not current_platform.is_cpu():
         return
-    from .patches import CPU_EP_PATCHES, apply_when_imported
+    from .patches import CPU_EP_PATCHES, FAILOVER_PATCHES, apply_when_imported
 
-    apply_when_imported(CPU_EP_PATCHES, on_applied=_patched)
+    # The failover patches check at call time whether failover applies (DP > 1 with EP);
+    # elsewhere they hand straight to vLLM's code.
+    apply_when_imported(CPU_EP_PATCHES + FAILOVER_PATCHES, on_applied=_patched)
 
 
 def _process_title() -> str:

@@ -17,8 +17,8 @@ rank's worker process (with TP=1 it is the engine-core process itself, ``engine_
 Who is who is asked once from the workers (``collective_rpc`` of the worker extension, with a
 deadline) and cached; ``state`` is then re-read from the process table on every request
 (``live`` / ``dead``), and ``uncovered_experts`` is computed from the experts the live ranks
-hold. ``epoch`` stays 0 until failover exists in the vLLM adapter: today vLLM itself stops
-the whole instance when an engine rank dies.
+hold. ``epoch`` is the front end's count of engine ranks lost (``frontend.py``), 0 without
+failover.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class ResilienceStatusMiddleware:
             async with self._lock:
                 if self._infos is None:
                     self._infos = await query_rank_infos(engine_client)
-            body = build_status(self._infos)
+            core = getattr(engine_client, "engine_core", None)
+            body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)))
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
             await _respond(send, 503, {"error": f"engine ranks did not answer: {e!r}"})
             return

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["PatchError", "CPU_EP_PATCHES", "apply_patches", "apply_when_imported",
+__all__ = ["PatchError", "CPU_EP_PATCHES", "FAILOVER_PATCHES", "apply_patches", "apply_when_imported",
            "applied_patches", "expect_signature", "mark", "is_marked", "vllm_version"]
 
 # The vLLM versions every patch here was checked against. Anything else fails loudly.
@@ -39,6 +39,15 @@ SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 CPU_EP_PATCHES = (
     "resilient_ep.engines.vllm.patches.cpu_moe_expert_map",
     "resilient_ep.engines.vllm.patches.cpu_communicator_gatherv",
+)
+
+# Patches that let a DP + EP instance on the CPU backend survive a dead engine rank.
+FAILOVER_PATCHES = (
+    "resilient_ep.engines.vllm.patches.dp_batch_sync",
+    "resilient_ep.engines.vllm.patches.cpu_resilient_all2all",
+    "resilient_ep.engines.vllm.patches.engine_core_failover",
+    "resilient_ep.engines.vllm.patches.expert_replicas",
+    "resilient_ep.engines.vllm.patches.dp_client_failover",
 )
 
 _MARK = "__resilient_ep_patch__"

@@ -1,0 +1,172 @@
+"""The API server's engine client, with failover: :class:`ResilientDPLBAsyncMPClient`.
+
+vLLM's ``DPLBAsyncMPClient`` balances requests over the data-parallel engine cores and, when
+any of them dies, marks the whole engine dead and shuts every core down
+(``MPClient.start_engine_core_monitor``). This subclass instead:
+
+- watches each engine-core process itself and, on a death, only marks that DP rank dead
+  (``resilient_epoch`` += 1);
+- sends no new request to a dead rank (``get_core_engine_for_request``);
+- re-admits the requests that were running on the dead rank on the least-loaded live one,
+  under the same request id, with prompt = original prompt + tokens generated so far and the
+  remaining ``max_tokens``: the client's stream simply continues (greedy output is the same
+  as without the failure; seeded sampling continues with a fresh generator);
+- drops anything still arriving from the dead rank, so no token is delivered twice.
+
+Engines other than the dead one keep running: their workers fail the step they were in and
+run it again without the dead rank (see ``all2all.py`` and ``engine_core.py``).
+Installed by the ``vllm-dp-client-failover`` patch (``EngineCoreClient.make_async_mp_client``)
+when resilience is on and there is one API server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+import weakref
+from multiprocessing.connection import wait as wait_sentinels
+
+from vllm.v1.engine import EngineCoreRequestType
+from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+__all__ = ["ResilientDPLBAsyncMPClient", "readmission_request"]
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+
+def readmission_request(request, generated: list[int]):
+    """A copy of ``request`` that continues after ``generated`` tokens."""
+    import copy
+
+    new = copy.copy(request)
+    new.prompt_token_ids = list(request.prompt_token_ids) + list(generated)
+    sp = request.sampling_params.clone()
+    if sp.max_tokens is not None:
+        sp.max_tokens = max(1, sp.max_tokens - len(generated))
+    if getattr(sp, "min_tokens", 0):
+        sp.min_tokens = max(0, sp.min_tokens - len(generated))
+    new.sampling_params = sp
+    new.data_parallel_rank = None
+    return new
+
+
+class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
+    def __init__(self, *args, **kwargs):
+        self.resilient_dead: set[int] = set()
+        self.resilient_epoch = 0
+        self.resilient_events: list[dict] = []
+        self._re_requests: dict[str, object] = {}
+        self._re_generated: dict[str, list[int]] = {}
+        self._re_loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(*args, **kwargs)
+
+    # ---------------------------------------------------------------- liveness
+    def start_engine_core_monitor(self):
+        manager = self.resources.engine_manager
+        if manager is None:
+            return
+        procs = list(manager.processes)
+        self_ref = weakref.ref(self)
+
+        def watch() -> None:
+            alive = {p.sentinel: p for p in procs}
+            while alive:
+                for sentinel in wait_sentinels(list(alive)):
+                    proc = alive.pop(sentinel)
+                    me = self_ref()
+                    if me is None or not me._finalizer.alive or me.resources.engine_dead:
+                        return
+                    m = re.search(r"DP(\d+)", proc.name or "")
+                    rank = int(m.group(1)) if m else procs.index(proc)
+                    me._engine_died(rank, proc.exitcode)
+                    del me
+
+        threading.Thread(target=watch, daemon=True, name="ResilientEngineMonitor").start()
+
+    def _engine_died(self, rank: int, exitcode) -> None:
+        t = time.monotonic()
+        loop = self._re_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_engine_death, rank, exitcode, t)
+        else:
+            self._on_engine_death(rank, exitcode, t)
+
+    def _on_engine_death(self, rank: int, exitcode, detected_at: float) -> None:
+        if rank in self.resilient_dead:
+            return
+        self.resilient_dead.add(rank)
+        self.resilient_epoch += 1
+        live = [i for i in range(len(self.core_engines)) if i not in self.resilient_dead]
+        log.warning("resilient-ep: engine core DP%d died (exit code %s); live DP ranks %s, "
+                    "epoch %d", rank, exitcode, live, self.resilient_epoch)
+        if not live:
+            self.resources.engine_dead = True
+            self.shutdown()
+            return
+        dead_engine = self.core_engines[rank]
+        victims = [rid for rid, eng in self.reqs_in_flight.items() if eng == dead_engine]
+        readmitted = 0
+        for rid in victims:
+            self.reqs_in_flight.pop(rid, None)
+            self.engine_inflight[dead_engine] -= 1
+            request = self._re_requests.get(rid)
+            if request is None:
+                continue
+            new = readmission_request(request, self._re_generated.get(rid, []))
+            asyncio.ensure_future(self.add_request_async(new))
+            readmitted += 1
+        self.resilient_events.append({
+            "dp_rank": rank, "exitcode": exitcode, "detected_monotonic": detected_at,
+            "handled_monotonic": time.monotonic(), "readmitted": readmitted,
+            "epoch": self.resilient_epoch})
+        log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,
+                    live)
+
+    # ---------------------------------------------------------------- routing
+    def get_core_engine_for_request(self, request):
+        if request.data_parallel_rank is not None and \
+                request.data_parallel_rank in self.resilient_dead:
+            request.data_parallel_rank = None
+        chosen = super().get_core_engine_for_request(request)
+        if not self.resilient_dead or self.core_engines.index(chosen) not in self.resilient_dead:
+            return chosen
+        self.engine_inflight[chosen] -= 1
+        live = [e for i, e in enumerate(self.core_engines) if i not in self.resilient_dead]
+        target = min(live, key=lambda e: self.engine_inflight[e])
+        self.reqs_in_flight[request.request_id] = target
+        self.engine_inflight[target] += 1
+        return target
+
+    async def add_request_async(self, request) -> None:
+        if self._re_loop is None:
+            self._re_loop = asyncio.get_running_loop()
+        if request.prompt_token_ids is not None and request.sampling_params is not None:
+            self._re_requests[request.request_id] = request
+            self._re_generated[request.request_id] = []
+        await super().add_request_async(request)
+
+    async def abort_requests_async(self, request_ids) -> None:
+        for rid in request_ids:
+            self._re_requests.pop(rid, None)
+            self._re_generated.pop(rid, None)
+        await super().abort_requests_async(request_ids)
+
+    @staticmethod
+    async def process_engine_outputs(self, outputs):
+        if self.resilient_dead and outputs.engine_index in self.resilient_dead:
+            # Sent by a rank before it died and read after we re-admitted its requests.
+            outputs.outputs = []
+            outputs.finished_requests = None
+            outputs.scheduler_stats = None
+            return
+        for out in outputs.outputs:
+            gen = self._re_generated.get(out.request_id)
+            if gen is not None:
+                gen.extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    self._re_generated.pop(out.request_id, None)
+                    self._re_requests.pop(out.request_id, None)
+        await DPLBAsyncMPClient.process_engine_outputs(self, outputs)

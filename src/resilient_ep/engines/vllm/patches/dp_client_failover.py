@@ -1,0 +1,70 @@
+"""Ledger entry ``vllm-dp-client-failover`` (patches/vllm-dp-client-failover.md).
+
+Why: ``MPClient.start_engine_core_monitor`` shuts every engine core down when one dies, and
+``DPLBAsyncMPClient`` keeps routing to a dead rank. The client class is picked inside
+``EngineCoreClient.make_async_mp_client`` (called from ``AsyncLLM.__init__``); no hook selects
+another class.
+
+How: when resilience is on with DP > 1 and EP, internal load balancing and one API server
+process, the factory returns
+:class:`~resilient_ep.engines.vllm.frontend.ResilientDPLBAsyncMPClient` (a subclass: keeps the
+live engines, routes around the dead one, re-admits its requests). With several API server
+processes (vLLM's default for DP; ``resilient-ep serve`` passes ``--api-server-count 1``) it
+logs that failover is off and returns vLLM's client.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from . import check_version, expect_signature, is_marked, mark
+
+NAME = "vllm-dp-client-failover"
+TARGET_MODULE = "vllm.v1.engine.core_client"
+_PARAMS = ("vllm_config", "executor_class", "log_stats", "client_addresses", "client_count",
+           "client_index", "renderer")
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+
+def _target():
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    return EngineCoreClient
+
+
+def check() -> None:
+    check_version(NAME)
+    expect_signature(NAME, _target().make_async_mp_client, _PARAMS)
+
+
+def is_applied() -> bool:
+    return is_marked(_target().__dict__["make_async_mp_client"].__func__, NAME)
+
+
+def apply() -> None:
+    cls = _target()
+    original = cls.__dict__["make_async_mp_client"].__func__
+    if is_marked(original, NAME):
+        return
+
+    @functools.wraps(original)
+    def make_async_mp_client(vllm_config, executor_class, log_stats, client_addresses=None,
+                             client_count=1, client_index=0, renderer=None):
+        from ..groups import failover_enabled
+
+        pc = vllm_config.parallel_config
+        if failover_enabled(vllm_config) and not pc.data_parallel_external_lb:
+            if client_count == 1:
+                from ..frontend import ResilientDPLBAsyncMPClient
+
+                return ResilientDPLBAsyncMPClient(
+                    vllm_config, executor_class, log_stats, client_addresses, client_count,
+                    client_index, renderer=renderer)
+            log.warning("resilient-ep: %d API server processes: engine-rank failover is off "
+                        "(run with --api-server-count 1)", client_count)
+        return original(vllm_config, executor_class, log_stats, client_addresses,
+                        client_count, client_index, renderer)
+
+    cls.make_async_mp_client = staticmethod(mark(make_async_mp_client, NAME, original))
