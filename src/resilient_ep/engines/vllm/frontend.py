@@ -76,6 +76,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             while alive:
                 for sentinel in wait_sentinels(list(alive)):
                     proc = alive.pop(sentinel)
+                    proc.join(timeout=1)  # reap it: exit code known, no zombie left
                     me = self_ref()
                     if me is None or not me._finalizer.alive or me.resources.engine_dead:
                         return

@@ -10,7 +10,8 @@ The answer has the reference runtime's shape::
      "ranks": [{"rank": 0, "pid": 1234, "state": "live", "dp_rank": 0, "tp_rank": 0,
                 "engine_pid": 1234, "num_local_experts": 4}, ...],
      "uncovered_experts": [],          # [layer, expert] pairs with no live replica
-     "num_experts": 8}
+     "num_experts": 8,
+     "failovers": [{"dp_rank": 1, "readmitted": 2, "epoch": 1, ...}]}   # with failover
 
 ``rank`` is the expert-parallel rank (``dp_rank * tp_size + tp_rank``); ``pid`` is that
 rank's worker process (with TP=1 it is the engine-core process itself, ``engine_pid``).
@@ -53,13 +54,17 @@ def _pid_state(pid: int) -> str:
         return "live"
 
 
-def build_status(infos: list[dict[str, Any]], epoch: int = 0) -> dict[str, Any]:
-    """The status document from the workers' ``resilient_ep_rank_info`` answers."""
+def build_status(infos: list[dict[str, Any]], epoch: int = 0,
+                 dead_dp_ranks: set[int] = frozenset()) -> dict[str, Any]:
+    """The status document from the workers' ``resilient_ep_rank_info`` answers.
+
+    A rank is ``dead`` when its process is gone or the front end has failed its DP rank over
+    (its worker may outlive its engine core by a few seconds)."""
     ranks = []
     held: dict[tuple[int, int], int] = {}  # (layer, expert) -> live replicas
     num_experts = 0
     for info in sorted(infos, key=lambda i: i["ep_rank"]):
-        state = _pid_state(int(info["pid"]))
+        state = "dead" if int(info["dp_rank"]) in dead_dp_ranks else _pid_state(int(info["pid"]))
         layers = info.get("local_experts") or []
         ranks.append({
             "rank": int(info["ep_rank"]), "pid": int(info["pid"]), "state": state,
@@ -120,7 +125,9 @@ class ResilienceStatusMiddleware:
                 if self._infos is None:
                     self._infos = await query_rank_infos(engine_client)
             core = getattr(engine_client, "engine_core", None)
-            body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)))
+            body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)),
+                                dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
+            body["failovers"] = list(getattr(core, "resilient_events", []))
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
             await _respond(send, 503, {"error": f"engine ranks did not answer: {e!r}"})
             return
