@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from .engines.vllm.launcher import main as vllm_main
         return vllm_main(argv[1:])
-    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference"):
-        print(f"resilient-ep bench: error: --engine {_engine(argv)} is not available yet "
-              "(only the reference runtime)", file=sys.stderr)
+    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference", "vllm"):
+        print(f"resilient-ep bench: error: --engine must be reference or vllm, "
+              f"got {_engine(argv)!r}", file=sys.stderr)
         return 2
-    argv = _strip_engine(argv)
+    if not (argv and argv[0] == "bench"):  # bench failover takes --engine itself
+        argv = _strip_engine(argv)
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:

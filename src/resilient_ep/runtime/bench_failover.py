@@ -31,13 +31,20 @@ __all__ = ["add_arguments", "main", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the tiny model in the cache)")
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--trials", type=int, default=5, help="failure trials (default 5)")
-    p.add_argument("--requests", type=int, default=16, help="concurrent requests")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--trials", type=int, default=None,
+                   help="failure trials (default 5; vllm: 2, each starts 2 servers)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="concurrent requests (default 16; vllm: 4)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per request (default 64; vllm: 128)")
     p.add_argument("--throughput-runs", type=int, default=4, help="on/off pairs for (a)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--engine", default="reference", choices=["reference"],
-                   help="runtime to measure (vLLM: see docs/vllm.md)")
+    p.add_argument("--engine", default="reference", choices=["reference", "vllm"],
+                   help="runtime to measure: the reference runtime, or real vLLM "
+                        "(needs resilient-ep[vllm]; DP=2 + EP, SIGKILL of an engine rank)")
+    p.add_argument("--workdir", help="vllm: where server logs go (default $TMPDIR)")
+    p.add_argument("--start-timeout", type=float, default=600,
+                   help="vllm: seconds to wait for a server to be ready")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -86,6 +93,9 @@ def _stall_after(c: Coordinator, idx: int, timeout: float = 60) -> float | None:
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
+    for name, default in (("trials", 5), ("requests", 16), ("max_tokens", 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     model_dir = ensure_model(args.model, quiet=args.json)
     cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2"])
     if args.ranks < 3:
@@ -160,6 +170,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from ..engines.vllm import bench_failover as vllm_bench
+
+        return vllm_bench.main(args)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     res = run(args, log=log)
     if args.json:

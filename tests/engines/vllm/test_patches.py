@@ -18,6 +18,7 @@ pytestmark = pytest.mark.engine
 MODULES = [
     "resilient_ep.engines.vllm.patches.cpu_moe_expert_map",
     "resilient_ep.engines.vllm.patches.cpu_communicator_gatherv",
+    *patches.FAILOVER_PATCHES,
 ]
 
 
@@ -36,8 +37,12 @@ def test_check_apply_idempotent(path):
 
 
 def _target_cls(mod):
-    if hasattr(mod, "_target"):
-        return mod._target()
+    """The namespace a patch rewrites (class or module)."""
+    for name in ("_target", "_module"):
+        if hasattr(mod, name):
+            return getattr(mod, name)()
+    if hasattr(mod, "_targets"):
+        return mod._targets()[0]
     return mod._classes()[1]
 
 
@@ -214,3 +219,34 @@ def test_gatherv_and_scatterv_over_gloo():
         assert gathered_ids == [[0]] * 3 + [[1]]
         start = sum(sizes[:rank])
         assert scattered == full[start:start + sizes[rank]].tolist()
+
+
+def test_readmission_request_continues_after_generated_tokens():
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    from resilient_ep.engines.vllm.frontend import readmission_request
+
+    sp = SamplingParams(max_tokens=10, min_tokens=4, temperature=0)
+    req = EngineCoreRequest(request_id="r1", prompt_token_ids=[5, 6, 7], mm_features=None,
+                            sampling_params=sp, pooling_params=None, arrival_time=1.0,
+                            lora_request=None, cache_salt=None, data_parallel_rank=1)
+    new = readmission_request(req, [11, 12, 13])
+    assert new.request_id == "r1" and new.arrival_time == 1.0
+    assert new.prompt_token_ids == [5, 6, 7, 11, 12, 13]
+    assert new.sampling_params.max_tokens == 7 and new.sampling_params.min_tokens == 1
+    assert new.data_parallel_rank is None  # pinned to a dead rank: let the balancer choose
+    # the original is untouched (a second failure re-admits from the new one)
+    assert req.prompt_token_ids == [5, 6, 7] and req.sampling_params.max_tokens == 10
+
+
+def test_expert_replicas_fall_back_to_vllm_when_not_applicable(monkeypatch):
+    from resilient_ep.engines.vllm.patches import expert_replicas
+
+    expert_replicas.apply()
+    emm, _ = expert_replicas._targets()
+    monkeypatch.setattr(expert_replicas, "_wanted", lambda: True)
+    n, held, _ = emm.determine_expert_map(2, 1, 8)
+    assert n == 8 and held.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]  # own block first, then rank 0's
+    n, held, _ = emm.determine_expert_map(2, 1, 7)  # uneven: vLLM's own placement
+    assert n == 3 and held.tolist() == [-1, -1, -1, -1, 0, 1, 2]

@@ -45,6 +45,8 @@ def instance_of(vllm_config: Any) -> tuple[ResilienceConfig, str] | None:
 
 def failover_enabled(vllm_config: Any) -> bool:
     """Resilience on, data parallel > 1 and expert parallel: the failover path applies."""
+    if os.environ.get("RESILIENT_EP_VLLM_FAILOVER", "1") == "0":
+        return False  # the benchmark's "off" arm: vLLM's own datapath, EP patches only
     pc = vllm_config.parallel_config
     return (instance_of(vllm_config) is not None and int(pc.data_parallel_size) > 1
             and bool(pc.enable_expert_parallel))

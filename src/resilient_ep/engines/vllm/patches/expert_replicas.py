@@ -11,6 +11,8 @@ its own block of experts and the next rank's (``replicas.RingReplicas``):
 ``RoutedExperts.update_expert_map_info`` then gives the layer a separate *active* map tensor
 (vLLM's own assignment while all ranks live), registered with :mod:`..replicas`, which
 rewrites it in place when a rank dies. Costs one extra block of expert weights per rank.
+Falls back to vLLM's placement (no replicas: a dead rank leaves its experts uncovered) when
+the expert count is not a multiple of the EP size; refuses ``--enable-ep-weight-filter``.
 """
 
 from __future__ import annotations
@@ -50,9 +52,17 @@ def _wanted() -> bool:
     from ..groups import failover_enabled
 
     try:
-        return failover_enabled(get_current_vllm_config())
+        cfg = get_current_vllm_config()
+        wanted = failover_enabled(cfg)
     except Exception:
         return False
+    if wanted and getattr(cfg.parallel_config, "enable_ep_weight_filter", False):
+        # The filter makes the loader skip every expert vLLM's own placement does not give
+        # this rank: the replica block would stay empty (random weights, wrong outputs).
+        raise ValueError("--enable-ep-weight-filter cannot be combined with "
+                         "--enable-resilience: the resilience replicas load every expert "
+                         "this rank holds a copy of")
+    return wanted
 
 
 def apply() -> None:
@@ -69,6 +79,7 @@ def apply() -> None:
                              expert_placement_strategy="linear", num_fused_shared_experts=0,
                              return_expert_mask=False):
         if (ep_size > 1 and expert_placement_strategy == "linear"
+                and global_num_experts % ep_size == 0
                 and not num_fused_shared_experts and not return_expert_mask and _wanted()):
             ring = replicas.RingReplicas(global_num_experts, ep_size)
             return ring.local_count(), ring.held_map(ep_rank), None
