@@ -82,3 +82,65 @@ def test_lenient_never_raises(tmp_path):
     results = _run(tmp_path, strict=False, sig=signal.SIGKILL, timeout_ms=400)
     for rank, (lost, last_sum, live, epoch, causes) in results.items():
         assert lost == [] and epoch == 1 and live == [0, 1] and last_sum == 3
+
+
+def _tied_member(rank, endpoints, out):
+    group = LiveGroup("t", rank, endpoints, detector=DetectorConfig(
+        heartbeat_interval_ms=20, heartbeat_timeout_ms=60_000), tied_to_parent=True)
+    out.put(("pid", rank, os.getpid()))
+    for i in range(100_000):
+        group.allgather([torch.tensor([i])], strict=False)
+        time.sleep(0.005)
+
+
+def _parent_of_tied(rank, endpoints, out):
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=_tied_member, args=(rank, endpoints, out))
+    child.start()
+    child.join()
+
+
+def _watcher(endpoints, out):
+    group = LiveGroup("t", 0, endpoints, detector=DetectorConfig(
+        heartbeat_interval_ms=20, heartbeat_timeout_ms=60_000))
+    out.put(("pid", 0, os.getpid()))
+    t_dead = None
+    for i in range(100_000):
+        group.allgather([torch.tensor([i])], strict=False)
+        if group.dead and t_dead is None:
+            t_dead = time.monotonic()
+            out.put(("dead", sorted(group.dead), group.cause(1), t_dead))
+            return
+        time.sleep(0.005)
+
+
+def test_tied_member_leaves_when_its_parent_dies(tmp_path):
+    """vLLM's worker outlives its killed engine core by seconds; tied to it, it leaves the
+    group at once (no heartbeat timeout: 60 s here) although its own process still runs."""
+    endpoints = [f"ipc://{tmp_path}/g-{r}" for r in range(2)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    watcher = ctx.Process(target=_watcher, args=(endpoints, out))
+    parent = ctx.Process(target=_parent_of_tied, args=(1, endpoints, out))
+    watcher.start()
+    parent.start()
+    pids = {}
+    try:
+        for _ in range(2):
+            kind, rank, pid = out.get(timeout=120)
+            pids[rank] = pid
+        time.sleep(1.0)  # some exchanges
+        killed_at = time.monotonic()
+        os.kill(parent.pid, signal.SIGKILL)
+        kind, dead, cause, t_dead = out.get(timeout=30)
+        assert dead == [1] and cause == "crash"
+        assert t_dead - killed_at < 5.0  # the heartbeat timeout is 60 s
+        os.kill(pids[1], 0)  # the member process itself is still alive
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in (watcher, parent):
+            p.join(timeout=10)

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=None,
                    help="concurrent requests (default 16; vllm: 4)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens per request (default 64; vllm: 128)")
+                   help="tokens per request (default 64; vllm: 256)")
     p.add_argument("--throughput-runs", type=int, default=4, help="on/off pairs for (a)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--engine", default="reference", choices=["reference", "vllm"],
@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="vllm: where server logs go (default $TMPDIR)")
     p.add_argument("--start-timeout", type=float, default=600,
                    help="vllm: seconds to wait for a server to be ready")
+    p.add_argument("--hang-timeout-ms", type=float, default=1000,
+                   help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
+                        "fenced after it; default 1000)")
 
 
 def _pct(xs: list[float], q: float) -> float:

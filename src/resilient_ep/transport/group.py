@@ -118,6 +118,10 @@ class LiveGroup:
             s.connect(self.endpoints[peer])
             self._out[peer] = s
             self._monitors[mon] = peer
+        self._poller = zmq.Poller()
+        self._poller.register(self._inbox, zmq.POLLIN)
+        for mon in self._monitors:
+            self._poller.register(mon, zmq.POLLIN)
         # A member that is a helper of another process (vLLM's worker of an engine core) leaves
         # the group the moment that parent dies, instead of lingering until it exits itself.
         self._parent = os.getppid() if tied_to_parent else None
@@ -182,7 +186,6 @@ class LiveGroup:
 
     def _exchange(self, payload_for, own: list[torch.Tensor], strict: bool
                   ) -> dict[int, list[torch.Tensor]]:
-        self._pump(timeout_s=0)  # learn of deaths that happened while we computed
         epoch0 = self.epoch
         if strict and epoch0 != self._strict_epoch:
             # A member died since our last strict collective: the caller's pass is broken
@@ -218,11 +221,7 @@ class LiveGroup:
     # ------------------------------------------------------------------ I/O
     def _pump(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for messages and socket events; run the detector."""
-        poller = zmq.Poller()
-        poller.register(self._inbox, zmq.POLLIN)
-        for mon in self._monitors:
-            poller.register(mon, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_s * 1000))
+        ready = dict(self._poller.poll(timeout_s * 1000))
         now = time.monotonic()
         for mon, peer in self._monitors.items():
             if mon in ready:

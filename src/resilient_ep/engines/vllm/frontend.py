@@ -4,8 +4,10 @@ vLLM's ``DPLBAsyncMPClient`` balances requests over the data-parallel engine cor
 any of them dies, marks the whole engine dead and shuts every core down
 (``MPClient.start_engine_core_monitor``). This subclass instead:
 
-- watches each engine-core process itself and, on a death, only marks that DP rank dead
-  (``resilient_epoch`` += 1);
+- watches each engine-core process itself and, on a death, kills what is left of that rank
+  (its workers, which vLLM would let linger for seconds while the survivors wait on them)
+  and marks that DP rank dead (``resilient_epoch`` += 1); an engine core whose liveness beacons (``beacon.py``) stop for
+  ``detector.heartbeat_timeout_ms`` is fenced (SIGKILLed with its workers) first;
 - sends no new request to a dead rank (``get_core_engine_for_request``);
 - re-admits the requests that were running on the dead rank on the least-loaded live one,
   under the same request id, with prompt = original prompt + tokens generated so far and the
@@ -29,12 +31,51 @@ import time
 import weakref
 from multiprocessing.connection import wait as wait_sentinels
 
-from vllm.v1.engine import EngineCoreRequestType
+import zmq
 from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+from resilient_ep.detector import FailureDetector
+
+from .beacon import beacon_endpoint
+from .groups import instance_of
 
 __all__ = ["ResilientDPLBAsyncMPClient", "readmission_request"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill(procs) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def _fence(proc) -> None:
+    """SIGKILL a frozen engine core and its children (its workers): it must never wake up
+    and serve the requests we are about to re-admit elsewhere."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        victims = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    log.warning("resilient-ep: engine core %s (pid %d) stopped answering: fencing it",
+                proc.name, proc.pid)
+    _kill(victims)
 
 
 def readmission_request(request, generated: list[int]):
@@ -70,32 +111,86 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             return
         procs = list(manager.processes)
         self_ref = weakref.ref(self)
+        settings = instance_of(self.vllm_config)
+        beacons = None
+        if settings is not None:
+            beacons = zmq.Context.instance().socket(zmq.PULL)
+            beacons.setsockopt(zmq.LINGER, 0)
+            beacons.bind(beacon_endpoint(settings[1]))
+        detector = FailureDetector([], settings[0].detector if settings else None)
+
+        def rank_of(proc) -> int:
+            m = re.search(r"DP(\d+)", proc.name or "")
+            return int(m.group(1)) if m else procs.index(proc)
 
         def watch() -> None:
             alive = {p.sentinel: p for p in procs}
-            while alive:
-                for sentinel in wait_sentinels(list(alive)):
-                    proc = alive.pop(sentinel)
-                    proc.join(timeout=1)  # reap it: exit code known, no zombie left
-                    me = self_ref()
-                    if me is None or not me._finalizer.alive or me.resources.engine_dead:
-                        return
-                    m = re.search(r"DP(\d+)", proc.name or "")
-                    rank = int(m.group(1)) if m else procs.index(proc)
-                    me._engine_died(rank, proc.exitcode)
-                    del me
+            by_rank = {rank_of(p): p for p in procs}
+            fenced: dict[int, str] = {}
+            heard: set[int] = set()
+            poller = zmq.Poller()
+            for s in alive:
+                poller.register(s, zmq.POLLIN)
+            if beacons is not None:
+                poller.register(beacons, zmq.POLLIN)
+            interval_ms = detector.config.heartbeat_interval_ms
+            kids: dict[int, list] = {}
+            next_census = 0.0
+            try:
+                while alive:
+                    ready = dict(poller.poll(interval_ms))
+                    now = time.monotonic()
+                    if now >= next_census:  # each engine core's workers, for the fence below
+                        next_census = now + 1.0
+                        for r, p in by_rank.items():
+                            if p.sentinel in alive:
+                                kids[r] = _children(p.pid) or kids.get(r, [])
+                    if beacons is not None and beacons in ready:
+                        while True:
+                            try:
+                                rank = int(beacons.recv(zmq.NOBLOCK).split()[0])
+                            except zmq.Again:
+                                break
+                            if rank not in heard:  # watched from its first beacon on
+                                heard.add(rank)
+                                detector.reset(rank, now)
+                            detector.heartbeat(rank, now)
+                    for suspicion in detector.poll(now):
+                        proc = by_rank.get(suspicion.rank)
+                        if proc is not None and proc.sentinel in alive:
+                            fenced[suspicion.rank] = "hang"
+                            _fence(proc)  # its sentinel fires next: failover as for a crash
+                    for sentinel in [s for s in alive if s in ready]:
+                        proc = alive.pop(sentinel)
+                        poller.unregister(sentinel)
+                        rank = rank_of(proc)
+                        # Its workers outlive it by seconds (vLLM's cleanup) while the
+                        # survivors' collectives wait on them: the rank is the engine core and
+                        # its workers, so they go now.
+                        _kill(kids.get(rank, []))
+                        proc.join(timeout=1)  # reap it: exit code known, no zombie left
+                        detector.forget(rank)
+                        me = self_ref()
+                        if me is None or not me._finalizer.alive or me.resources.engine_dead:
+                            return
+                        me._engine_died(rank, proc.exitcode, fenced.get(rank, "exit"))
+                        del me
+            finally:
+                if beacons is not None:
+                    beacons.close(linger=0)
 
         threading.Thread(target=watch, daemon=True, name="ResilientEngineMonitor").start()
 
-    def _engine_died(self, rank: int, exitcode) -> None:
+    def _engine_died(self, rank: int, exitcode, cause: str = "exit") -> None:
         t = time.monotonic()
         loop = self._re_loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._on_engine_death, rank, exitcode, t)
+            loop.call_soon_threadsafe(self._on_engine_death, rank, exitcode, t, cause)
         else:
-            self._on_engine_death(rank, exitcode, t)
+            self._on_engine_death(rank, exitcode, t, cause)
 
-    def _on_engine_death(self, rank: int, exitcode, detected_at: float) -> None:
+    def _on_engine_death(self, rank: int, exitcode, detected_at: float,
+                         cause: str = "exit") -> None:
         if rank in self.resilient_dead:
             return
         self.resilient_dead.add(rank)
@@ -109,6 +204,9 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             return
         dead_engine = self.core_engines[rank]
         victims = [rid for rid, eng in self.reqs_in_flight.items() if eng == dead_engine]
+        log.info("resilient-ep: in flight at the death of DP%d: %s", rank,
+                 {self.core_engines.index(e): sum(1 for v in self.reqs_in_flight.values()
+                                                  if v == e) for e in self.core_engines})
         readmitted = 0
         for rid in victims:
             self.reqs_in_flight.pop(rid, None)
@@ -120,7 +218,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             asyncio.ensure_future(self.add_request_async(new))
             readmitted += 1
         self.resilient_events.append({
-            "dp_rank": rank, "exitcode": exitcode, "detected_monotonic": detected_at,
+            "dp_rank": rank, "exitcode": exitcode, "cause": cause, "detected_monotonic": detected_at,
             "handled_monotonic": time.monotonic(), "readmitted": readmitted,
             "epoch": self.resilient_epoch})
         log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,

@@ -12,7 +12,9 @@ How (only when resilience is on with DP > 1 and EP; otherwise the originals run)
 (:func:`~resilient_ep.engines.vllm.engine_core.recover_scheduler`: running requests are
 preempted and recomputed) and reports "nothing executed"; (b) such a dummy pass is dropped;
 (c) the same sum runs over the engine-core failover group among the live engines (pause
-consensus = every *live* engine pausing). Any other error propagates unchanged.
+consensus = every *live* engine pausing). Any other error propagates unchanged. And
+``DPEngineCoreProc.run_busy_loop`` first starts the engine's liveness beacon
+(``beacon.py``), by which the front end fences a frozen engine.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def check() -> None:
     expect_signature(NAME, core.step, ("self",))
     expect_signature(NAME, core.execute_dummy_batch, ("self",))
     expect_signature(NAME, dp._has_global_unfinished_reqs, ("self", "local_unfinished"))
+    expect_signature(NAME, dp.run_busy_loop, ("self",))
     for attr in ("step_counter", "dp_sync_interval", "pending_pause", "ignore_start_dp_wave"):
         if attr not in dp.__init__.__code__.co_names and attr not in \
                 dp._has_global_unfinished_reqs.__code__.co_names:
@@ -114,6 +117,17 @@ def apply() -> None:
             self.pending_pause = False
         return has_unfinished
 
+    orig_loop = dp.__dict__["run_busy_loop"]
+
+    @functools.wraps(orig_loop)
+    def run_busy_loop(self):
+        if _on(self):
+            from ..beacon import start_beacon
+
+            start_beacon(self.vllm_config)  # the front end fences an engine that goes silent
+        return orig_loop(self)
+
+    dp.run_busy_loop = mark(run_busy_loop, NAME, orig_loop)
     core.step = mark(step, NAME, orig_step)
     core.execute_dummy_batch = mark(execute_dummy_batch, NAME, orig_dummy)
     dp._has_global_unfinished_reqs = mark(_has_global_unfinished_reqs, NAME, orig_sync)
