@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vllm_harness import PROMPTS, Server, engine_env, process_title, read_trace, run_llm
+from vllm_harness import (PROMPTS, Server, engine_env, process_title, read_trace, run_llm,
+                          stream_all)
 
 pytestmark = pytest.mark.engine
 
@@ -178,56 +179,6 @@ def test_dp2_plugin_active_in_every_serve_process(dp2_server):
 FAILOVER_TOKENS = 160
 
 
-def _stream(server, prompt: str, max_tokens: int, out: dict) -> None:
-    """One streaming completion; records token ids, their arrival times, finish reason."""
-    import urllib.request
-
-    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    out["tokens"], out["times"] = [], []
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choice = json.loads(line[6:])["choices"][0]
-                ids = choice.get("token_ids") or []
-                out["tokens"] += ids
-                out["times"] += [time.monotonic()] * len(ids)
-                if choice.get("finish_reason"):
-                    out["finish"] = choice["finish_reason"]
-    except Exception as e:  # recorded, asserted by the test
-        out["error"] = repr(e)
-
-
-def _stream_all(server, kill_pid: int | None = None, min_tokens_before_kill: int = 8):
-    import signal
-    import threading
-
-    outs = [dict() for _ in PROMPTS]
-    threads = [threading.Thread(target=_stream, args=(server, p, FAILOVER_TOKENS, o))
-               for p, o in zip(PROMPTS, outs)]
-    for t in threads:
-        t.start()
-    killed_at = None
-    if kill_pid is not None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(
-                len(o.get("tokens", ())) >= min_tokens_before_kill for o in outs):
-            time.sleep(0.02)
-        assert all(len(o.get("tokens", ())) < FAILOVER_TOKENS for o in outs), \
-            "streams finished before the kill: raise FAILOVER_TOKENS"
-        killed_at = time.monotonic()
-        os.kill(kill_pid, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
-    return outs, killed_at
-
-
 def test_dp2_sigkill_engine_rank_every_request_completes_unchanged(dp2_server):
     """Issue 4: SIGKILL one engine rank (its engine core; its worker follows) while requests
     stream. Every request completes with the tokens of the failure-free run, the dead rank's
@@ -235,11 +186,11 @@ def test_dp2_sigkill_engine_rank_every_request_completes_unchanged(dp2_server):
     status = json.loads(dp2_server.get("/resilience/status")[1])
     victim = next(r for r in status["ranks"] if r["dp_rank"] == 1)
 
-    clean, _ = _stream_all(dp2_server)  # same server, no failure
+    clean, _ = stream_all(dp2_server, FAILOVER_TOKENS)  # same server, no failure
     assert all(o.get("finish") == "length" and len(o["tokens"]) == FAILOVER_TOKENS
                for o in clean), clean
 
-    failed, killed_at = _stream_all(dp2_server, kill_pid=victim["engine_pid"])
+    failed, killed_at = stream_all(dp2_server, FAILOVER_TOKENS, kill_pid=victim["engine_pid"])
     for prompt, a, b in zip(PROMPTS, clean, failed):
         assert "error" not in b, (prompt, b.get("error"))
         assert b.get("finish") == "length", (prompt, b)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -153,3 +154,55 @@ def read_trace(path: Path) -> list[dict]:
 def process_title(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read().split(b"\0")[0].decode(errors="replace")
+
+
+def stream_completion(server, prompt: str, max_tokens: int, out: dict) -> None:
+    """One streaming completion; records token ids, their arrival times, finish reason."""
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    out["tokens"], out["times"] = [], []
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                ids = choice.get("token_ids") or []
+                out["tokens"] += ids
+                out["times"] += [time.monotonic()] * len(ids)
+                if choice.get("finish_reason"):
+                    out["finish"] = choice["finish_reason"]
+    except Exception as e:  # recorded, asserted by the test
+        out["error"] = repr(e)
+
+
+def stream_all(server, max_tokens: int, kill_pid: int | None = None, kill_signal: int = signal.SIGKILL,
+               also_stop: tuple[int, ...] = (), min_tokens_before_kill: int = 8):
+    """Stream every prompt at once; optionally signal ``kill_pid`` (and SIGSTOP ``also_stop``)
+    once every stream has tokens. Returns the streams and the time of the signal."""
+    outs = [dict() for _ in PROMPTS]
+    threads = [threading.Thread(target=stream_completion, args=(server, p, max_tokens, o))
+               for p, o in zip(PROMPTS, outs)]
+    for t in threads:
+        t.start()
+    killed_at = None
+    if kill_pid is not None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+                len(o.get("tokens", ())) >= min_tokens_before_kill for o in outs):
+            time.sleep(0.02)
+        assert all(len(o.get("tokens", ())) < max_tokens for o in outs), \
+            "streams finished before the kill: raise max_tokens"
+        killed_at = time.monotonic()
+        os.kill(kill_pid, kill_signal)
+        for pid in also_stop:
+            os.kill(pid, signal.SIGSTOP)
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    return outs, killed_at
+
+

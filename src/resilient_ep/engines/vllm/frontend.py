@@ -78,6 +78,11 @@ def _fence(proc) -> None:
     _kill(victims)
 
 
+def _log_failed_readmission(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("resilient-ep: re-admitting a request failed: %r", task.exception())
+
+
 def readmission_request(request, generated: list[int]):
     """A copy of ``request`` that continues after ``generated`` tokens."""
     import copy
@@ -215,10 +220,12 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             if request is None:
                 continue
             new = readmission_request(request, self._re_generated.get(rid, []))
-            asyncio.ensure_future(self.add_request_async(new))
+            task = asyncio.ensure_future(self.add_request_async(new))
+            task.add_done_callback(_log_failed_readmission)
             readmitted += 1
         self.resilient_events.append({
-            "dp_rank": rank, "exitcode": exitcode, "cause": cause, "detected_monotonic": detected_at,
+            "dp_rank": rank, "exitcode": exitcode, "cause": cause,
+            "detected_monotonic": detected_at,
             "handled_monotonic": time.monotonic(), "readmitted": readmitted,
             "epoch": self.resilient_epoch})
         log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,
