@@ -92,7 +92,15 @@ def test_corrupt_checkpoint_falls_back_to_recompute(model_dir, prompts, referenc
     assert info["restored"] == 0 and info["checksum_mismatches"] == 1
     assert info["recomputed"] >= len(victim.prompt) + 7, "full recompute: prompt and generated tokens"
     kv = status["kv_checkpoint"]
-    assert kv["store"] == "file" and kv["checksum_mismatches"] == 1 and kv["full_recomputes"] == 1
+    # The instance-wide counters are the victim's corruption plus any torn tail block of another
+    # request the same kill interrupted mid-save (the known limitation _check_restores accepts):
+    # they must add up, request by request.
+    torn = [c.kv.requests[r.rid] for r in recs if r.rid != victim.rid
+            and c.kv.requests.get(r.rid, {}).get("checksum_mismatches")]
+    assert kv["store"] == "file"
+    assert kv["checksum_mismatches"] == 1 + sum(i["checksum_mismatches"] for i in torn)
+    moved = [c.kv.requests[r.rid] for r in recs if r.migrations]
+    assert kv["full_recomputes"] == sum(1 for i in moved if i["restored"] == 0)
 
 
 def test_kill_replica_holder_then_owner(model_dir, prompts):
