@@ -22,18 +22,21 @@ def test_each_expert_on_two_ranks_and_one_death_uncovers_nothing():
     for e in range(8):
         assert sum(int(h[e] >= 0) for h in held) == 2
     for dead in range(4):
-        assert ring.uncovered({dead}) == []
-        actives = [ring.active_map(r, {dead}) for r in range(4) if r != dead]
+        live = torch.ones(4, dtype=torch.bool)
+        live[dead] = False
+        assert ring.uncovered(live) == []
+        actives = [ring.active_map(r, live) for r in range(4) if r != dead]
         for e in range(8):  # active on exactly one live rank, in a slot it holds
             owners = [a for a in actives if a[e] >= 0]
             assert len(owners) == 1
-    assert ring.uncovered({1, 2}) == [4, 5]  # two neighbours: block 2's both holders
+    assert ring.uncovered(torch.tensor([True, False, False, True])) == [4, 5]  # block 2's holders
+    assert ring.layout.replica_count.tolist() == [[2] * 8]  # the core's layout, one row
 
 
 def test_two_ranks_full_mirror():
     ring = RingReplicas(8, 2)
     assert ring.local_count() == 8
-    assert ring.active_map(0, {1}).tolist() == list(range(8))[:4] + [4, 5, 6, 7]
+    assert ring.active_map(0, torch.tensor([True, False])).tolist() == list(range(8))
 
 
 def test_uneven_refused():
@@ -50,6 +53,8 @@ def test_registered_maps_rewritten_in_place():
         assert t.tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
         replicas.set_dead_ranks({1})
         assert t.tolist() == list(range(8)) and t.data_ptr() == ptr
+        assert replicas.membership().epoch == 1
+        assert replicas.membership().live_mask.tolist() == [True, False]
     finally:
         replicas.set_dead_ranks(set())
         replicas._layers.clear()

@@ -9,10 +9,12 @@ first live one of ``b, b-1, ..., b-k+1`` for block ``b``: while all ranks live t
 own assignment (same experts on the same ranks, same results), and after a death the next rank
 around the ring takes the dead rank's blocks over.
 
-The weight loader fills the held slots (it reads the manager's *held* map); the forward pass
-reads a separate *active* map tensor per layer (``RoutedExperts._expert_map``), which this
-module rewrites in place (``copy_``: same storage, so CUDA graphs that captured it stay valid)
-whenever the dead set changes.
+The placement is a core :class:`~resilient_ep.layout.ExpertLayout` and liveness the core's
+:class:`~resilient_ep.membership.Membership` (fed by the worker failover group). The weight
+loader fills the held slots (it reads the manager's *held* map); the forward pass reads a
+separate *active* map tensor per layer (``RoutedExperts._expert_map``), which this module
+rewrites in place (``copy_``: same storage, so CUDA graphs that captured it stay valid) from
+the membership's live mask whenever it changes.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ import threading
 
 import torch
 
-__all__ = ["RingReplicas", "register_active_map", "set_dead_ranks", "dead_ranks",
+from resilient_ep.layout import ExpertLayout
+from resilient_ep.membership import Membership
+
+__all__ = ["RingReplicas", "register_active_map", "set_dead_ranks", "membership",
            "registered_layers"]
 
 
 class RingReplicas:
+    """The ring-mirror placement as the core's :class:`~resilient_ep.layout.ExpertLayout`
+    (one row: every MoE layer of a vLLM model is placed alike), with vLLM's local slot
+    numbering and the owner-first preference among live replicas."""
+
     def __init__(self, num_experts: int, num_ranks: int, copies: int | None = None):
         if num_ranks < 1 or num_experts % num_ranks:
             raise ValueError(
@@ -34,65 +43,79 @@ class RingReplicas:
         self.E, self.N = num_experts, num_ranks
         self.k = min(num_ranks, 2) if copies is None else copies
         self.B = num_experts // num_ranks
-
-    def held_blocks(self, rank: int) -> list[int]:
-        return [(rank + j) % self.N for j in range(self.k)]
-
-    def holders(self, block: int) -> list[int]:
-        """Ranks holding ``block``, in order of preference (owner first)."""
-        return [(block - j) % self.N for j in range(self.k)]
+        row = [((r + j) % self.N) * self.B + i
+               for r in range(self.N) for j in range(self.k) for i in range(self.B)]
+        self.layout = ExpertLayout.from_mapping(row, num_ranks=self.N, num_experts=self.E)
 
     def local_count(self) -> int:
-        return self.k * self.B
+        return self.layout.slots_per_rank
 
     def held_map(self, rank: int) -> torch.Tensor:
+        """vLLM's ``expert_map`` for what ``rank`` holds: global expert -> local slot."""
         m = torch.full((self.E,), -1, dtype=torch.int32)
-        for j, b in enumerate(self.held_blocks(rank)):
-            m[b * self.B:(b + 1) * self.B] = torch.arange(j * self.B, (j + 1) * self.B,
-                                                          dtype=torch.int32)
+        for slot, e in enumerate(self.layout.experts_on_rank(0, rank)):
+            if e >= 0:
+                m[e] = slot
         return m
 
-    def active_rank(self, block: int, dead: frozenset[int] | set[int]) -> int | None:
-        for r in self.holders(block):
-            if r not in dead:
-                return r
-        return None
+    def holders(self, expert: int) -> list[int]:
+        """Ranks holding ``expert``, owner (vLLM's rank for it) first."""
+        owner = expert // self.B
+        return sorted(self.layout.replica_ranks(0, expert), key=lambda r: (owner - r) % self.N)
 
-    def active_map(self, rank: int, dead: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
+    def active_map(self, rank: int, live_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``expert_map`` of the experts ``rank`` serves: each expert on its first live holder."""
+        live = torch.ones(self.N, dtype=torch.bool) if live_mask is None else live_mask.cpu()
         held = self.held_map(rank)
         out = torch.full_like(held, -1)
-        for b in range(self.N):
-            if self.active_rank(b, dead) == rank:
-                out[b * self.B:(b + 1) * self.B] = held[b * self.B:(b + 1) * self.B]
+        for e in range(self.E):
+            first = next((r for r in self.holders(e) if live[r]), None)
+            if first == rank:
+                out[e] = held[e]
         return out
 
-    def uncovered(self, dead) -> list[int]:
-        return [e for b in range(self.N) if self.active_rank(b, dead) is None
-                for e in range(b * self.B, (b + 1) * self.B)]
+    def uncovered(self, live_mask: torch.Tensor) -> list[int]:
+        return [e for _, e in self.layout.uncovered(live_mask)]
 
 
 _lock = threading.Lock()
 _layers: list[tuple[torch.Tensor, RingReplicas, int]] = []
-_dead: frozenset[int] = frozenset()
+_membership: Membership | None = None
+
+
+def _live_mask(num_ranks: int) -> torch.Tensor:
+    global _membership
+    if _membership is None:
+        _membership = Membership(num_ranks)
+    return _membership.live_mask
 
 
 def register_active_map(tensor: torch.Tensor, ring: RingReplicas, ep_rank: int) -> None:
     with _lock:
         _layers.append((tensor, ring, ep_rank))
-        tensor.copy_(ring.active_map(ep_rank, _dead).to(tensor.device, tensor.dtype))
+        tensor.copy_(ring.active_map(ep_rank, _live_mask(ring.N)).to(tensor.device, tensor.dtype))
 
 
 def set_dead_ranks(dead_ep_ranks) -> None:
-    """The EP ranks now dead: rewrite every registered layer's active map in place."""
-    global _dead
+    """The EP ranks now dead: the core's membership takes them out (one epoch), and every
+    registered layer's active map is rewritten in place."""
+    global _membership
     with _lock:
-        _dead = frozenset(dead_ep_ranks)
+        dead = sorted(set(dead_ep_ranks))
+        if _membership is not None and not dead:  # reset (tests)
+            _membership = None
+        if not _layers and _membership is None:
+            return
+        n = _layers[0][1].N if _layers else _membership.num_ranks
+        mask = _live_mask(n)
+        _membership.fail(dead)
         for tensor, ring, rank in _layers:
-            tensor.copy_(ring.active_map(rank, _dead).to(tensor.device, tensor.dtype))
+            tensor.copy_(ring.active_map(rank, mask).to(tensor.device, tensor.dtype))
 
 
-def dead_ranks() -> frozenset[int]:
-    return _dead
+def membership() -> Membership | None:
+    """This worker's view of the EP ranks (None until a layer registered)."""
+    return _membership
 
 
 def registered_layers() -> int:
