@@ -16,7 +16,9 @@ Detection, per member process, while it waits in a collective:
 - hearsay: every message carries its sender's dead set; a newer one is adopted (all members
   converge on the same view even when only one of them saw the failure).
 
-Two kinds of collective, because a step and a bookkeeping call fail differently:
+Two collectives, ``allgather`` (the same tensors to every live member) and ``alltoall`` (one
+payload per member), each in two modes, because a step and a bookkeeping call fail
+differently:
 - ``allgather(..., strict=True)`` (the data path of one forward pass): keyed by
   ``(epoch, seq)``; a membership change while it waits raises :class:`PeerLost` on every
   survivor, and ``seq`` restarts at 0 in the new epoch, so the survivors' next forward passes
