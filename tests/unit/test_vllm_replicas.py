@@ -56,5 +56,4 @@ def test_registered_maps_rewritten_in_place():
         assert replicas.membership().epoch == 1
         assert replicas.membership().live_mask.tolist() == [True, False]
     finally:
-        replicas.set_dead_ranks(set())
-        replicas._layers.clear()
+        replicas.reset()

@@ -178,15 +178,16 @@ class LiveGroup:
         Strict: raises :class:`PeerLost` when the membership changes before it completes.
         Lenient: completes over whoever is live when it completes.
         """
-        return self._exchange(lambda peer: tensors, list(tensors), strict)
+        return self._exchange(None, list(tensors), strict)
 
     def alltoall(self, payloads: dict[int, list[torch.Tensor]], *, strict: bool = True
                  ) -> dict[int, list[torch.Tensor]]:
         """Send ``payloads[peer]`` to each live peer; returns what each live member sent
         this one (``payloads[self.rank]`` for itself). Same failure rules as ``allgather``."""
-        return self._exchange(lambda peer: payloads[peer], list(payloads[self.rank]), strict)
+        return self._exchange(payloads, list(payloads[self.rank]), strict)
 
-    def _exchange(self, payload_for, own: list[torch.Tensor], strict: bool
+    def _exchange(self, payloads: dict[int, list[torch.Tensor]] | None,
+                  own: list[torch.Tensor], strict: bool
                   ) -> dict[int, list[torch.Tensor]]:
         epoch0 = self.epoch
         if strict and epoch0 != self._strict_epoch:
@@ -202,9 +203,10 @@ class LiveGroup:
             self._lenient_seq += 1
         header = {"t": "c", "key": key, "dead": sorted(self.dead), "src": self.rank,
                   "epoch": self.epoch}
+        shared = wire.encode(header, own) if payloads is None else None  # allgather: once
         for peer in self.live:
             if peer != self.rank:
-                frames = wire.encode(header, list(payload_for(peer)))
+                frames = shared if shared is not None else wire.encode(header, payloads[peer])
                 self._out[peer].send_multipart(frames, copy=False)
         got: dict[int, list[torch.Tensor]] = {self.rank: own}
         while True:

@@ -231,9 +231,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     on, off, restart, stalls, detects, equal, readmitted = [], [], [], [], [], [], []
     hang_stalls, hang_detects, trial_detail = [], [], []
 
-    def fail_rank(server: _Server, sig: int) -> tuple[float, float | None]:
+    def fail_rank(server: _Server, sig: int, stalls_out: list, detects_out: list) -> None:
         """Stream, fail DP rank 1 (SIGKILL its engine core / SIGSTOP the whole rank), check
-        the outputs against the failure-free streams; returns (stall s, failover s)."""
+        the outputs against the failure-free streams; records the stall and failover time."""
         import psutil
 
         victim = next(r for r in server.status()["ranks"] if r["dp_rank"] == 1)
@@ -264,7 +264,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"  {signal.Signals(sig).name} of DP rank 1: stall {stall * 1000:.0f} ms, outputs "
             f"equal {equal[-1]}, epoch {status['epoch']}, re-admitted "
             f"{events[0]['readmitted'] if events else '?'}")
-        return stall, (events[0]["handled_monotonic"] - killed_at) if events else None
+        stalls_out.append(stall)
+        if events:
+            detects_out.append(events[0]["handled_monotonic"] - killed_at)
 
     for trial in range(trials):
         order = ("off", "on") if trial % 2 == 0 else ("on", "off")
@@ -276,10 +278,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 restart.append(server.restart_s)
                 log(f"[trial {trial}] {arm}: ready + first token {server.restart_s:.1f} s")
                 if arm == "hang":
-                    stall, detect = fail_rank(server, signal.SIGSTOP)
-                    hang_stalls.append(stall)
-                    if detect is not None:
-                        hang_detects.append(detect)
+                    fail_rank(server, signal.SIGSTOP, hang_stalls, hang_detects)
                     continue
                 _throughput(server, n, 8)  # warm-up
                 tput = statistics.median(_throughput(server, n, max_tokens)
@@ -287,10 +286,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 (on if arm == "on" else off).append(tput)
                 log(f"[trial {trial}] {arm}: {tput:.1f} tok/s")
                 if arm == "on":
-                    stall, detect = fail_rank(server, signal.SIGKILL)
-                    stalls.append(stall)
-                    if detect is not None:
-                        detects.append(detect)
+                    fail_rank(server, signal.SIGKILL, stalls, detects)
             finally:
                 server.stop()
     ratios = [a / b for a, b in zip(on, off)]

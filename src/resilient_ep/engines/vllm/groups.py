@@ -24,7 +24,7 @@ from typing import Any
 from resilient_ep.config import ResilienceConfig
 from resilient_ep.transport.group import LiveGroup
 
-from .config import resilience_settings
+from .config import resilience_config, resilience_settings
 
 __all__ = ["instance_of", "endpoints", "worker_group", "core_group", "current_worker_group",
            "failover_enabled"]
@@ -36,11 +36,12 @@ _core: LiveGroup | None = None
 
 
 def instance_of(vllm_config: Any) -> tuple[ResilienceConfig, str] | None:
-    raw = resilience_settings(getattr(vllm_config, "additional_config", None))
-    if raw is None or raw.get("enabled", True) is False or not raw.get("instance"):
-        return None
-    data = {k: v for k, v in raw.items() if k not in ("config_file", "overrides", "instance")}
-    return ResilienceConfig.from_dict(data), str(raw["instance"])
+    extra = getattr(vllm_config, "additional_config", None)
+    raw = resilience_settings(extra)
+    if raw is None or not raw.get("instance"):
+        return None  # off, or not normalized by our front end
+    cfg = resilience_config(extra)
+    return (cfg, str(raw["instance"])) if cfg is not None else None
 
 
 def failover_enabled(vllm_config: Any) -> bool:

@@ -26,7 +26,7 @@ import torch
 from resilient_ep.layout import ExpertLayout
 from resilient_ep.membership import Membership
 
-__all__ = ["RingReplicas", "register_active_map", "set_dead_ranks", "membership",
+__all__ = ["RingReplicas", "register_active_map", "set_dead_ranks", "reset", "membership",
            "registered_layers"]
 
 
@@ -99,18 +99,21 @@ def register_active_map(tensor: torch.Tensor, ring: RingReplicas, ep_rank: int) 
 def set_dead_ranks(dead_ep_ranks) -> None:
     """The EP ranks now dead: the core's membership takes them out (one epoch), and every
     registered layer's active map is rewritten in place."""
-    global _membership
     with _lock:
-        dead = sorted(set(dead_ep_ranks))
-        if _membership is not None and not dead:  # reset (tests)
-            _membership = None
-        if not _layers and _membership is None:
+        if not _layers:
             return
-        n = _layers[0][1].N if _layers else _membership.num_ranks
-        mask = _live_mask(n)
-        _membership.fail(dead)
+        mask = _live_mask(_layers[0][1].N)
+        _membership.fail(sorted(set(dead_ep_ranks)))
         for tensor, ring, rank in _layers:
             tensor.copy_(ring.active_map(rank, mask).to(tensor.device, tensor.dtype))
+
+
+def reset() -> None:
+    """Forget every layer and the membership (a new model in this process; tests)."""
+    global _membership
+    with _lock:
+        _layers.clear()
+        _membership = None
 
 
 def membership() -> Membership | None:
