@@ -1,5 +1,5 @@
-"""The reference runtime's front end: starts the rank processes, balances requests over them,
-detects failures and drives recovery.
+"""The reference runtime's front end: starts the rank processes (:mod:`.rank_processes`),
+balances requests (:mod:`.requests`) over them, detects failures and drives recovery.
 
 One thread (the *loop*) owns every socket: per-rank control PAIRs (with socket monitors: a
 SIGKILLed rank is seen in milliseconds), the heartbeat PULL (a silent rank is declared hung
@@ -17,13 +17,9 @@ after ``detector.heartbeat_timeout_ms``) and a wake-up pipe for calls from other
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import pickle
 import queue
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,59 +37,10 @@ from ..recovery import RecoveryOrchestrator
 from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
+from .rank_processes import RankProcesses, RuntimeStartError, free_port_base
+from .requests import RequestRecord
 
-__all__ = ["Coordinator", "RequestRecord", "RuntimeStartError"]
-
-
-class RuntimeStartError(RuntimeError):
-    """The ranks did not come up."""
-
-
-@dataclass
-class RequestRecord:
-    rid: str
-    prompt: list[int]
-    max_tokens: int
-    eos: int | None
-    owner: int = -1
-    generated: list[int] = field(default_factory=list)
-    finished: bool = False
-    error: str | None = None
-    degraded: bool = False
-    migrations: int = 0
-    submitted_at: float = 0.0
-    finished_at: float = 0.0
-    events: "queue.Queue" = field(default_factory=queue.Queue, repr=False)
-
-    def wait(self, timeout: float) -> "RequestRecord":
-        """Block until finished (or raise TimeoutError)."""
-        end = time.monotonic() + timeout
-        while not self.finished:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"request {self.rid} not finished within {timeout} s "
-                                   f"({len(self.generated)}/{self.max_tokens} tokens)")
-            try:
-                self.events.get(timeout=min(left, 0.1))
-            except queue.Empty:
-                pass
-        return self
-
-    def stream(self, timeout: float):
-        """Yield tokens as they arrive; ends when the request finishes."""
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"request {self.rid}: stream timed out after {timeout} s")
-            try:
-                kind, value = self.events.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if kind == "token":
-                yield value
-            elif kind == "done":
-                return
+__all__ = ["Coordinator", "RequestRecord", "FailureEvent", "RuntimeStartError"]
 
 
 @dataclass
@@ -151,8 +98,7 @@ class Coordinator:
         self._repairs_pending: set[int] = set()
         self._layout_version = 0
         self.steps: list[dict] = []          # per-step timeline from every rank
-        self.procs: list[subprocess.Popen] = []
-        self.pids: list[int] = []
+        self.ranks = RankProcesses(num_ranks, self.run_dir)
         self._ids = itertools.count()
         self._inject: dict[int, float] = {}
         self._calls: queue.Queue = queue.Queue()
@@ -162,11 +108,20 @@ class Coordinator:
         self._error: BaseException | None = None
         self.ctx = zmq.Context()
 
+    @property
+    def procs(self) -> list:
+        """The rank processes (``subprocess.Popen``), by rank."""
+        return self.ranks.procs
+
+    @property
+    def pids(self) -> list[int]:
+        return self.ranks.pids
+
     # ================================================================== lifecycle
     def start(self) -> "Coordinator":
         det = self.config.detector
         kind = self.config.transport.address
-        where = str(self.run_dir) if kind == "ipc" else str(_free_port_base(self.num_ranks))
+        where = str(self.run_dir) if kind == "ipc" else str(free_port_base(self.num_ranks))
         data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
         self.hb = self.ctx.socket(zmq.PULL)
         self.hb.setsockopt(zmq.LINGER, 0)
@@ -178,7 +133,7 @@ class Coordinator:
         self.wake_tx.connect(f"inproc://wake-{id(self)}")
         self.ctl: list[zmq.Socket] = []
         self.mon: list[zmq.Socket] = []
-        self._spec_base = {
+        self.ranks.spec_base = {
             "num_ranks": self.num_ranks, "model_dir": self.model_dir, "heartbeat": hb_ep,
             "data": data, "layout": self.layout.physical_to_logical.tolist(),
             "num_experts": self.num_experts, "max_replicas": self.layout.max_replicas,
@@ -189,50 +144,17 @@ class Coordinator:
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
         }
         for r in range(self.num_ranks):
-            spec = self._rank_spec(r, fail_at=self.fail_at.get(r))
-            p = self._spawn(spec)
-            self.procs.append(p)
-            self.pids.append(p.pid)
+            spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
             s = self.ctx.socket(zmq.PAIR)
             s.setsockopt(zmq.LINGER, 0)
             self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
             s.connect(spec["control"])
             self.ctl.append(s)
-        self._await_ready()
+        self.ranks.await_ready(self.ctl, self.start_timeout_s)
         self.detector = FailureDetector(range(self.num_ranks), self.config.detector)
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
         self._thread.start()
         return self
-
-    def _rank_spec(self, rank: int, **extra) -> dict:
-        return dict(self._spec_base, rank=rank, control=f"ipc://{self.run_dir}/control-{rank}",
-                    **extra)
-
-    @staticmethod
-    def _spawn(spec: dict) -> subprocess.Popen:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        return subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
-                                env=env, stdin=subprocess.DEVNULL)
-
-    def _await_ready(self) -> None:
-        ready: set[int] = set()
-        poller = zmq.Poller()
-        for s in self.ctl:
-            poller.register(s, zmq.POLLIN)
-        end = time.monotonic() + self.start_timeout_s
-        while len(ready) < self.num_ranks:
-            for r, p in enumerate(self.procs):
-                if p.poll() is not None:
-                    self._kill_all()
-                    raise RuntimeStartError(f"rank {r} exited with code {p.returncode} during start")
-            if time.monotonic() > end:
-                self._kill_all()
-                raise RuntimeStartError(f"ranks {sorted(set(range(self.num_ranks)) - ready)} not "
-                                        f"ready within {self.start_timeout_s} s")
-            for s, _ in poller.poll(200):
-                msg = pickle.loads(s.recv())
-                if msg["t"] == "ready":
-                    ready.add(msg["rank"])
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._stopping:
@@ -241,13 +163,8 @@ class Coordinator:
         if self._thread is not None:
             self._call(("shutdown",))
             self._thread.join(timeout)
-        end = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.05, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill_all()
+        self.ranks.wait(timeout)
+        self.ranks.kill_all()
         for s in [*getattr(self, "ctl", []), *getattr(self, "mon", []),
                   getattr(self, "hb", None), getattr(self, "wake_rx", None),
                   getattr(self, "wake_tx", None)]:
@@ -261,19 +178,6 @@ class Coordinator:
             try:
                 self.run_dir.rmdir()
             except OSError:
-                pass
-
-    def _kill_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGCONT)  # a SIGSTOPped rank must be able to die
-                    p.kill()
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
                 pass
 
     def __enter__(self) -> "Coordinator":
@@ -298,7 +202,7 @@ class Coordinator:
         """Inject a failure (SIGKILL: crash; SIGSTOP: hang). Returns the injection time."""
         t = time.time()
         self._inject[rank] = t
-        os.kill(self.pids[rank], sig)
+        self.ranks.send_signal(rank, sig)
         return t
 
     def rejoin(self, rank: int, timeout: float = 120.0) -> float:
@@ -310,22 +214,13 @@ class Coordinator:
             raise ValueError(f"rank {rank} is live: nothing to rejoin")
         if state is RankState.JOINING:
             raise ValueError(f"rank {rank} is already joining")
-        old = self.procs[rank]
-        if old.poll() is None:  # a fenced rank may still be around: make sure it is gone
-            try:
-                os.kill(old.pid, signal.SIGCONT)
-                old.kill()
-            except ProcessLookupError:
-                pass
-            old.wait(10)
+        self.ranks.ensure_gone(rank)  # a fenced rank may still be around: make sure it is gone
         t0 = time.time()
         view = self.membership.begin_join([rank])
-        spec = self._rank_spec(rank, membership={"epoch": view.epoch,
-                                                  "states": [s.value for s in view.states]},
-                               route_layout=self.recovery.layout.physical_to_logical.tolist())
-        proc = self._spawn(spec)
-        self.procs[rank] = proc
-        self.pids[rank] = proc.pid
+        self.ranks.spawn(rank, membership={"epoch": view.epoch,
+                                           "states": [s.value for s in view.states]},
+                         route_layout=self.recovery.layout.physical_to_logical.tolist())
+        proc = self.ranks.procs[rank]
         end = time.monotonic() + timeout
         while not any(j["rank"] == rank and j["t"] >= t0 for j in self.joins):
             if proc.poll() is not None:
@@ -461,16 +356,12 @@ class Coordinator:
                 continue
             if note == "degraded":
                 rec.degraded = True
-            rec.generated.append(tok)
-            rec.events.put(("token", tok))
+            rec.add_token(tok)
             if fin:
                 self._finish(rec)
 
     def _finish(self, rec: RequestRecord, error: str | None = None) -> None:
-        rec.error = error
-        rec.finished = True
-        rec.finished_at = time.time()
-        rec.events.put(("done", error))
+        rec.finish(error)
 
     # ------------------------------------------------------------------ recovery
     def _on_failure(self, ranks: list[int], kind: str) -> None:
@@ -573,13 +464,3 @@ class Coordinator:
             firsts.append(min(after))
         return (max(firsts) - t_inj) if firsts else None
 
-
-def _free_port_base(n: int) -> int:
-    import socket
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535:
-            return base
-    raise RuntimeError("no free port range on 127.0.0.1")
