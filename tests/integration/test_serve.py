@@ -16,7 +16,7 @@ import pytest
 
 from resilient_ep.config import ResilienceConfig
 from resilient_ep.runtime.coordinator import Coordinator
-from resilient_ep.runtime.server import make_server
+from resilient_ep.apps.server import make_server
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def test_completion_and_stream_survive_a_killed_rank(api, reference, prompts):
 
 
 def test_cli_serve_ctrl_c_stops_every_process(model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "resilient_ep.cli", "serve", str(model_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "resilient_ep.apps.cli", "serve", str(model_dir),
                              "--ranks", "2", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from resilient_ep.cli import main
+from resilient_ep.apps.cli import main
 
 
 def test_plan_json(capsys):

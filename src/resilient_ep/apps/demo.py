@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from ..config import ResilienceConfig
-from .coordinator import Coordinator
-from .workload import ensure_model, prompts, reference_outputs
+from ..runtime.coordinator import Coordinator
+from ..runtime.workload import ensure_model, prompts, reference_outputs
 
 __all__ = ["add_arguments", "main"]
 

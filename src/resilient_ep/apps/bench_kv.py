@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from ..config import ResilienceConfig
-from .coordinator import Coordinator
-from .workload import ensure_model, prompts
+from ..runtime.coordinator import Coordinator
+from ..runtime.workload import ensure_model, prompts
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -147,8 +147,8 @@ def _restore_part(model_dir, cfg: ResilienceConfig, args, log) -> dict:
     from ..kv.checkpoint import KVCheckpointer
     from ..kv.locations import StoreSpec
     from ..kv.meta import from_block_major
-    from . import batch_invariant
-    from .model import AttentionBatch, MoEModel
+    from ..runtime import batch_invariant
+    from ..runtime.model import AttentionBatch, MoEModel
 
     torch.set_num_threads(1)
     kvc = cfg.kv_checkpoint

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import LayoutError
-from .placement import (balancedness, expected_lost_experts, node_failure_survival, place,
+from ..layout import LayoutError
+from ..placement import (balancedness, expected_lost_experts, node_failure_survival, place,
                         place_by_load, survival_probability)
 
 __all__ = ["plan_report", "main"]

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..config import ResilienceConfig
-from .coordinator import Coordinator
+from ..runtime.coordinator import Coordinator
 
 __all__ = ["add_arguments", "main", "make_server"]
 

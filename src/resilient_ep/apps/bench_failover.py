@@ -22,8 +22,8 @@ import sys
 import time
 
 from ..config import ResilienceConfig
-from .coordinator import Coordinator
-from .workload import ensure_model, prompts
+from ..runtime.coordinator import Coordinator
+from ..runtime.workload import ensure_model, prompts
 
 __all__ = ["add_arguments", "main", "run"]
 
