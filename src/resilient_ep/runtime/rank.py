@@ -28,9 +28,9 @@ import zmq
 from ..layout import ExpertLayout
 from ..membership import MembershipView, RankState
 from ..routing import RoutingTable
+from ..transport.dispatch import MoEExchange, serve_dispatch
 from ..transport.zmq_transport import ZmqTransport
 from . import batch_invariant
-from .expert_parallel import MoEExchange, serve_dispatch
 from .model import ExpertBank, MoEModel
 from .scheduler import RankRequest, RankScheduler
 

@@ -2,5 +2,7 @@
 
 - :mod:`.wire`: the message format (a pickled header plus raw tensor frames, zero-copy).
 - :mod:`.zmq_transport`: ZeroMQ over ``ipc://`` or ``tcp://127.0.0.1`` (CPU, any machine).
+- :mod:`.dispatch`: the fault-tolerant request/response dispatch/combine of one rank's MoE
+  layers, over any transport with ``send``.
 - :mod:`.reference`: the plain-torch single-process dispatch/combine, the correctness oracle.
 """

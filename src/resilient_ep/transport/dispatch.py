@@ -1,4 +1,4 @@
-"""Fault-tolerant dispatch/combine for one rank's MoE layers.
+"""Fault-tolerant dispatch/combine for one rank's MoE layers (the expert-parallel datapath).
 
 A rank's tokens pick logical experts; the :class:`~resilient_ep.routing.RoutingTable` maps each
 choice to a live replica's slot and so to its owner rank. The rank sends each owner a
@@ -13,19 +13,33 @@ outstanding, :meth:`MoEExchange.reroute` re-selects the choices that went to a r
 and sends them to surviving replicas; nothing else is recomputed.
 
 Glossary: *choice* = one (token, j) pair of the top-k; ``flat = token * k + j``.
+
+The experts a rank holds are anything with the two methods of :class:`ExpertHolder` (in the
+reference runtime, its :class:`~resilient_ep.runtime.model.ExpertBank`); this module never
+imports a model.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ..routing import RoutingTable
-from .model import ExpertBank
 
-__all__ = ["MoEExchange", "MoEResult", "serve_dispatch", "UncoveredExpertError"]
+__all__ = ["ExpertHolder", "MoEExchange", "MoEResult", "serve_dispatch", "UncoveredExpertError"]
+
+
+class ExpertHolder(Protocol):
+    """The experts of one rank, per layer a set of slots (``ExpertBank`` in the reference runtime)."""
+
+    def expert_to_slot(self, layer: int) -> dict[int, int]:
+        """Logical expert -> a slot of this rank holding it."""
+
+    def forward(self, layer: int, slot_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Unweighted expert output ``[N, H]`` of rows ``x [N, H]`` by the experts in ``slot_index [N]``."""
 
 
 class UncoveredExpertError(RuntimeError):
@@ -56,7 +70,7 @@ _seq = itertools.count()
 class MoEExchange:
     """One MoE layer's exchange for one rank's batch (begin -> deliver/reroute -> result)."""
 
-    def __init__(self, *, rank: int, transport, table: RoutingTable, bank: ExpertBank,
+    def __init__(self, *, rank: int, transport, table: RoutingTable, bank: ExpertHolder,
                  layer: int, step: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor, on_uncovered: str = "degrade"):
         self.rank, self.transport, self.table, self.bank = rank, transport, table, bank
@@ -167,7 +181,7 @@ class MoEExchange:
         return MoEResult(out, degraded, failed, sorted(self.uncovered))
 
 
-def expert_forward(bank: ExpertBank, layer: int, rows: torch.Tensor, experts: torch.Tensor
+def expert_forward(bank: ExpertHolder, layer: int, rows: torch.Tensor, experts: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``rows [n, H]`` through the logical ``experts [n]`` held in ``bank``.
 
@@ -181,7 +195,7 @@ def expert_forward(bank: ExpertBank, layer: int, rows: torch.Tensor, experts: to
     return y, ok
 
 
-def serve_dispatch(transport, bank: ExpertBank, header: dict, tensors: list[torch.Tensor]
+def serve_dispatch(transport, bank: ExpertHolder, header: dict, tensors: list[torch.Tensor]
                    ) -> tuple[int, dict, list] | None:
     """Answer another rank's dispatch with a combine message. Returns the reply when the send
     was refused (the origin's socket is reconnecting), for the caller to retry."""

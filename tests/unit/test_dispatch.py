@@ -10,9 +10,9 @@ import zmq
 from resilient_ep.placement import place, replan
 from resilient_ep.routing import RoutingTable
 from resilient_ep.runtime import batch_invariant
-from resilient_ep.runtime.expert_parallel import MoEExchange, serve_dispatch
 from resilient_ep.runtime.model import ExpertBank
 from resilient_ep.runtime.model_builder import make_model
+from resilient_ep.transport.dispatch import MoEExchange, serve_dispatch
 from resilient_ep.transport.reference import reference_moe
 from resilient_ep.transport.zmq_transport import ZmqTransport, data_endpoint
 
