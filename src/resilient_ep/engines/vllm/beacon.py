@@ -18,7 +18,7 @@ import threading
 
 import zmq
 
-__all__ = ["Beacon", "beacon_endpoint", "start_beacon"]
+__all__ = ["Beacon", "DeathReporter", "beacon_endpoint", "parse_beacon", "start_beacon"]
 
 _started: "Beacon | None" = None
 
@@ -27,6 +27,45 @@ def beacon_endpoint(instance: str) -> str:
     from .groups import endpoints
 
     return endpoints(instance, "beacons", 1)[0]
+
+
+def parse_beacon(msg: bytes) -> tuple[str, int, int] | None:
+    """``("alive", dp_rank, pid)`` or ``("dead", dp_rank, reporter)``; None when malformed."""
+    try:
+        parts = msg.split()
+        if len(parts) == 2:
+            kind, rank, other = "alive", int(parts[0]), int(parts[1])
+        elif len(parts) == 3 and parts[0] == b"dead":
+            kind, rank, other = "dead", int(parts[1]), int(parts[2])
+        else:
+            return None
+    except ValueError:
+        return None
+    return (kind, rank, other) if rank >= 0 else None
+
+
+class DeathReporter:
+    """A :class:`~resilient_ep.transport.group.LiveGroup` listener that tells the front end
+    which DP ranks this member's group lost (``b"dead <rank> <reporter>"``)."""
+
+    def __init__(self, instance: str, reporter: int):
+        self.endpoint = beacon_endpoint(instance)
+        self.reporter = reporter
+        self._sock = None
+        self._sent: set[int] = set()
+
+    def __call__(self, dead, epoch: int) -> None:
+        if self._sock is None:
+            self._sock = zmq.Context.instance().socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 1000)
+            self._sock.setsockopt(zmq.SNDHWM, 100)
+            self._sock.connect(self.endpoint)
+        for rank in sorted(set(dead) - self._sent):
+            try:
+                self._sock.send(f"dead {rank} {self.reporter}".encode(), flags=zmq.NOBLOCK)
+                self._sent.add(rank)
+            except zmq.ZMQError:
+                pass
 
 
 class Beacon:

@@ -13,14 +13,15 @@ wrapper checks the upstream signature, is marked, and installs once):
 - ``EngineArgs.create_engine_config``: the one place every entry (``vllm serve``, ``LLM()``,
   ``AsyncLLM``) passes before engine processes start. When resilience is on it validates and
   resolves the config (a bad value fails here, naming the dotted field), installs the worker
-  extension, and activates the plugin for this process and the ones it starts (see
-  ``plugin.activate``). When off it changes nothing.
+  extension, turns on KV checkpoints where failover applies (``kv_setup.py``), and activates
+  the plugin for this process and the ones it starts (see ``plugin.activate``). When off it changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 from typing import Any
 
 from .config import KEY, is_enabled, normalize
@@ -69,6 +70,21 @@ def merge_flags(args: argparse.Namespace, additional_config: dict[str, Any] | No
         section["overrides"] = list(section.get("overrides") or []) + overrides
     out[KEY] = section
     return out
+
+
+def _enable_kv_checkpoints(engine_args: Any) -> None:
+    """Failover instances checkpoint KV through our connector (``kv_setup.py``)."""
+    if os.environ.get("RESILIENT_EP_VLLM_FAILOVER", "1") == "0":
+        return  # the benchmark's "off" arm
+    if int(engine_args.data_parallel_size or 1) < 2 or not engine_args.enable_expert_parallel:
+        return
+    from .config import resilience_config, resilience_settings
+    from .kv_setup import kv_transfer_settings
+
+    cfg = resilience_config(engine_args.additional_config)
+    instance = str(resilience_settings(engine_args.additional_config)["instance"])
+    engine_args.kv_transfer_config = kv_transfer_settings(cfg, instance,
+                                                          engine_args.kv_transfer_config)
 
 
 def _engine_args_cls():
@@ -140,6 +156,7 @@ def install() -> None:
                     f"--enable-resilience installs worker_extension_cls={WORKER_EXTENSION}; "
                     f"{self.worker_extension_cls} is set already (subclass ours to combine them)"
                 )
+            _enable_kv_checkpoints(self)
             plugin.activate()
         else:
             plugin.deactivate_children()

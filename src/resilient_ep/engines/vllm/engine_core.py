@@ -1,4 +1,10 @@
-"""What an engine-core process does when its workers lose a data-parallel peer mid-step.
+"""The fallback when a step that lost a data-parallel peer cannot be re-run in place.
+
+Normally the workers re-run such a step themselves (``step_rerun.py``) and the engine core
+never sees the failure. Only when a re-run is impossible (the step lost peers
+``step_rerun.MAX_RERUNS`` times over, or a worker reported the loss as an error) does the
+error reach ``EngineCore.step``, and this module undoes the step. Each use is counted
+(``RECOVERIES``, ``/resilience/status`` -> ``counters``).
 
 The failed step's forward pass may have run some layers; its tokens were never sampled. The
 scheduler had already advanced each scheduled request as if the step would succeed. We undo
@@ -14,22 +20,14 @@ from __future__ import annotations
 import logging
 import time
 
-from resilient_ep.transport.group import PEER_LOST_MARK
+from .step_rerun import is_peer_lost
 
-__all__ = ["is_peer_lost", "recover_scheduler", "RECOVERIES"]
+__all__ = ["is_peer_lost", "recover_scheduler", "fence_self", "RECOVERIES"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
 RECOVERIES: list[dict] = []
 """One record per recovered step in this process (time, requests recomputed)."""
-
-
-def is_peer_lost(exc: BaseException) -> bool:
-    while exc is not None:
-        if PEER_LOST_MARK in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def recover_scheduler(scheduler, reason: BaseException) -> int:
@@ -50,3 +48,23 @@ def recover_scheduler(scheduler, reason: BaseException) -> int:
                 "%d running request(s) will be recomputed", str(reason).splitlines()[0][:200],
                 len(running))
     return len(running)
+
+
+def fence_self(vllm_config, why: str) -> None:
+    """End this engine rank now: its workers (SIGKILL), then this process. The front end
+    sees the engine core's sentinel and fails the rank over (``frontend.py``)."""
+    import os
+
+    import psutil
+
+    dp_rank = vllm_config.parallel_config.data_parallel_rank
+    log.error("resilient-ep: engine rank DP%s fences itself: %s", dp_rank, why)
+    try:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    os._exit(70)

@@ -36,7 +36,7 @@ from vllm.v1.engine.core_client import DPLBAsyncMPClient
 
 from resilient_ep.detector import FailureDetector
 
-from .beacon import beacon_endpoint
+from .beacon import beacon_endpoint, parse_beacon
 from .groups import instance_of
 
 __all__ = ["ResilientDPLBAsyncMPClient", "readmission_request"]
@@ -63,19 +63,20 @@ def _kill(procs) -> None:
             pass
 
 
-def _fence(proc) -> None:
-    """SIGKILL a frozen engine core and its children (its workers): it must never wake up
-    and serve the requests we are about to re-admit elsewhere."""
+def _fence(proc, known_children, why: str) -> None:
+    """SIGKILL an engine core and its children (its workers; ``known_children`` from the last
+    census too, in case one was re-parented): it must never wake up and serve the requests
+    we are about to re-admit elsewhere."""
     import psutil
 
     try:
         parent = psutil.Process(proc.pid)
-        victims = [parent, *parent.children(recursive=True)]
+        victims = [*parent.children(recursive=True), parent]
     except psutil.NoSuchProcess:
-        return
-    log.warning("resilient-ep: engine core %s (pid %d) stopped answering: fencing it",
-                proc.name, proc.pid)
-    _kill(victims)
+        victims = []
+    log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it", proc.name, proc.pid,
+                why)
+    _kill([*known_children, *victims])
 
 
 def _log_failed_readmission(task: asyncio.Future) -> None:
@@ -83,13 +84,21 @@ def _log_failed_readmission(task: asyncio.Future) -> None:
         log.error("resilient-ep: re-admitting a request failed: %r", task.exception())
 
 
-def readmission_request(request, generated: list[int]):
-    """A copy of ``request`` that continues after ``generated`` tokens."""
+def readmission_request(request, generated: list[int], restore: bool = False):
+    """A copy of ``request`` that continues after ``generated`` tokens; with ``restore`` it
+    asks the KV connector (``kv_connector.py``) to load the request's newest verified
+    checkpoint, so only the tail after it is recomputed."""
     import copy
 
     new = copy.copy(request)
     new.prompt_token_ids = list(request.prompt_token_ids) + list(generated)
     sp = request.sampling_params.clone()
+    if restore:  # vLLM carries a request's kv_transfer_params in its sampling extra_args
+        extra = dict(sp.extra_args or {})
+        params = dict(extra.get("kv_transfer_params") or {})
+        params.setdefault("resilient_restore", params.get("resilient_id") or request.request_id)
+        extra["kv_transfer_params"] = params
+        sp.extra_args = extra
     if sp.max_tokens is not None:
         sp.max_tokens = max(1, sp.max_tokens - len(generated))
     if getattr(sp, "min_tokens", 0):
@@ -108,6 +117,9 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self._re_generated: dict[str, list[int]] = {}
         self._re_loop: asyncio.AbstractEventLoop | None = None
         super().__init__(*args, **kwargs)
+        from .kv_setup import is_ours
+
+        self._re_restore = is_ours(getattr(self.vllm_config, "kv_transfer_config", None))
 
     # ---------------------------------------------------------------- liveness
     def start_engine_core_monitor(self):
@@ -153,9 +165,20 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
                     if beacons is not None and beacons in ready:
                         while True:
                             try:
-                                rank = int(beacons.recv(zmq.NOBLOCK).split()[0])
+                                got = parse_beacon(beacons.recv(zmq.NOBLOCK))
                             except zmq.Again:
                                 break
+                            if got is None or got[1] not in by_rank:
+                                continue  # malformed or not a rank of this instance
+                            kind, rank, _ = got
+                            if kind == "dead":
+                                # A live group lost this rank (its worker died or froze):
+                                # the rank is fenced whole, then failed over.
+                                proc = by_rank[rank]
+                                if proc.sentinel in alive and rank not in fenced:
+                                    fenced[rank] = "reported"
+                                    _fence(proc, kids.get(rank, []), "its peers lost it")
+                                continue
                             if rank not in heard:  # watched from its first beacon on
                                 heard.add(rank)
                                 detector.reset(rank, now)
@@ -164,7 +187,8 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
                         proc = by_rank.get(suspicion.rank)
                         if proc is not None and proc.sentinel in alive:
                             fenced[suspicion.rank] = "hang"
-                            _fence(proc)  # its sentinel fires next: failover as for a crash
+                            # its sentinel fires next: failover as for a crash
+                            _fence(proc, kids.get(suspicion.rank, []), "stopped answering")
                     for sentinel in [s for s in alive if s in ready]:
                         proc = alive.pop(sentinel)
                         poller.unregister(sentinel)
@@ -219,7 +243,12 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             request = self._re_requests.get(rid)
             if request is None:
                 continue
-            new = readmission_request(request, self._re_generated.get(rid, []))
+            try:
+                new = readmission_request(request, self._re_generated.get(rid, []),
+                                          restore=self._re_restore)
+            except Exception:  # one request that cannot be copied must not cost the others
+                log.exception("resilient-ep: request %s could not be re-admitted", rid)
+                continue
             task = asyncio.ensure_future(self.add_request_async(new))
             task.add_done_callback(_log_failed_readmission)
             readmitted += 1

@@ -67,6 +67,12 @@ def worker_group(vllm_config: Any, dp_rank: int, dp_size: int, tp_rank: int) -> 
         _worker = LiveGroup(f"workers-tp{tp_rank}", dp_rank,
                             endpoints(instance, f"w{tp_rank}", dp_size), detector=cfg.detector,
                             tied_to_parent=_worker_has_engine_parent(vllm_config))
+        from .beacon import DeathReporter
+
+        # The front end owns the instance's membership: it hears of every death a worker
+        # group sees (a frozen worker whose engine core still beacons, a killed worker whose
+        # engine core has not exited yet) and fences that rank.
+        _worker.add_listener(DeathReporter(instance, dp_rank))
         log.info("resilient-ep: worker failover group up (dp rank %d of %d)", dp_rank, dp_size)
     return _worker
 

@@ -30,6 +30,7 @@ Stores: ``shm`` and ``file`` (shared by the scheduler and worker processes of a 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ class ResilientKVConnectorMetadata(KVConnectorMetadata):
         self.saves: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
         self.loads: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
         self.forgets: list[str] = []
+        self.started = False  # worker side: loads done (a re-run step does not load twice)
 
 
 def _key(request: "Request") -> str:
@@ -73,7 +75,8 @@ class ResilientKVConnector(KVConnectorBase_V1):
         if kind not in ("shm", "file"):
             raise ValueError(f"kv_connector_extra_config.store must be shm or file, got {kind!r}")
         self.cfg = KVCheckpointConfig(interval_tokens=int(extra.get("interval_tokens", 32)), store=kind,
-                                      replicas=int(extra.get("replicas", 1)))
+                                      replicas=int(extra.get("replicas", 1)),
+                                      timeout_ms=float(extra.get("timeout_ms", 2000.0)))
         self.spec = StoreSpec(kind, self.cfg.replicas, base_dir=str(extra.get("base_dir", "/dev/shm/rep-kv")))
         self.keep_on_finish = bool(extra.get("keep_on_finish", False))
         """Keep a finished request's checkpoint (tests; reuse by a follow-up request)."""
@@ -173,6 +176,9 @@ class ResilientKVConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, ResilientKVConnectorMetadata)
+        if getattr(meta, "started", False):
+            return  # a step re-run in place (step_rerun.py): its loads landed the first time
+        meta.started = True
         for key in meta.forgets:
             self.ckpt.forget(key)  # before this forward can reuse its blocks
         for key, tokens, n, block_ids in meta.loads:
@@ -207,6 +213,10 @@ class ResilientKVConnector(KVConnectorBase_V1):
     def wait_for_save(self):
         meta = self._get_connector_metadata()
         if self.ckpt is None or not isinstance(meta, ResilientKVConnectorMetadata) or not meta.saves:
+            return
+        if sys.exc_info()[1] is not None:
+            # The forward failed part-way (a lost peer: the step is re-run in place): its
+            # blocks hold a mix of old and new KV. The re-run saves them once they are whole.
             return
         self.ckpt.after_step((key, tokens, n, block_ids) for key, tokens, n, block_ids in meta.saves)
 

@@ -11,7 +11,9 @@ The answer has the reference runtime's shape::
                 "engine_pid": 1234, "num_local_experts": 4}, ...],
      "uncovered_experts": [],          # [layer, expert] pairs with no live replica
      "num_experts": 8,
-     "failovers": [{"dp_rank": 1, "readmitted": 2, "epoch": 1, ...}]}   # with failover
+     "failovers": [{"dp_rank": 1, "readmitted": 2, "epoch": 1, ...}],   # with failover
+     "counters": [{"dp_rank": 0, "fallback_recoveries": 0, "fallback_requests_recomputed": 0,
+                   "workers": [{"step_reruns": 1, "kv": {"external_hit_tokens": 64, ...}}]}]}
 
 ``rank`` is the expert-parallel rank (``dp_rank * tp_size + tp_rank``); ``pid`` is that
 rank's worker process (with TP=1 it is the engine-core process itself, ``engine_pid``).
@@ -34,6 +36,7 @@ __all__ = ["ResilienceStatusMiddleware", "build_status", "PATH"]
 PATH = "/resilience/status"
 RPC_TIMEOUT_S = 10.0
 RANK_INFO_METHOD = "resilient_ep_rank_info"
+COUNTERS_METHOD = "resilient_ep_counters"
 
 
 def _pid_state(pid: int) -> str:
@@ -96,6 +99,17 @@ async def query_rank_infos(engine_client: Any, timeout_s: float = RPC_TIMEOUT_S)
     return [info for workers in per_engine for info in workers]
 
 
+async def query_counters(core: Any, timeout_s: float = RPC_TIMEOUT_S) -> list[dict]:
+    """Every live engine's failover counters (``resilient_ep_counters``: in-place step
+    re-runs, preemption fallbacks, KV restore traffic), one entry per live DP rank."""
+    dead = set(getattr(core, "resilient_dead", ()))
+    engines = [e for i, e in enumerate(core.core_engines) if i not in dead]
+    got = await asyncio.wait_for(asyncio.gather(
+        *[core._call_utility_async(COUNTERS_METHOD, engine=e) for e in engines],
+        return_exceptions=True), timeout_s)
+    return [r if isinstance(r, dict) else {"error": repr(r)} for r in got]
+
+
 class ResilienceStatusMiddleware:
     """Pure ASGI middleware answering ``GET /resilience/status``."""
 
@@ -128,6 +142,8 @@ class ResilienceStatusMiddleware:
             body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)),
                                 dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
             body["failovers"] = list(getattr(core, "resilient_events", []))
+            if getattr(core, "resilient_events", None) is not None:
+                body["counters"] = await query_counters(core)
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
             await _respond(send, 503, {"error": f"engine ranks did not answer: {e!r}"})
             return

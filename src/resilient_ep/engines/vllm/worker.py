@@ -57,3 +57,19 @@ class ResilienceWorkerExtension:
             "engine_pid": os.getpid() if in_engine else os.getppid(),
             "local_experts": local_experts_of(model) if model is not None else [],
         }
+
+    def resilient_ep_counters(self) -> dict[str, Any]:
+        """This worker's failover counters: in-place step re-runs and KV checkpoint traffic."""
+        from .step_rerun import COUNTERS
+
+        out: dict[str, Any] = {"pid": os.getpid(), **COUNTERS}
+        try:
+            from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+            if has_kv_transfer_group():
+                stats = getattr(get_kv_transfer_group(), "stats", None)
+                if isinstance(stats, dict):
+                    out["kv"] = dict(stats)
+        except ImportError:
+            pass
+        return out

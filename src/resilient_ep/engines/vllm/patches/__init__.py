@@ -48,6 +48,8 @@ FAILOVER_PATCHES = (
     "resilient_ep.engines.vllm.patches.engine_core_failover",
     "resilient_ep.engines.vllm.patches.expert_replicas",
     "resilient_ep.engines.vllm.patches.dp_client_failover",
+    "resilient_ep.engines.vllm.patches.cpu_moe_opaque_op",
+    "resilient_ep.engines.vllm.patches.worker_step_rerun",
 )
 
 _MARK = "__resilient_ep_patch__"

@@ -14,7 +14,11 @@ preempted and recomputed) and reports "nothing executed"; (b) such a dummy pass 
 (c) the same sum runs over the engine-core failover group among the live engines (pause
 consensus = every *live* engine pausing). Any other error propagates unchanged. And
 ``DPEngineCoreProc.run_busy_loop`` first starts the engine's liveness beacon
-(``beacon.py``), by which the front end fences a frozen engine.
+(``beacon.py``), by which the front end fences a frozen engine. (d) ``EngineCoreProc.
+_send_engine_dead`` (a worker died or raised, so the executor failed) fences this rank (its
+workers, then itself) instead of sending vLLM's instance-wide ``ENGINE_CORE_DEAD``; the front
+end sees the engine core exit and fails over this one rank. And ``EngineCore`` gains the
+utility ``resilient_ep_counters`` (the status endpoint's ``counters``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ def _classes():
     return EngineCore, DPEngineCoreProc
 
 
+def _proc_class():
+    from vllm.v1.engine.core import EngineCoreProc
+
+    return EngineCoreProc
+
+
 def check() -> None:
     check_version(NAME)
     core, dp = _classes()
@@ -43,6 +53,7 @@ def check() -> None:
     expect_signature(NAME, core.execute_dummy_batch, ("self",))
     expect_signature(NAME, dp._has_global_unfinished_reqs, ("self", "local_unfinished"))
     expect_signature(NAME, dp.run_busy_loop, ("self",))
+    expect_signature(NAME, _proc_class()._send_engine_dead, ("self",))
     for attr in ("step_counter", "dp_sync_interval", "pending_pause", "ignore_start_dp_wave"):
         if attr not in dp.__init__.__code__.co_names and attr not in \
                 dp._has_global_unfinished_reqs.__code__.co_names:
@@ -127,6 +138,35 @@ def apply() -> None:
             start_beacon(self.vllm_config)  # the front end fences an engine that goes silent
         return orig_loop(self)
 
+    proc_cls = _proc_class()
+    orig_dead = proc_cls.__dict__["_send_engine_dead"]
+
+    @functools.wraps(orig_dead)
+    def _send_engine_dead(self):
+        if not _on(self):
+            return orig_dead(self)
+        # vLLM would tell the front end "engine dead" on the shared output socket, which
+        # names no engine: the front end would take every rank down. This rank fences itself
+        # instead (its workers first), and the front end fails over the one rank it lost.
+        from ..engine_core import fence_self
+
+        fence_self(self.vllm_config, "its executor failed (a worker died or raised)")
+
+    def resilient_ep_counters(self):
+        """Utility (``call_utility``): this engine's failover counters and its workers'."""
+        from ..engine_core import RECOVERIES
+
+        try:
+            workers = self.model_executor.collective_rpc("resilient_ep_counters", timeout=5)
+        except Exception as e:  # a worker that does not answer
+            workers = [{"error": repr(e)}]
+        return {"dp_rank": int(self.vllm_config.parallel_config.data_parallel_rank),
+                "fallback_recoveries": len(RECOVERIES),
+                "fallback_requests_recomputed": sum(r["requests"] for r in RECOVERIES),
+                "workers": workers}
+
+    proc_cls._send_engine_dead = mark(_send_engine_dead, NAME, orig_dead)
+    core.resilient_ep_counters = resilient_ep_counters
     dp.run_busy_loop = mark(run_busy_loop, NAME, orig_loop)
     core.step = mark(step, NAME, orig_step)
     core.execute_dummy_batch = mark(execute_dummy_batch, NAME, orig_dummy)

@@ -1,0 +1,79 @@
+"""Re-run a step in place when a data-parallel peer is lost during it (worker side).
+
+A step of a DP + EP instance runs collectives with the other DP ranks: the token-count
+exchange before the forward (``dp_utils._run_ar``) and the MoE dispatch/combine of every
+layer. When a rank dies mid-step, every survivor's next collective raises
+:class:`~resilient_ep.transport.group.PeerLost` (the group moved to a new epoch, see
+``transport/group.py``). Nothing of the step was sampled yet, and what it wrote is
+idempotent: the KV of the step's own positions, at slots the scheduler already chose. So the
+survivor runs the *same* scheduler output again, now with the smaller membership: same
+inputs, the step's KV rewritten, nothing preempted, no prefix-cache reset, nothing
+recomputed but this one step.
+
+Survivors line up again by construction: each one re-runs the step it was in (not the same
+step number everywhere: data-parallel ranks run different requests), and every re-run begins
+with the token-count exchange at sequence 0 of the new epoch.
+
+The model runner's persistent batch was already updated for this scheduler output by the
+failed attempt (``_update_states``: new requests added, block ids appended); applying it
+twice would duplicate them, so the re-run skips that update and reuses its result. Inputs
+are then prepared again from the persistent state, which the failed attempt did not change
+beyond rewriting the same buffers.
+
+Counted (``COUNTERS``): re-runs, steps that gave up after ``MAX_RERUNS`` (the engine core then
+falls back to preempting its running requests, see ``engine_core.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from resilient_ep.transport.group import PEER_LOST_MARK
+
+__all__ = ["COUNTERS", "MAX_RERUNS", "is_peer_lost", "rerun_on_peer_lost"]
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+MAX_RERUNS = 8
+"""Re-runs of one step before giving up (each needs one more rank lost during the step)."""
+
+COUNTERS = {"step_reruns": 0, "dummy_reruns": 0, "reruns_exhausted": 0, "rerun_s": 0.0}
+"""This worker process's re-run counts (read by ``resilient_ep_counters``)."""
+
+
+def is_peer_lost(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or its cause chain, or its text, as vLLM forwards a worker's error
+    as a string) is a lost peer."""
+    while exc is not None:
+        if PEER_LOST_MARK in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def rerun_on_peer_lost(run, kind: str, before_rerun=None):
+    """``run()``, run again while it fails with a lost peer (at most ``MAX_RERUNS`` times).
+
+    ``before_rerun()`` prepares the owner for a re-run of the same inputs."""
+    attempt = 0
+    t0 = None
+    while True:
+        try:
+            out = run()
+            if t0 is not None:
+                COUNTERS["rerun_s"] += time.monotonic() - t0
+            return out
+        except Exception as e:
+            if not is_peer_lost(e):
+                raise
+            if attempt >= MAX_RERUNS:
+                COUNTERS["reruns_exhausted"] += 1
+                raise
+            attempt += 1
+            t0 = t0 or time.monotonic()
+            COUNTERS[f"{kind}_reruns"] += 1
+            log.warning("resilient-ep: a data-parallel peer was lost during a %s; running it "
+                        "again in place (%s)", kind, str(e).splitlines()[0][:160])
+            if before_rerun is not None:
+                before_rerun()
