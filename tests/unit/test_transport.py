@@ -1,12 +1,18 @@
-"""Conformance test every transport passes, plus the wire format."""
+"""Conformance tests: every point-to-point transport passes ``test_transport_conformance``,
+every collective group passes ``check_collective_group``; plus the wire format."""
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import zmq
 
+from resilient_ep.config import DetectorConfig
+from resilient_ep.membership import Membership, RankState
 from resilient_ep.transport import wire
+from resilient_ep.transport.group import GroupAborted, LiveGroup, PeerLost
 from resilient_ep.transport.zmq_transport import ZmqTransport, data_endpoint
 
 
@@ -82,3 +88,220 @@ def test_send_to_dead_peer_is_refused_not_blocking(tmp_path):
     finally:
         a.shutdown()
         ctx.term()
+
+
+# ---------------------------------------------------------------------- collective groups
+# Short heartbeats; a long hang timeout so that a busy machine never fences a healthy thread
+# (members that leave are seen by their sockets dropping, at once).
+FAST = DetectorConfig(heartbeat_interval_ms=10, heartbeat_timeout_ms=3000)
+
+
+def _together(members, fn, timeout=30):
+    """Run ``fn(member)`` for every member at once, one thread each; their results in order."""
+    with ThreadPoolExecutor(len(members)) as ex:
+        futures = [ex.submit(fn, m) for m in members]
+        return [f.result(timeout=timeout) for f in futures]
+
+
+def _in_thread(fn):
+    """Start ``fn()`` in a thread; returns a callable that joins it and returns (value, exc)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["exc"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join(timeout=10):
+        t.join(timeout)
+        assert not t.is_alive(), "the collective did not return"
+        return box.get("value"), box.get("exc")
+    return join
+
+
+def _until_not_lost(g, tensors, *, strict=True, budget_s=10):
+    """Run the collective until it completes; the PeerLost raised on the way, in order."""
+    lost = []
+    end = time.monotonic() + budget_s
+    while True:
+        try:
+            return g.allgather(tensors, strict=strict, deadline=end), lost
+        except PeerLost as e:
+            lost.append(e)
+
+
+def _ranks(got):
+    return {r: int(ts[0][0]) for r, ts in got.items()}
+
+
+def check_collective_group(make):
+    """What every collective group (``allgather``/``alltoall`` among live members, with the
+    I/O lifecycle) must do. ``make(n, name, memberships={rank: Membership})`` returns n
+    members of a fresh group, connected to each other in this process."""
+    # Values: allgather and alltoall, strict and lenient, several rounds.
+    gs = make(3, "values")
+    for i in range(3):
+        got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank, i])]))
+        assert all(sorted(x) == [0, 1, 2] for x in got)
+        assert all(torch.equal(x[r][0], torch.tensor([r, i])) for x in got for r in range(3))
+        got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank])], strict=False))
+        assert all(_ranks(x) == {0: 0, 1: 1, 2: 2} for x in got)
+        got = _together(gs, lambda g: g.alltoall(
+            {p: [torch.tensor([10 * g.rank + p]), torch.ones(2, i)] for p in range(3)}))
+        for me, x in enumerate(got):
+            assert _ranks(x) == {src: 10 * src + me for src in range(3)}
+            assert all(ts[1].shape == (2, i) for ts in x.values())
+    assert all(g.errored() is None and g.epoch == 0 and g.live == [0, 1, 2] for g in gs)
+
+    # Deadline: a member that does not take part makes the others time out, naming it; it
+    # completes the same key later with what they sent, and every member is in step again.
+    gs = make(3, "deadline")
+    t0 = time.monotonic()
+    errs = _together(gs[:2], lambda g: _raised(g.allgather, [torch.tensor([g.rank])],
+                                               deadline=time.monotonic() + 0.3))
+    assert 0.25 <= time.monotonic() - t0 < 3
+    for e in errs:
+        assert isinstance(e, TimeoutError), e
+        assert "'deadline'" in str(e) and "[2]" in str(e) and "('s', 0, 0)" in str(e)
+    assert _ranks(gs[2].allgather([torch.tensor([2])], deadline=time.monotonic() + 5)) == \
+        {0: 0, 1: 1, 2: 2}
+    got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank + 5])],
+                                              deadline=time.monotonic() + 5))
+    assert all(_ranks(x) == {0: 5, 1: 6, 2: 7} for x in got)
+    assert all(g.errored() is None and not g.dead for g in gs)
+
+    # abort(): a collective blocked in another thread raises at once; every later one too,
+    # until configure() re-arms the group.
+    gs = make(3, "abort")
+    join = _in_thread(lambda: gs[0].allgather([torch.tensor([0])]))
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    gs[0].abort()
+    _, exc = join()
+    assert isinstance(exc, GroupAborted) and time.monotonic() - t0 < 1.0
+    assert isinstance(gs[0].errored(), GroupAborted)
+    assert isinstance(_raised(gs[0].allgather, [torch.tensor([0])]), GroupAborted)
+    gs[0].configure(gs[0].epoch, range(3))
+    assert gs[0].errored() is None
+    got = _together(gs[1:], lambda g: g.allgather([torch.tensor([g.rank])],
+                                                  deadline=time.monotonic() + 5))
+    assert all(_ranks(x) == {0: 0, 1: 1, 2: 2} for x in got)  # the aborted one's contribution
+    got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank + 1])],
+                                              deadline=time.monotonic() + 5))
+    assert all(_ranks(x) == {0: 1, 1: 2, 2: 3} for x in got)
+
+    # A member that leaves (shutdown): strict collectives raise PeerLost once on every
+    # survivor, then run among the survivors; the member's own collectives refuse to run.
+    gs = make(3, "strict")
+    _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))
+    gs[2].shutdown()
+    gs[2].shutdown()  # idempotent
+    assert isinstance(_raised(gs[2].allgather, [torch.tensor([2])]), GroupAborted)
+    for got, lost in _together(gs[:2], lambda g: _until_not_lost(g, [torch.tensor([g.rank])])):
+        assert len(lost) == 1 and lost[0].dead == {2} and lost[0].epoch == 1
+        assert _ranks(got) == {0: 0, 1: 1}
+    for g in gs[:2]:
+        assert g.dead == {2} and g.live == [0, 1] and g.epoch == 1
+        assert g.cause(2) in ("crash", "reported") and g.errored() is None
+
+    # Lenient: completes over the survivors and never raises.
+    gs = make(3, "lenient")
+    _together(gs, lambda g: g.allgather([torch.tensor([g.rank])], strict=False))
+    gs[1].close()  # the old name of shutdown
+    for got, lost in _together([gs[0], gs[2]], lambda g: _until_not_lost(
+            g, [torch.tensor([g.rank])], strict=False)):
+        assert lost == [] and _ranks(got) == {0: 0, 2: 2}
+
+    # configure(epoch, members): adopted when not older; outsiders dead, an outsider itself
+    # fenced; a collective blocked in another thread sees it at once.
+    gs = make(3, "configure")
+    changes = []
+    gs[0].add_listener(lambda dead, epoch: changes.append((sorted(dead), epoch)))
+    for g in gs:
+        g.configure(5, {0, 1})
+    assert changes == [([2], 5)]  # listeners hear the configured epoch
+    for g in gs[:2]:
+        assert g.dead == {2} and g.epoch == 5 and g.cause(2) == "configured"
+    assert isinstance(gs[2].errored(), GroupAborted)
+    assert isinstance(_raised(gs[2].allgather, [torch.tensor([2])]), GroupAborted)
+    for got, lost in _together(gs[:2], lambda g: _until_not_lost(g, [torch.tensor([g.rank])])):
+        assert [e.epoch for e in lost] == [5] and _ranks(got) == {0: 0, 1: 1}
+    gs[0].configure(3, {0})  # older: ignored
+    assert gs[0].dead == {2} and gs[0].epoch == 5
+    join = _in_thread(lambda: gs[0].allgather([torch.tensor([0])]))
+    time.sleep(0.1)
+    gs[0].configure(6, {0})
+    _, exc = join()
+    assert isinstance(exc, PeerLost) and exc.dead == {1, 2} and exc.epoch == 6
+    assert _ranks(gs[0].allgather([torch.tensor([0])], deadline=time.monotonic() + 5)) == {0: 0}
+    assert gs[0].errored() is None
+
+
+def check_membership_authority(make):
+    """A group given the process's Membership writes what it finds out into it and takes
+    out what others decided there."""
+    with pytest.raises(ValueError, match="membership has 2 ranks"):
+        make(3, "wrong-size", memberships={0: Membership(2)})
+    m = Membership(3)
+    gs = make(3, "authority", memberships={0: m})
+    _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))  # all up and heard from
+    gs[2].shutdown()
+    for got, lost in _together(gs[:2], lambda g: _until_not_lost(g, [torch.tensor([g.rank])])):
+        assert len(lost) == 1 and _ranks(got) == {0: 0, 1: 1}
+    assert m.state(2) is RankState.DEAD and m.epoch == 1 and gs[0].epoch == 1
+    m.fail([1], state=RankState.FENCED)  # another component of this process decides
+    got, lost = _until_not_lost(gs[0], [torch.tensor([0])])
+    assert [(e.dead, e.epoch) for e in lost] == [({1, 2}, 2)] and _ranks(got) == {0: 0}
+    assert gs[0].cause(1) == "reported" and gs[0].epoch == m.epoch == 2
+    gs[0].configure(7, {0})
+    assert m.epoch == 7 and gs[0].epoch == 7
+    m.fail([0])  # this member itself taken out: fenced
+    assert isinstance(_raised(gs[0].allgather, [torch.tensor([0])]), GroupAborted)
+
+
+def _raised(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - handed to the test
+        return e
+    raise AssertionError(f"{fn} did not raise")
+
+
+def _live_groups(tmp_path):
+    ctx = zmq.Context()
+    made = []
+
+    def make(n, name, memberships=None):
+        eps = [f"ipc://{tmp_path}/{name}-{r}" for r in range(n)]
+        gs = []
+        try:
+            for r in range(n):
+                gs.append(LiveGroup(name, r, eps, detector=FAST, ctx=ctx,
+                                    membership=(memberships or {}).get(r)))
+        finally:
+            made.extend(gs)
+        return gs
+
+    def close():
+        for g in made:
+            g.shutdown()
+        ctx.term()
+    return make, close
+
+
+GROUPS = [pytest.param(_live_groups, id="live_group_ipc")]
+
+
+@pytest.mark.parametrize("world", GROUPS)
+@pytest.mark.parametrize("check", [check_collective_group, check_membership_authority],
+                         ids=["collectives", "membership"])
+def test_collective_group_conformance(tmp_path, world, check):
+    make, close = world(tmp_path)
+    try:
+        check(make)
+    finally:
+        close()
