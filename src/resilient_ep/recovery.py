@@ -30,7 +30,7 @@ from .layout import ExpertLayout
 from .membership import Membership, MembershipView, RankState
 from .placement import ReplanResult, replan
 
-__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator"]
+__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator", "assign_requests"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,41 @@ class JoinPlan:
     """(layer, expert) still without a live replica."""
 
 
+def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iterable[int], *,
+                    load: Mapping[int, int] | None = None, migrate: bool = True
+                    ) -> tuple[dict[str, int], list[str]]:
+    """Who takes which request when ``failed`` ranks are lost: the one policy of every host
+    (the reference coordinator, the vLLM front end).
+
+    ``owners``: request id -> its owner rank (every running request, so the survivors' own
+    work counts as load); ``load``: requests per live rank when the caller knows better (it
+    replaces the count from ``owners``). Each request of a failed rank goes, in the order of
+    ``owners``, to the live rank with the least work so far (ties: the lowest rank id), and
+    counts there for the next. Returns ``(migrations, abandoned)``: request id -> new owner,
+    and the requests nobody takes (no live rank, or ``migrate`` off).
+    """
+    failed = set(failed)
+    work = {r: 0 for r in live}
+    if load is not None:
+        work.update({r: int(n) for r, n in load.items() if r in work})
+    else:
+        for owner in owners.values():
+            if owner in work:
+                work[owner] += 1
+    migrations: dict[str, int] = {}
+    abandoned: list[str] = []
+    for rid, owner in owners.items():
+        if owner not in failed:
+            continue
+        if not migrate or not work:
+            abandoned.append(rid)
+            continue
+        target = min(work, key=lambda r: (work[r], r))
+        migrations[rid] = target
+        work[target] += 1
+    return migrations, abandoned
+
+
 class RecoveryOrchestrator:
     def __init__(self, membership: Membership, layout: ExpertLayout,
                  config: ResilienceConfig | None = None):
@@ -95,23 +130,11 @@ class RecoveryOrchestrator:
         res = replan(self.physical, out, load)
         self.layout, self._last = res.layout, res
         self.uncovered = set(res.uncovered)
-        migrations: dict[str, int] = {}
-        abandoned: list[str] = []
-        work = {r: 0 for r in view.live_ranks}
-        for owner in owners.values():
-            if owner in work:
-                work[owner] += 1
         max_failures = self.config.recovery.max_failures
-        too_many = max_failures and len(out) > max_failures
-        for rid, owner in owners.items():
-            if owner not in ranks:
-                continue
-            if not self.config.recovery.migrate_requests or too_many:
-                abandoned.append(rid)
-                continue
-            target = min(work, key=lambda r: (work[r], r))
-            migrations[rid] = target
-            work[target] += 1
+        too_many = bool(max_failures and len(out) > max_failures)
+        migrations, abandoned = assign_requests(
+            owners, ranks, view.live_ranks,
+            migrate=self.config.recovery.migrate_requests and not too_many)
         return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered), migrations,
                             abandoned)
 

@@ -1,5 +1,5 @@
 from resilient_ep.config import DetectorConfig
-from resilient_ep.detector import ALL_SILENT_FACTOR, FailureDetector
+from resilient_ep.liveness.detector import ALL_SILENT_FACTOR, FailureDetector
 
 
 def test_crash_is_reported_once_and_at_once():

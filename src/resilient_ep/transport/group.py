@@ -4,7 +4,7 @@ Engines run small collectives between their data-parallel ranks on every step (v
 token-count all-reduce, the MoE all-gather and reduce-scatter, the "anyone busy?" sum). Over
 gloo or NCCL a dead member makes each of them hang or raise, and the group cannot shrink.
 :class:`LiveGroup` runs the same exchanges over ZeroMQ among the members still alive, with the
-core's :class:`~resilient_ep.detector.FailureDetector` deciding who is.
+core's :class:`~resilient_ep.liveness.detector.FailureDetector` deciding who is.
 
 Detection, per member process, while it waits in a collective:
 - crash: the socket monitor of the connection to a peer reports it dropped after it was up
@@ -76,7 +76,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import DetectorConfig
-from ..detector import FailureDetector
+from ..liveness.detector import FailureDetector
 from ..membership import Membership, MembershipView, RankState
 from . import wire
 

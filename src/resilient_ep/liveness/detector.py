@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from .config import DetectorConfig
+from ..config import DetectorConfig
 
 __all__ = ["Suspicion", "FailureDetector", "ALL_SILENT_FACTOR"]
 

@@ -1,0 +1,253 @@
+"""The membership authority of one instance: :class:`LivenessMonitor`.
+
+Watches, in one thread:
+- each rank's process (its ``sentinel``): an exit is a loss (``cause="exit"``, or the cause
+  of the fence that made it exit);
+- the liveness socket (:mod:`.beacons`): beacons feed the
+  :class:`~resilient_ep.liveness.detector.FailureDetector`; a rank silent for
+  ``detector.heartbeat_timeout_ms`` (watched from its first beacon on) is fenced
+  (``"hang"``); a loss report from a collective group fences the rank it names
+  (``"reported"``: a dead or frozen helper process of a rank whose main process still runs);
+- a periodic ``tick`` the host uses for its own bookkeeping (e.g. a census of each rank's
+  child processes, so that a fence can kill them all).
+
+Fencing is the host's ``fence(rank, why)`` (kill the rank's processes: it must never serve
+again); the loss itself is recorded when the process is seen gone: one epoch bump in the
+:class:`~resilient_ep.membership.Membership` (``dead`` after an exit, ``fenced`` after a
+fence), then every listener gets a :class:`RankLoss`. With ``publish_endpoint`` each loss is
+also published (ZeroMQ PUB, JSON), and the whole list again every second, so a
+:class:`MembershipSubscriber` in another process of the instance (vLLM runs several API
+servers) that started late still learns every loss, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from ..config import DetectorConfig
+from .detector import FailureDetector
+from ..membership import Membership, RankState
+from .beacons import parse_beacon
+
+__all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]
+
+log = logging.getLogger(__name__)
+
+REPUBLISH_S = 1.0
+
+
+@dataclass(frozen=True)
+class RankLoss:
+    """One rank lost: how (``exit``, ``hang``, ``reported``), its exit code, when it was
+    detected (``time.monotonic()``, system-wide on Linux) and the epoch it started."""
+
+    rank: int
+    cause: str
+    exitcode: int | None
+    detected_monotonic: float
+    epoch: int
+
+
+class LivenessMonitor:
+    def __init__(self, membership: Membership, procs: dict[int, object], *,
+                 detector: DetectorConfig | None = None, beacon_endpoint: str | None = None,
+                 publish_endpoint: str | None = None,
+                 fence: Callable[[int, str], None] | None = None,
+                 tick: Callable[[], None] | None = None, name: str = "liveness"):
+        self.membership = membership
+        self.procs = dict(procs)
+        self.detector = FailureDetector([], detector or DetectorConfig())
+        self.beacon_endpoint = beacon_endpoint
+        self.publish_endpoint = publish_endpoint
+        self._fence = fence
+        self._tick = tick
+        self.losses: list[RankLoss] = []
+        self._listeners: list[Callable[[RankLoss], None]] = []
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._fenced: dict[int, str] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"resilient-ep-{name}")
+        self.dropped = 0
+        """Malformed or foreign messages on the liveness socket, dropped."""
+
+    def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
+        self._listeners.append(fn)
+
+    def start(self) -> "LivenessMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def errored(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def fence(self, rank: int, cause: str, why: str) -> None:
+        """Fence ``rank`` now (once); its exit is then recorded with ``cause``."""
+        proc = self.procs.get(rank)
+        if proc is None or rank in self._fenced or self.membership.state(rank) is not RankState.LIVE:
+            return
+        self._fenced[rank] = cause
+        log.warning("resilient-ep: rank %d %s: fencing it", rank, why)
+        if self._fence is not None:
+            self._fence(rank, why)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        beacons = pub = None
+        try:
+            if self.beacon_endpoint:
+                beacons = ctx.socket(zmq.PULL)
+                beacons.setsockopt(zmq.LINGER, 0)
+                beacons.bind(self.beacon_endpoint)
+            if self.publish_endpoint:
+                pub = ctx.socket(zmq.PUB)
+                pub.setsockopt(zmq.LINGER, 500)
+                pub.bind(self.publish_endpoint)
+            self._loop(beacons, pub)
+        except Exception as e:  # recorded; the host decides what a dead monitor means
+            self._error = e
+            log.exception("resilient-ep: liveness monitor failed")
+        finally:
+            for s in (beacons, pub):
+                if s is not None:
+                    s.close(linger=0)
+
+    def _loop(self, beacons, pub) -> None:
+        alive = {p.sentinel: (r, p) for r, p in self.procs.items()}
+        poller = zmq.Poller()
+        for s in alive:
+            poller.register(s, zmq.POLLIN)
+        if beacons is not None:
+            poller.register(beacons, zmq.POLLIN)
+        heard: set[int] = set()
+        interval_ms = self.detector.config.heartbeat_interval_ms
+        next_tick = next_publish = 0.0
+        while alive and not self._stop.is_set():
+            ready = dict(poller.poll(interval_ms))
+            now = time.monotonic()
+            if self._tick is not None and now >= next_tick:
+                next_tick = now + 1.0
+                self._tick()
+            if beacons is not None and beacons in ready:
+                while True:
+                    try:
+                        got = parse_beacon(beacons.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if got is None or got[1] not in self.procs:
+                        self.dropped += 1
+                        continue
+                    kind, rank, _ = got
+                    if kind == "dead":
+                        self.fence(rank, "reported", "was lost by its peers")
+                        continue
+                    if rank not in heard:  # watched from its first beacon on
+                        heard.add(rank)
+                        self.detector.reset(rank, now)
+                    self.detector.heartbeat(rank, now)
+            for suspicion in self.detector.poll(now):
+                self.fence(suspicion.rank, "hang", "stopped answering")
+            for sentinel in [s for s in alive if s in ready]:
+                rank, proc = alive.pop(sentinel)
+                poller.unregister(sentinel)
+                join = getattr(proc, "join", None)
+                if join is not None:
+                    join(timeout=1)  # reap it: exit code known, no zombie left
+                self.detector.forget(rank)
+                self._lost(rank, self._fenced.get(rank, "exit"), getattr(proc, "exitcode", None),
+                           now, pub)
+            if pub is not None and now >= next_publish:
+                next_publish = now + REPUBLISH_S
+                self._publish(pub)
+
+    def _lost(self, rank: int, cause: str, exitcode, detected: float, pub) -> None:
+        state = RankState.DEAD if cause == "exit" else RankState.FENCED
+        before = self.membership.epoch
+        view = self.membership.fail([rank], state=state)
+        if view.epoch == before:
+            return
+        loss = RankLoss(rank, cause, exitcode, detected, view.epoch)
+        self.losses.append(loss)
+        if pub is not None:
+            self._publish(pub)
+        for fn in self._listeners:
+            try:
+                fn(loss)
+            except Exception:  # one listener must not stop the monitor
+                log.exception("resilient-ep: a liveness listener failed")
+
+    def _publish(self, pub) -> None:
+        try:
+            pub.send(json.dumps({"losses": [asdict(x) for x in self.losses]}).encode(),
+                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+
+class MembershipSubscriber:
+    """Follows a :class:`LivenessMonitor` of another process (``endpoint``): applies each
+    loss to this process's ``membership`` (same epochs) and calls ``on_loss(RankLoss)``, in
+    order, once each."""
+
+    def __init__(self, endpoint: str, membership: Membership,
+                 on_loss: Callable[[RankLoss], None], *, poll_ms: int = 50):
+        self.endpoint = endpoint
+        self.membership = membership
+        self.on_loss = on_loss
+        self.poll_ms = poll_ms
+        self.seen = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="resilient-ep-membership")
+
+    def start(self) -> "MembershipSubscriber":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.endpoint)
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(self.poll_ms):
+                    continue
+                try:
+                    losses = json.loads(sock.recv(zmq.NOBLOCK))["losses"]
+                    items = [RankLoss(**x) for x in losses]
+                except (zmq.Again, ValueError, KeyError, TypeError):
+                    self.dropped += 1
+                    continue
+                for loss in items[self.seen:]:
+                    state = RankState.DEAD if loss.cause == "exit" else RankState.FENCED
+                    self.membership.fail([loss.rank], state=state)
+                    self.seen += 1
+                    try:
+                        self.on_loss(loss)
+                    except Exception:
+                        log.exception("resilient-ep: a membership listener failed")
+        finally:
+            sock.close(linger=0)
