@@ -23,7 +23,7 @@ import yaml
 
 from .schema import FieldError, build, to_plain
 
-__all__ = [
+__all__ = ["NOT_BUILT", "changed_keys", "refuse_unsupported", 
     "ConfigError",
     "DetectorConfig",
     "PlacementConfig",
@@ -102,10 +102,6 @@ class PlacementConfig:
 class TransportConfig:
     """Dispatch/combine and control messages between ranks."""
 
-    backend: Literal["zmq", "deepep", "nccl"] = "zmq"
-    """``zmq``: ZeroMQ over ipc:// or tcp://127.0.0.1 (CPU, any machine). ``deepep``: DeepEP
-    low-latency kernels with rank masks (GPU). ``nccl``: NCCL all-to-all (GPU, no masking)."""
-
     address: Literal["ipc", "tcp"] = "ipc"
     """zmq only: ``ipc`` (Unix sockets in a private temp dir) or ``tcp`` (127.0.0.1)."""
 
@@ -161,7 +157,8 @@ class ShadowConfig:
     """Shadow experts: copies of other ranks' experts kept in residual memory."""
 
     enabled: bool = False
-    """Keep shadow copies of experts that would otherwise lose their last replica."""
+    """Keep shadow copies of experts that would otherwise lose their last replica (not built
+    yet: refused)."""
 
     memory_fraction: float = 0.1
     """Fraction of free device memory shadows may use."""
@@ -181,8 +178,8 @@ class RepairConfig:
     sources: tuple[RepairSource, ...] = ("shadow", "peer", "host", "remote", "disk")
     """Weight sources, cheapest first; the first that holds the expert is used."""
 
-    host_backup: bool = True
-    """Keep a host-memory copy of this rank's experts for repair."""
+    host_backup: bool = False
+    """Keep a host-memory copy of this rank's experts for repair (not built yet: refused)."""
 
     def validate(self, prefix: str) -> None:
         allowed = typing.get_args(RepairSource)
@@ -224,7 +221,8 @@ class MetricsConfig:
     """Record per-step timings, stalls and recovery events."""
 
     timeline_path: str = ""
-    """Write the per-step timeline as JSON lines here (empty: keep in memory only)."""
+    """Write the per-step timeline as JSON lines here (empty: keep in memory only; writing is
+    not built yet: refused)."""
 
 
 @dataclass(frozen=True)
@@ -315,3 +313,40 @@ class ResilienceConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), the inverse of :meth:`from_dict`."""
         return to_plain(self)
+
+
+NOT_BUILT: dict[str, str] = {
+    "shadow": "shadow experts are not built yet",
+    "repair.host_backup": "the host-memory backup of experts is not built yet",
+    "metrics": "metrics settings are not built yet (timings are recorded in memory)",
+}
+"""Keys no engine implements yet; any value but the default is refused, on every engine."""
+
+
+def changed_keys(cfg: ResilienceConfig) -> dict[str, Any]:
+    """The dotted leaf keys of ``cfg`` whose value differs from the default."""
+    def leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(leaves(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    mine, default = leaves(cfg.to_dict()), leaves(ResilienceConfig().to_dict())
+    return {k: v for k, v in mine.items() if default.get(k) != v}
+
+
+def refuse_unsupported(cfg: ResilienceConfig, engine: str,
+                       unsupported: dict[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` for the first key set away from its default that ``engine``
+    does not implement (``unsupported``: dotted key or section -> why; :data:`NOT_BUILT`
+    always applies). Every engine calls this at start, so no setting is silently ignored."""
+    table = {**NOT_BUILT, **(unsupported or {})}
+    for key, value in changed_keys(cfg).items():
+        for prefix, why in table.items():
+            if key == prefix or key.startswith(prefix + "."):
+                raise ConfigError(key, value, f"is not supported on {engine} ({why}); "
+                                              f"leave it at its default")

@@ -32,7 +32,7 @@ def test_yaml_with_resilience_wrapper(tmp_path):
                  id="impossible_value"),
     pytest.param({"detector": {"heartbeat_timeout_ms": 10}}, "detector.heartbeat_timeout_ms",
                  "heartbeat_interval_ms", id="cross_field"),
-    pytest.param({"transport": {"backend": "mpi"}}, "transport.backend", "one of", id="bad_choice"),
+    pytest.param({"transport": {"address": "mpi"}}, "transport.address", "one of", id="bad_choice"),
     pytest.param({"repair": {"sources": ["shadow", "tape"]}}, "repair.sources[1]", "one of",
                  id="bad_list_item"),
     pytest.param({"enabled": "yes"}, "enabled", "true or false", id="bool_as_string"),
@@ -73,3 +73,21 @@ def test_bad_yaml_file(tmp_path):
         ResilienceConfig.from_yaml(f)
     with pytest.raises(ConfigError, match="cannot read"):
         ResilienceConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_keys_no_engine_implements_are_refused_by_name():
+    from resilient_ep.config import changed_keys, refuse_unsupported
+
+    cfg = ResilienceConfig.from_dict({"detector": {"heartbeat_timeout_ms": 400}})
+    assert changed_keys(cfg) == {"detector.heartbeat_timeout_ms": 400}
+    refuse_unsupported(cfg, "the reference runtime")  # implemented everywhere: accepted
+    refuse_unsupported(ResilienceConfig(), "vllm", {"placement": "x"})  # defaults: accepted
+    for data, key in (({"shadow": {"enabled": True}}, "shadow.enabled"),
+                      ({"metrics": {"timeline_path": "/tmp/t"}}, "metrics.timeline_path"),
+                      ({"repair": {"host_backup": True}}, "repair.host_backup")):
+        with pytest.raises(ConfigError) as e:
+            refuse_unsupported(ResilienceConfig.from_dict(data), "vllm")
+        assert e.value.field == key and "vllm" in str(e.value)
+    with pytest.raises(ConfigError, match="placement.fault_aware.*not supported on vllm"):
+        refuse_unsupported(ResilienceConfig.from_dict({"placement": {"fault_aware": False}}),
+                           "vllm", {"placement": "ring mirror"})

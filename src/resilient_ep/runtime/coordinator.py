@@ -29,9 +29,9 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..config import ResilienceConfig
+from ..config import ResilienceConfig, refuse_unsupported
 from ..membership import Membership, RankState
-from ..detector import FailureDetector
+from ..liveness.detector import FailureDetector
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
 from ..transport.zmq_transport import data_endpoint
@@ -63,6 +63,7 @@ class Coordinator:
         self.model_dir = str(model_dir)
         self.num_ranks = num_ranks
         self.config = config or ResilienceConfig()
+        refuse_unsupported(self.config, "the reference runtime")  # no setting ignored
         self.resilience = resilience and self.config.enabled
         self.kv_blocks, self.block_size = kv_blocks, block_size
         self.start_timeout_s = start_timeout_s
@@ -84,7 +85,8 @@ class Coordinator:
             nodes = 1
         self.layout = place(num_layers=self.num_layers, num_experts=self.num_experts,
                             num_ranks=num_ranks, slots_per_rank=self.slots_per_rank,
-                            num_nodes=nodes, fault_aware=self.config.placement.fault_aware)
+                            num_nodes=nodes, fault_aware=self.config.placement.fault_aware,
+                            max_balancedness_loss=self.config.placement.max_balancedness_loss)
         self.membership = Membership(num_ranks)
         self.kv = KVTracker(self.config.kv_checkpoint, num_ranks, self.run_dir,
                             enabled=self.resilience and self.config.kv_checkpoint.enabled)

@@ -129,6 +129,18 @@ def test_bad_value_fails_at_config_time_naming_the_field(tiny_model):
         ea.create_engine_config()
 
 
+def test_a_setting_vllm_does_not_implement_is_refused_naming_key_and_engine(tiny_model):
+    from vllm.engine.arg_utils import EngineArgs
+
+    for key, value in (("recovery.max_failures", 2), ("placement.redundant_slots_per_rank", 3),
+                       ("shadow.enabled", True)):
+        ea = EngineArgs(str(tiny_model), dtype="float32", max_model_len=512,
+                        additional_config={"resilience": {"overrides": [f"{key}={value}"]}})
+        with pytest.raises(ConfigError) as e:
+            ea.create_engine_config()
+        assert e.value.field == key and "not supported on vllm" in str(e.value), e.value
+
+
 def test_without_flags_nothing_changes(tiny_model):
     """No switch: no flag effect, no middleware, no worker extension, no env, no patch."""
     code = textwrap.dedent(f"""
@@ -161,10 +173,10 @@ def test_with_resilience_config_reaches_the_engine_config(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
 
     ea = EngineArgs(str(tiny_model), dtype="float32", max_model_len=512,
-                    additional_config={"resilience": {"overrides": ["recovery.max_failures=2"]}})
+                    additional_config={"resilience": {"overrides": ["kv_checkpoint.interval_tokens=32"]}})
     cfg = ea.create_engine_config()
     section = cfg.additional_config["resilience"]
-    assert section["recovery"]["max_failures"] == 2 and "overrides" not in section
+    assert section["kv_checkpoint"]["interval_tokens"] == 32 and "overrides" not in section
     assert cfg.parallel_config.worker_extension_cls == WORKER_EXTENSION
     assert os.environ.get("RESILIENT_EP_VLLM_ACTIVE") == "1"
     os.environ.pop("RESILIENT_EP_VLLM_ACTIVE")

@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from resilient_ep.config import ConfigError, ResilienceConfig
+from resilient_ep.config import ConfigError, ResilienceConfig, refuse_unsupported
 
-__all__ = ["KEY", "VllmTopology", "resilience_settings", "is_enabled", "normalize",
+__all__ = ["KEY", "UNSUPPORTED", "VllmTopology", "resilience_settings", "is_enabled", "normalize",
            "resilience_config", "topology"]
 
 KEY = "resilience"
@@ -74,11 +74,26 @@ def resilience_config(additional_config: Any) -> ResilienceConfig | None:
     return cfg if cfg.enabled else None
 
 
+UNSUPPORTED: dict[str, str] = {
+    "placement": "vLLM's replicas are a ring mirror of the next rank's experts "
+                 "(engines/vllm/replicas.py); placement by budget is not wired into vLLM yet",
+    "transport": "vLLM's failover groups use Unix sockets and the detector.* deadlines",
+    "kv_checkpoint.max_stall_ms": "the vLLM connector never holds decoding back for a save",
+    "repair": "vLLM has no weight repair yet",
+    "recovery": "vLLM always re-admits a lost rank's requests on the survivors and never "
+                "re-admits a fenced rank",
+}
+"""``ResilienceConfig`` keys the vLLM adapter does not read: set away from their default,
+they are refused at start (``config.refuse_unsupported``), never silently ignored."""
+
+
 def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Resolve file and overrides in place; returns the additional_config (None if off)."""
+    """Resolve file and overrides in place; returns the additional_config (None if off).
+    Settings vLLM does not implement are refused here, naming the key."""
     cfg = resilience_config(additional_config)
     if cfg is None:
         return None
+    refuse_unsupported(cfg, "vllm", UNSUPPORTED)
     assert additional_config is not None
     raw = resilience_settings(additional_config) or {}
     out = cfg.to_dict()
