@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="vllm: where server logs go (default $TMPDIR)")
     p.add_argument("--start-timeout", type=float, default=600,
                    help="vllm: seconds to wait for a server to be ready")
+    p.add_argument("--context", default=None, metavar="N,N,...",
+                   help="vllm: also measure at these prompt lengths in tokens, e.g. "
+                        "64,1024,4096 (adds one object per length to the JSON)")
     p.add_argument("--hang-timeout-ms", type=float, default=1000,
                    help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
                         "fenced after it; default 1000)")

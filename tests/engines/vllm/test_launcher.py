@@ -50,10 +50,11 @@ def test_serve_argv_loopback_and_engine_flag():
         launcher.serve_argv(["m", "--engine", "sglang"])
 
 
-def test_serve_argv_one_api_server_for_failover():
+def test_serve_argv_keeps_vllms_api_server_count():
     base = ["m", "--host", "h", "-dp", "2", "--enable-expert-parallel"]
-    assert launcher.serve_argv([*base, "--enable-resilience"])[-2:] == ["--api-server-count", "1"]
-    assert "--api-server-count" not in launcher.serve_argv(base)  # resilience off: vLLM's way
+    # vLLM's own API-server count, resilience on or off (failover follows every API server)
+    assert "--api-server-count" not in launcher.serve_argv([*base, "--enable-resilience"])
+    assert "--api-server-count" not in launcher.serve_argv(base)
     assert launcher.serve_argv([*base, "--enable-resilience", "--api-server-count", "2"]).count(
         "--api-server-count") == 1  # the user's choice stands
 

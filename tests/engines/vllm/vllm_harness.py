@@ -156,12 +156,17 @@ def process_title(pid: int) -> str:
         return f.read().split(b"\0")[0].decode(errors="replace")
 
 
-def stream_completion(server, prompt: str, max_tokens: int, out: dict) -> None:
-    """One streaming completion; records token ids, their arrival times, finish reason."""
+def stream_completion(server, prompt: str, max_tokens: int, out: dict,
+                      dp_rank: int | None = None) -> None:
+    """One streaming completion; records token ids, their arrival times, finish reason.
+    ``dp_rank`` pins it to one engine rank (vLLM's ``X-data-parallel-rank`` header)."""
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+    headers = {"content-type": "application/json"}
+    if dp_rank is not None:
+        headers["X-data-parallel-rank"] = str(dp_rank)
     req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers=headers)
     out["tokens"], out["times"] = [], []
     try:
         with urllib.request.urlopen(req, timeout=300) as r:

@@ -23,6 +23,13 @@ Figures (same keys as the reference runtime's bench):
   a completion, every server start of the run (both arms);
 - ``hang_stall_ms`` / ``hang_detect_ms``: the same for the frozen rank;
 - ``outputs_equal``: every stream of every failure trial equals the failure-free run.
+
+With ``--context 64,1024,4096`` it adds ``contexts``: one object per context length
+(:func:`run_context`: prompts of that many random token ids, prefix caching off so nothing
+is served from the failure-free pass), with crash and hang stalls, what the survivor re-ran
+(``*_survivor_step_reruns``) and recomputed (``*_survivor_requests_recomputed``: requests
+preempted, 0 when the in-place re-run worked), the re-admitted requests' tokens restored
+from KV checkpoints and recomputed, throughput on/off and CPU time per token on/off.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ def _free_port() -> int:
 
 class _Server:
     def __init__(self, model: Path, workdir: Path, resilience: bool, tag: str, timeout_s: float,
-                 hang_timeout_ms: float = 1000.0):
+                 hang_timeout_ms: float = 1000.0, extra_args: list[str] | None = None):
         self.model, self.port = str(model), _free_port()
         cfg = workdir / "resilience.yaml"
         cfg.write_text("resilience:\n  detector:\n    heartbeat_interval_ms: 50\n"
@@ -69,8 +76,9 @@ class _Server:
         # DP + EP on the CPU without them); "off" turns the failover datapath off.
         env["RESILIENT_EP_VLLM_FAILOVER"] = "1" if resilience else "0"
         cmd = [sys.executable, "-m", "resilient_ep.cli", "serve", self.model, "--engine", "vllm",
-               "--port", str(self.port), *SERVER_ARGS, "--enable-resilience",
-               "--resilience-config", str(cfg), "--api-server-count", "1"]
+               "--port", str(self.port), *SERVER_ARGS, *(extra_args or []),
+               "--enable-resilience", "--resilience-config", str(cfg),
+               "--api-server-count", "1"]
         self.log = open(workdir / f"serve-{tag}.log", "w")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -150,8 +158,8 @@ class _Server:
         self.log.close()
 
 
-def _throughput(server: _Server, n: int, max_tokens: int) -> float:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+def _throughput(server: _Server, n: int, max_tokens: int, prompts=None) -> float:
+    prompts = [(prompts or PROMPTS)[i % len(prompts or PROMPTS)] for i in range(n)]
     threads, outs = [], [None] * n
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -166,10 +174,11 @@ def _throughput(server: _Server, n: int, max_tokens: int) -> float:
 
 
 def _streams(server: _Server, n: int, max_tokens: int, kill_pid: int | None = None,
-             kill_signal: int = signal.SIGKILL):
+             kill_signal: int = signal.SIGKILL, prompts=None):
+    prompts = prompts or PROMPTS
     outs = [dict() for _ in range(n)]
     threads = [threading.Thread(target=server.stream,
-                                args=(PROMPTS[i % len(PROMPTS)], max_tokens, outs[i]))
+                                args=(prompts[i % len(prompts)], max_tokens, outs[i]))
                for i in range(n)]
     for t in threads:
         t.start()
@@ -215,6 +224,124 @@ def _pct(xs: list[float], q: float) -> float | None:
         return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+def _token_prompts(model: Path, n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` random token ids (seeded by the length)."""
+    import random
+
+    vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    rng = random.Random(length)
+    return [[rng.randrange(16, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def _tree_cpu_s(server: _Server) -> float:
+    """CPU seconds used so far by every process of the server (API server, engines, workers)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(server.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def _survivor_counters(status: dict) -> dict:
+    """Sum of the live engines' failover counters (``/resilience/status`` -> counters)."""
+    out = {"step_reruns": 0, "dummy_reruns": 0, "fallback_requests_recomputed": 0,
+           "kv_restored_tokens": 0, "kv_loads": 0}
+    for eng in status.get("counters", []):
+        out["fallback_requests_recomputed"] += int(eng.get("fallback_requests_recomputed", 0))
+        for w in eng.get("workers", []):
+            out["step_reruns"] += int(w.get("step_reruns", 0))
+            out["dummy_reruns"] += int(w.get("dummy_reruns", 0))
+            kv = w.get("kv") or {}
+            out["kv_restored_tokens"] += int(kv.get("external_hit_tokens", 0))
+            out["kv_loads"] += int(kv.get("loads", 0))
+    return out
+
+
+def run_context(model: Path, workdir: Path, length: int, args, n: int, max_tokens: int,
+                log=print) -> dict:
+    """One context length: throughput on/off and CPU time per token, then a crash (SIGKILL of
+    ``VLLM::EngineCore_DP1``) and a hang (SIGSTOP of the whole rank) with streams of
+    ``length``-token prompts; what the survivor recomputed and what the re-admitted
+    requests restored from KV checkpoints."""
+    import psutil
+
+    prompts = _token_prompts(model, max(n, 2), length)
+    extra = ["--max-model-len", str(length + max_tokens + 64), "--block-size", "32",
+             "--no-enable-prefix-caching"]
+    out: dict = {"context_tokens": length}
+    for arm in ("off", "on", "hang"):
+        log(f"[context {length}] starting vllm serve ({arm}) ...")
+        server = _Server(model, workdir, arm != "off", f"ctx{length}-{arm}", args.start_timeout,
+                         args.hang_timeout_ms, extra_args=extra)
+        try:
+            if arm != "hang":
+                _throughput(server, n, 8, prompts)  # warm-up
+                cpu0 = _tree_cpu_s(server)
+                t0 = time.perf_counter()
+                tput = _throughput(server, n, max_tokens, prompts)
+                wall = time.perf_counter() - t0
+                cpu = _tree_cpu_s(server) - cpu0
+                out[f"throughput_{arm}_tok_s"] = tput
+                out[f"cpu_ms_per_token_{arm}"] = cpu * 1000 / max(1.0, tput * wall)
+                log(f"[context {length}] {arm}: {tput:.1f} tok/s, "
+                    f"{out[f'cpu_ms_per_token_{arm}']:.2f} CPU ms/token")
+                if arm == "off":
+                    continue
+            victim = next(r for r in server.status()["ranks"] if r["dp_rank"] == 1)
+            workers = psutil.Process(victim["engine_pid"]).children(recursive=True)
+            clean, _ = _streams(server, n, max_tokens, prompts=prompts)
+            sig = signal.SIGKILL if arm == "on" else signal.SIGSTOP
+            failed, at = _streams(server, n, max_tokens, kill_pid=victim["engine_pid"],
+                                  kill_signal=sig, prompts=prompts)
+            if sig == signal.SIGSTOP:
+                for w in workers:
+                    try:
+                        os.kill(w.pid, signal.SIGSTOP)
+                    except ProcessLookupError:
+                        pass
+            status = server.status()
+            events = status.get("failovers", [])
+            kind = "crash" if arm == "on" else "hang"
+            counters = _survivor_counters(status)
+            readmitted_tokens = sum(int(e.get("readmitted_tokens", 0)) for e in events)
+            readmitted = sum(int(e.get("readmitted", 0)) for e in events)
+            out[f"{kind}_stall_ms"] = _stall_s(failed, at) * 1000
+            out[f"{kind}_detect_ms"] = ((events[0]["handled_monotonic"] - at) * 1000
+                                        if events else None)
+            out[f"{kind}_outputs_equal"] = all(a.get("tokens") == b.get("tokens")
+                                               and "error" not in b
+                                               for a, b in zip(clean, failed))
+            out[f"{kind}_survivor_step_reruns"] = counters["step_reruns"] + counters["dummy_reruns"]
+            out[f"{kind}_survivor_requests_recomputed"] = counters["fallback_requests_recomputed"]
+            out[f"{kind}_readmitted"] = readmitted
+            out[f"{kind}_readmitted_tokens_restored"] = counters["kv_restored_tokens"]
+            out[f"{kind}_readmitted_tokens_recomputed"] = max(
+                0, readmitted_tokens - counters["kv_restored_tokens"])
+            out[f"{kind}_recomputed_per_readmitted"] = (
+                out[f"{kind}_readmitted_tokens_recomputed"] / readmitted if readmitted else None)
+            log(f"[context {length}] {kind}: stall {out[f'{kind}_stall_ms']:.0f} ms, "
+                f"re-admitted {readmitted} ({counters['kv_restored_tokens']} tokens restored, "
+                f"{out[f'{kind}_readmitted_tokens_recomputed']} recomputed), survivor re-ran "
+                f"{out[f'{kind}_survivor_step_reruns']} step(s), recomputed "
+                f"{counters['fallback_requests_recomputed']} request(s), outputs equal "
+                f"{out[f'{kind}_outputs_equal']}")
+        finally:
+            server.stop()
+    if out.get("throughput_off_tok_s"):
+        out["overhead_ratio"] = out["throughput_on_tok_s"] / out["throughput_off_tok_s"]
+        out["cpu_per_token_ratio"] = out["cpu_ms_per_token_on"] / out["cpu_ms_per_token_off"]
+    return out
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -289,11 +416,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
                     fail_rank(server, signal.SIGKILL, stalls, detects)
             finally:
                 server.stop()
+    contexts = {}
+    for length in _context_lengths(getattr(args, "context", None)):
+        contexts[str(length)] = run_context(model, workdir, length, args, n, max_tokens, log)
     ratios = [a / b for a, b in zip(on, off)]
     crash_ms = [s * 1000 for s in stalls]
     restart_med = statistics.median(restart)
     stall_med = _pct(crash_ms, 0.5)
-    return {
+    res = {
         "engine": "vllm",
         "overhead_ratio": statistics.median(ratios),
         "throughput_on_tok_s": on, "throughput_off_tok_s": off,
@@ -318,6 +448,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
                     "readmitted": readmitted, "outputs_equal": equal,
                     "failures": trial_detail},
     }
+    if contexts:
+        res["contexts"] = contexts
+        res["outputs_equal"] = res["outputs_equal"] and all(
+            c.get("crash_outputs_equal") and c.get("hang_outputs_equal") for c in contexts.values())
+    return res
+
+
+def _context_lengths(raw) -> list[int]:
+    if not raw:
+        return []
+    try:
+        out = [int(x) for x in str(raw).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--context must be comma-separated token counts, got {raw!r}") from None
+    if any(x < 1 for x in out):
+        raise ValueError(f"--context lengths must be >= 1, got {raw!r}")
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -335,4 +482,12 @@ def main(args: argparse.Namespace) -> int:
               f"({res['restart_over_crash_stall']:.0f}x the crash stall)")
         print(f"hang stall                median {res['hang_stall_ms_median']:.0f} ms "
               f"(fenced after {res['hang_detect_ms_median']:.0f} ms)")
+        for length, c in res.get("contexts", {}).items():
+            print(f"context {length:>6} tokens: crash stall {c['crash_stall_ms']:.0f} ms, hang "
+                  f"stall {c['hang_stall_ms']:.0f} ms, survivor recomputed "
+                  f"{c['crash_survivor_requests_recomputed']} request(s), re-admitted restored "
+                  f"{c['crash_readmitted_tokens_restored']} / recomputed "
+                  f"{c['crash_readmitted_tokens_recomputed']} tokens, on/off "
+                  f"{c.get('overhead_ratio', float('nan')):.3f}, CPU/token on/off "
+                  f"{c.get('cpu_per_token_ratio', float('nan')):.3f}")
     return 0 if res["outputs_equal"] else 1

@@ -30,6 +30,7 @@ Stores: ``shm`` and ``file`` (shared by the scheduler and worker processes of a 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 __all__ = ["ResilientKVConnector", "ResilientKVConnectorMetadata"]
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
 
 class ResilientKVConnectorMetadata(KVConnectorMetadata):
@@ -104,15 +107,21 @@ class ResilientKVConnector(KVConnectorBase_V1):
             self._stores = StoreSet(self.spec)
         tokens = list(request.all_token_ids)
         best = 0
+        seen = []
         for loc in self.spec.candidates([0]):
             try:
                 m = self._stores.get(loc).head(str(key), time.monotonic() + 2)
-            except (RuntimeError, TimeoutError):
+            except (RuntimeError, TimeoutError) as e:
+                seen.append(f"{loc}: {e!r}")
                 continue
             if m is None or m.num_tokens > len(tokens) or token_crc(tokens[: m.num_tokens]) != m.token_crc:
+                seen.append(f"{loc}: " + ("none" if m is None else f"{m.num_tokens} tokens, no match"))
                 continue
             best = max(best, m.num_tokens)
         n = (min(best, len(tokens) - 1) // self.block_size) * self.block_size
+        log.info("resilient-ep: restore of %s: checkpoint of %d of its %d tokens, %d to load "
+                 "(%s)", key, best, len(tokens), max(0, n - num_computed_tokens),
+                 "; ".join(seen) or "found")
         if n <= num_computed_tokens:
             return 0, False
         self._pending_loads[request.request_id] = (str(key), n)

@@ -174,11 +174,6 @@ def serve_argv(argv: Sequence[str]) -> list[str]:
         out.append(arg)
     if _flag_value(out, ("--host",)) is None and _flag_value(out, ("--uds",)) is None:
         out += ["--host", "127.0.0.1"]
-    if (_resilience_requested(out) and parallel_sizes(out)["dp"] > 1
-            and _flag_value(out, ("--api-server-count", "-asc")) is None):
-        # Failover keeps the surviving engines in the API server that owns them; with
-        # several API server processes vLLM's launcher tears everything down instead.
-        out += ["--api-server-count", "1"]
     return out
 
 

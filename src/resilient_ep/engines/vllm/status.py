@@ -12,6 +12,7 @@ The answer has the reference runtime's shape::
      "uncovered_experts": [],          # [layer, expert] pairs with no live replica
      "num_experts": 8,
      "failovers": [{"dp_rank": 1, "readmitted": 2, "epoch": 1, ...}],   # with failover
+     "in_flight": [2, 2],              # this API server's requests per DP rank
      "counters": [{"dp_rank": 0, "fallback_recoveries": 0, "fallback_requests_recomputed": 0,
                    "workers": [{"step_reruns": 1, "kv": {"external_hit_tokens": 64, ...}}]}]}
 
@@ -86,13 +87,17 @@ def build_status(infos: list[dict[str, Any]], epoch: int = 0,
             "uncovered_experts": uncovered, "num_experts": num_experts}
 
 
-async def query_rank_infos(engine_client: Any, timeout_s: float = RPC_TIMEOUT_S) -> list[dict]:
-    """Ask every worker of every engine (all DP ranks, not only the first)."""
+async def query_rank_infos(engine_client: Any, timeout_s: float = RPC_TIMEOUT_S,
+                           skip: set[int] = frozenset()) -> list[dict]:
+    """Ask every worker of every engine (all DP ranks, not only the first), except the DP
+    ranks in ``skip`` (lost: they would never answer)."""
     core = engine_client.engine_core
-    call_all = getattr(core, "call_utility_all_async", None)
-    if call_all is not None:
-        per_engine = await asyncio.wait_for(
-            call_all("collective_rpc", RANK_INFO_METHOD, timeout_s, (), None), timeout_s)
+    engines = getattr(core, "core_engines", None)
+    if engines is not None and hasattr(core, "_call_utility_async"):
+        calls = [core._call_utility_async("collective_rpc", RANK_INFO_METHOD, timeout_s, (), None,
+                                          engine=e)
+                 for i, e in enumerate(engines) if i not in skip]
+        per_engine = await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
     else:  # in-process engine core
         per_engine = [await asyncio.wait_for(
             engine_client.collective_rpc(RANK_INFO_METHOD, timeout=timeout_s), timeout_s)]
@@ -108,6 +113,13 @@ async def query_counters(core: Any, timeout_s: float = RPC_TIMEOUT_S) -> list[di
         *[core._call_utility_async(COUNTERS_METHOD, engine=e) for e in engines],
         return_exceptions=True), timeout_s)
     return [r if isinstance(r, dict) else {"error": repr(r)} for r in got]
+
+
+def _lost_rank_infos(infos: list[dict], lost: set[int]) -> list[dict]:
+    """Placeholders for the workers of lost DP ranks nobody asked before they died."""
+    tp = 1 + max((int(i["tp_rank"]) for i in infos), default=0)
+    return [{"dp_rank": d, "tp_rank": t, "ep_rank": d * tp + t, "pid": 0, "engine_pid": 0,
+             "local_experts": []} for d in sorted(lost) for t in range(tp)]
 
 
 class ResilienceStatusMiddleware:
@@ -135,13 +147,20 @@ class ResilienceStatusMiddleware:
             await _respond(send, 503, {"error": "engine not ready"})
             return
         try:
+            core = getattr(engine_client, "engine_core", None)
             async with self._lock:
                 if self._infos is None:
-                    self._infos = await query_rank_infos(engine_client)
-            core = getattr(engine_client, "engine_core", None)
+                    # A rank lost before this API server first asked answers no more: it is
+                    # listed from what the others know (DP rank, dead), without pids.
+                    lost = set(getattr(core, "resilient_dead", ()))
+                    infos = await query_rank_infos(engine_client, skip=lost)
+                    self._infos = infos + _lost_rank_infos(infos, lost)
             body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)),
                                 dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
             body["failovers"] = list(getattr(core, "resilient_events", []))
+            inflight = getattr(core, "engine_inflight", None)
+            if inflight is not None:  # this API server's requests in flight, per DP rank
+                body["in_flight"] = [int(inflight[e]) for e in core.core_engines]
             if getattr(core, "resilient_events", None) is not None:
                 body["counters"] = await query_counters(core)
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer

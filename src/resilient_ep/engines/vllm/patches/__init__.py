@@ -50,6 +50,7 @@ FAILOVER_PATCHES = (
     "resilient_ep.engines.vllm.patches.dp_client_failover",
     "resilient_ep.engines.vllm.patches.cpu_moe_opaque_op",
     "resilient_ep.engines.vllm.patches.worker_step_rerun",
+    "resilient_ep.engines.vllm.patches.engine_manager_failover",
 )
 
 _MARK = "__resilient_ep_patch__"

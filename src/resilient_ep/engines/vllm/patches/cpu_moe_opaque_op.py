@@ -60,7 +60,7 @@ def apply() -> None:
         from vllm.config import get_current_vllm_config
         from vllm.platforms import current_platform
 
-        from ..groups import failover_enabled
+        from ..instance import failover_enabled
 
         if not (current_platform.is_cpu() and failover_enabled(get_current_vllm_config())):
             return original(self)

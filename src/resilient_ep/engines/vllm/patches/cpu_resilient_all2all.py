@@ -44,7 +44,8 @@ def install_manager(comm) -> bool:
 
     from .. import replicas
     from ..all2all import ResilientAll2AllManager
-    from ..groups import failover_enabled, worker_group
+    from ..groups import worker_group
+    from ..instance import failover_enabled
 
     if comm.all2all_manager is None:
         return False

@@ -5,12 +5,11 @@ Why: ``MPClient.start_engine_core_monitor`` shuts every engine core down when on
 ``EngineCoreClient.make_async_mp_client`` (called from ``AsyncLLM.__init__``); no hook selects
 another class.
 
-How: when resilience is on with DP > 1 and EP, internal load balancing and one API server
-process, the factory returns
-:class:`~resilient_ep.engines.vllm.frontend.ResilientDPLBAsyncMPClient` (a subclass: keeps the
-live engines, routes around the dead one, re-admits its requests). With several API server
-processes (vLLM's default for DP; ``resilient-ep serve`` passes ``--api-server-count 1``) it
-logs that failover is off and returns vLLM's client.
+How: when resilience is on with DP > 1 and EP and internal load balancing, the factory
+returns :class:`~resilient_ep.engines.vllm.frontend.ResilientDPLBAsyncMPClient` (a subclass:
+follows the instance's membership, routes around a dead rank, re-admits its requests), in
+every API server process (vLLM's default for DP is one per DP rank; each follows the
+launcher's liveness monitor, see ``liveness.py`` and ``vllm-engine-manager-failover``).
 """
 
 from __future__ import annotations
@@ -52,18 +51,17 @@ def apply() -> None:
     @functools.wraps(original)
     def make_async_mp_client(vllm_config, executor_class, log_stats, client_addresses=None,
                              client_count=1, client_index=0, renderer=None):
-        from ..groups import failover_enabled
+        from ..instance import failover_enabled
 
         pc = vllm_config.parallel_config
         if failover_enabled(vllm_config) and not pc.data_parallel_external_lb:
-            if client_count == 1:
-                from ..frontend import ResilientDPLBAsyncMPClient
+            from ..frontend import ResilientDPLBAsyncMPClient
 
-                return ResilientDPLBAsyncMPClient(
-                    vllm_config, executor_class, log_stats, client_addresses, client_count,
-                    client_index, renderer=renderer)
-            log.warning("resilient-ep: %d API server processes: engine-rank failover is off "
-                        "(run with --api-server-count 1)", client_count)
+            # One API server or several: each follows the instance's membership
+            # (liveness.py) and re-admits its own requests.
+            return ResilientDPLBAsyncMPClient(
+                vllm_config, executor_class, log_stats, client_addresses, client_count,
+                client_index, renderer=renderer)
         return original(vllm_config, executor_class, log_stats, client_addresses,
                         client_count, client_index, renderer)
 

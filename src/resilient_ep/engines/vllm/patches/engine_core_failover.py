@@ -24,6 +24,7 @@ utility ``resilient_ep_counters`` (the status endpoint's ``counters``).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 from . import check_version, expect_signature, is_marked, mark
@@ -54,6 +55,13 @@ def check() -> None:
     expect_signature(NAME, dp._has_global_unfinished_reqs, ("self", "local_unfinished"))
     expect_signature(NAME, dp.run_busy_loop, ("self",))
     expect_signature(NAME, _proc_class()._send_engine_dead, ("self",))
+    expect_signature(NAME, _proc_class()._process_input_queue, ("self",))
+    for attr in ("has_coordinator", "current_wave", "output_queue"):
+        if attr not in dp.run_busy_loop.__code__.co_names and attr not in \
+                inspect.unwrap(dp.run_busy_loop).__code__.co_names:
+            from . import PatchError
+
+            raise PatchError(f"{NAME}: DPEngineCoreProc.run_busy_loop no longer uses {attr}")
     for attr in ("step_counter", "dp_sync_interval", "pending_pause", "ignore_start_dp_wave"):
         if attr not in dp.__init__.__code__.co_names and attr not in \
                 dp._has_global_unfinished_reqs.__code__.co_names:
@@ -70,10 +78,28 @@ def is_applied() -> bool:
 def _on(self) -> bool:
     flag = getattr(self, "_resilient_failover", None)
     if flag is None:
-        from ..groups import failover_enabled
+        from ..instance import failover_enabled
 
         flag = self._resilient_failover = failover_enabled(self.vllm_config)
     return flag
+
+
+def _lead_waves_for_a_dead_rank_0(engine, group, running: bool) -> None:
+    """vLLM's DP rank 0 tells the coordinator when a wave of work ends (``wave_complete``)
+    and when a new one starts (``start_wave``); the other ranks never do
+    (``run_busy_loop``). With rank 0 lost nobody would, and idle survivors would not be woken
+    for the dummy passes a busy rank's collectives need. So the lowest live rank says it
+    instead, exactly where rank 0 would have."""
+    if not engine.has_coordinator or 0 not in group.dead or engine.dp_rank == 0:
+        return
+    if engine.dp_rank != min(group.live):
+        return
+    from vllm.v1.engine import EngineCoreOutputs
+
+    if not running:
+        engine.output_queue.put_nowait((-1, EngineCoreOutputs(wave_complete=engine.current_wave)))
+    elif not getattr(engine, "_resilient_was_running", True) and not engine.pending_pause:
+        engine.output_queue.put_nowait((-1, EngineCoreOutputs(start_wave=engine.current_wave)))
 
 
 def apply() -> None:
@@ -126,7 +152,18 @@ def apply() -> None:
         if pauses == live:
             self.ignore_start_dp_wave = True
             self.pending_pause = False
+        _lead_waves_for_a_dead_rank_0(self, group, has_unfinished)
         return has_unfinished
+
+    orig_input = proc_cls_input = _proc_class().__dict__["_process_input_queue"]
+
+    @functools.wraps(orig_input)
+    def _process_input_queue(self):
+        # what run_busy_loop calls ``was_running`` (read by the wave bookkeeping below)
+        self._resilient_was_running = getattr(self, "engines_running", False)
+        return orig_input(self)
+
+    _proc_class()._process_input_queue = mark(_process_input_queue, NAME, proc_cls_input)
 
     orig_loop = dp.__dict__["run_busy_loop"]
 

@@ -49,7 +49,7 @@ def is_applied() -> bool:
 def _wanted() -> bool:
     from vllm.config import get_current_vllm_config
 
-    from ..groups import failover_enabled
+    from ..instance import failover_enabled
 
     try:
         cfg = get_current_vllm_config()

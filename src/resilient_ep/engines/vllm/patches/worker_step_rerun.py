@@ -75,10 +75,17 @@ def apply() -> None:
         self._resilient_applied = (scheduler_output, out)
         return out
 
+    from .. import faults
+
     @functools.wraps(orig_exec)
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         if not _active():
             return orig_exec(self, scheduler_output, intermediate_tensors)
+        if faults.enabled() and scheduler_output.total_num_scheduled_tokens:
+            from ..instance import instance_of
+
+            faults.maybe_raise(instance_of(self.vllm_config)[1],
+                               int(self.vllm_config.parallel_config.data_parallel_rank))
 
         def again():
             applied = getattr(self, "_resilient_applied", None)

@@ -1,0 +1,71 @@
+"""The processes of vLLM's engine ranks, for the liveness monitor: who they are, and how a rank
+is fenced.
+
+A rank is its engine-core process (``EngineCore_DP<r>``) and that process's children (its
+workers). vLLM's worker outlives a SIGKILLed engine core by seconds while it cleans up, and
+meanwhile the survivors' collectives wait on it; a SIGSTOPped rank would never exit. So a
+rank that is lost is fenced whole: every process of it SIGKILLed, children first. The
+children are counted once a second (:meth:`RankProcesses.census`) while the rank is alive,
+because a dead engine core's children are re-parented and can no longer be found from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import psutil
+
+__all__ = ["RankProcesses", "rank_of"]
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+
+def rank_of(proc, index: int) -> int:
+    """The DP rank of an engine-core process (from its name ``EngineCore_DP<r>``)."""
+    m = re.search(r"DP(\d+)", getattr(proc, "name", "") or "")
+    return int(m.group(1)) if m else index
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+class RankProcesses:
+    def __init__(self, procs: list):
+        self.by_rank = {rank_of(p, i): p for i, p in enumerate(procs)}
+        self._children: dict[int, list[psutil.Process]] = {}
+
+    def census(self) -> None:
+        """Record each live engine core's children (its workers)."""
+        for rank, proc in self.by_rank.items():
+            if proc.exitcode is None:
+                try:
+                    kids = psutil.Process(proc.pid).children(recursive=True)
+                except psutil.Error:
+                    continue
+                if kids:
+                    self._children[rank] = kids
+
+    def children(self, rank: int) -> list[psutil.Process]:
+        return list(self._children.get(rank, []))
+
+    def fence(self, rank: int, why: str) -> None:
+        """SIGKILL the rank whole: it must never wake up and serve what goes elsewhere."""
+        proc = self.by_rank[rank]
+        try:
+            parent = psutil.Process(proc.pid)
+            victims = [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:
+            victims = []
+        log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it", proc.name,
+                    proc.pid, why)
+        _kill([*self.children(rank), *victims])
+
+    def reap(self, rank: int) -> None:
+        """The rank's engine core is gone: its lingering workers go now."""
+        _kill(self.children(rank))

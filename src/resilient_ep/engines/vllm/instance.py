@@ -1,0 +1,53 @@
+"""Which vLLM instance this process belongs to, and where that instance's private sockets
+and files live.
+
+``--enable-resilience`` gives every instance an id (``additional_config["resilience"]
+["instance"]``, written by the front end, so every process of one instance and no other
+agrees on it). Its directory ``$TMPDIR/resilient-ep-<uid>/<instance>/`` holds the Unix
+sockets of its failover groups (``groups.py``), its liveness socket and membership feed
+(``liveness.py``) and the fault-injection triggers (``faults.py``). Single node: DP ranks on
+other hosts need TCP endpoints, not built yet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from resilient_ep.config import ResilienceConfig
+
+from .config import resilience_config, resilience_settings
+
+__all__ = ["instance_of", "failover_enabled", "instance_dir", "endpoints"]
+
+
+def instance_of(vllm_config: Any) -> tuple[ResilienceConfig, str] | None:
+    extra = getattr(vllm_config, "additional_config", None)
+    raw = resilience_settings(extra)
+    if raw is None or not raw.get("instance"):
+        return None  # off, or not normalized by our front end
+    cfg = resilience_config(extra)
+    return (cfg, str(raw["instance"])) if cfg is not None else None
+
+
+def failover_enabled(vllm_config: Any) -> bool:
+    """Resilience on, data parallel > 1 and expert parallel: the failover path applies."""
+    if os.environ.get("RESILIENT_EP_VLLM_FAILOVER", "1") == "0":
+        return False  # the benchmark's "off" arm: vLLM's own datapath, EP patches only
+    pc = vllm_config.parallel_config
+    return (instance_of(vllm_config) is not None and int(pc.data_parallel_size) > 1
+            and bool(pc.enable_expert_parallel))
+
+
+def instance_dir(instance: str) -> Path:
+    """This instance's private directory (its Unix sockets, fault-injection triggers)."""
+    root = Path(tempfile.gettempdir()) / f"resilient-ep-{os.getuid()}" / instance
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def endpoints(instance: str, kind: str, size: int) -> list[str]:
+    root = instance_dir(instance)
+    return [f"ipc://{root}/{kind}-{r}" for r in range(size)]

