@@ -76,7 +76,8 @@ def test_enable_flag(tiny_model):
     from resilient_ep.engines.vllm.cli_args import STATUS_MIDDLEWARE
 
     args, ea = _engine_args(["--model", str(tiny_model), "--enable-resilience"])
-    assert ea.additional_config["resilience"] == {"enabled": True}
+    section = dict(ea.additional_config["resilience"])
+    assert section.pop("instance") and section == {"enabled": True}
     assert args.middleware == [STATUS_MIDDLEWARE]
     ea2 = type(ea).from_cli_args(args)  # a second API server process parses again
     assert args.middleware == [STATUS_MIDDLEWARE] and ea2.additional_config == ea.additional_config
@@ -98,6 +99,23 @@ def test_yaml_and_overrides(tiny_model, tmp_path):
     assert cfg.detector.heartbeat_timeout_ms == 100.0
     assert cfg.placement.redundant_slots_per_rank == 2
     assert cfg.kv_checkpoint.interval_tokens == 8
+
+
+def test_every_api_server_rebuilds_the_same_resilience_config(tiny_model):
+    """vLLM's launcher hands its parsed ``args`` to each API server process, which builds its
+    engine args again: the flags must survive that, with one instance id for all."""
+    import copy
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args, ea = _engine_args(["--model", str(tiny_model), "--enable-resilience",
+                             "--resilience-set", "detector.heartbeat_timeout_ms=900"])
+    instance = ea.additional_config["resilience"]["instance"]
+    assert instance and args.additional_config == ea.additional_config
+    again = AsyncEngineArgs.from_cli_args(copy.deepcopy(args))  # what an API server does
+    assert again.additional_config["resilience"]["instance"] == instance
+    assert again.additional_config["resilience"]["overrides"] == [
+        "detector.heartbeat_timeout_ms=900"]
 
 
 def test_additional_config_json(tiny_model):

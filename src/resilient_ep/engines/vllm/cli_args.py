@@ -24,7 +24,7 @@ import functools
 import os
 from typing import Any
 
-from .config import KEY, is_enabled, normalize
+from .config import KEY, is_enabled, new_instance_id, normalize
 
 __all__ = ["install", "is_installed", "STATUS_MIDDLEWARE", "WORKER_EXTENSION"]
 
@@ -67,7 +67,8 @@ def merge_flags(args: argparse.Namespace, additional_config: dict[str, Any] | No
     if path:
         section["config_file"] = str(path)
     if overrides:
-        section["overrides"] = list(section.get("overrides") or []) + overrides
+        have = list(section.get("overrides") or [])
+        section["overrides"] = have + [o for o in overrides if o not in have]  # idempotent
     out[KEY] = section
     return out
 
@@ -138,6 +139,14 @@ def install() -> None:
             middleware = getattr(args, "middleware", None)
             if isinstance(middleware, list) and STATUS_MIDDLEWARE not in middleware:
                 middleware.append(STATUS_MIDDLEWARE)
+            # With several API servers, vLLM's launcher hands ``args`` to each of them and
+            # each builds its engine config again: they must all see resilience on, with the
+            # launcher's instance id (it names the instance's sockets).
+            section = engine_args.additional_config[KEY]
+            if not section.get("instance"):
+                section["instance"] = new_instance_id()
+            if hasattr(args, "additional_config"):
+                args.additional_config = engine_args.additional_config
         return engine_args
 
     orig_create = cls.__dict__["create_engine_config"]

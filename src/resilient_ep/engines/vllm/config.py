@@ -99,9 +99,13 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
     out = cfg.to_dict()
     # Names this instance's private sockets (the engines' failover groups); the same in every
     # process because the engine processes receive this dict from the front end.
-    out["instance"] = str(raw.get("instance") or uuid.uuid4().hex[:12])
+    out["instance"] = str(raw.get("instance") or new_instance_id())
     additional_config[KEY] = out
     return additional_config
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
