@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
-        from ..engines.vllm import bench_failover as vllm_bench
+        from . import bench_failover_vllm as vllm_bench
 
         return vllm_bench.main(args)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print

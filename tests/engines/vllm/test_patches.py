@@ -250,3 +250,17 @@ def test_expert_replicas_fall_back_to_vllm_when_not_applicable(monkeypatch):
     assert n == 8 and held.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]  # own block first, then rank 0's
     n, held, _ = emm.determine_expert_map(2, 1, 7)  # uneven: vLLM's own placement
     assert n == 3 and held.tolist() == [-1, -1, -1, -1, 0, 1, 2]
+
+
+def test_subclass_overrides_are_signature_checked():
+    from resilient_ep.engines.vllm.patches import expect_overrides
+
+    class Base:
+        def step(self, batch):
+            pass
+
+    expect_overrides("vllm-x", Base, {"step": ("self", "batch")})
+    with pytest.raises(PatchError, match="takes"):
+        expect_overrides("vllm-x", Base, {"step": ("self", "batch", "extra")})
+    with pytest.raises(PatchError, match="is gone"):
+        expect_overrides("vllm-x", Base, {"finish": ("self",)})

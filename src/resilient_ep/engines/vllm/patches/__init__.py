@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["PatchError", "CPU_EP_PATCHES", "FAILOVER_PATCHES", "apply_patches", "apply_when_imported",
+__all__ = ["expect_overrides", "PatchError", "CPU_EP_PATCHES", "FAILOVER_PATCHES", "apply_patches", "apply_when_imported",
            "applied_patches", "expect_signature", "mark", "is_marked", "vllm_version"]
 
 # The vLLM versions every patch here was checked against. Anything else fails loudly.
@@ -85,6 +85,16 @@ def expect_signature(name: str, func: Callable[..., Any], params: Iterable[str])
             f"{name}: {getattr(target, '__qualname__', target)} takes {got}, "
             f"the patch expects {want}; see patches/{name}.md"
         )
+
+
+def expect_overrides(name: str, base: type, methods: dict[str, Iterable[str]]) -> None:
+    """Our subclasses of vLLM classes are checked like patches: every method they override
+    or call must still exist on ``base`` with exactly these parameters."""
+    for method, params in methods.items():
+        func = getattr(base, method, None)
+        if func is None:
+            raise PatchError(f"{name}: {base.__qualname__}.{method} is gone; see patches/{name}.md")
+        expect_signature(name, func, params)
 
 
 def mark(func: Callable[..., Any], name: str, wrapped: Callable[..., Any] | None) -> Callable[..., Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from . import check_version, expect_signature, is_marked, mark
+from . import check_version, expect_overrides, expect_signature, is_marked, mark
 
 NAME = "vllm-cpu-resilient-all2all"
 TARGET_MODULE = "vllm.distributed.device_communicators.cpu_communicator"
@@ -28,9 +28,27 @@ def _target():
     return CpuCommunicator
 
 
+# What ResilientAll2AllManager (all2all.py) overrides or relies on in AgRsAll2AllManager.
+OVERRIDES = {
+    "__init__": ("self", "cpu_group", "tcp_store_group"),
+    "dispatch_router_logits": ("self", "hidden_states", "router_logits", "is_sequence_parallel",
+                               "extra_tensors"),
+    "dispatch": ("self", "hidden_states", "topk_weights", "topk_ids", "is_sequence_parallel",
+                 "extra_tensors"),
+    "combine": ("self", "hidden_states", "is_sequence_parallel"),
+    "allocate_combine_input": ("self", "shape", "dtype", "device", "is_sequence_parallel"),
+    "combine_into_output": ("self", "hidden_states", "output", "is_sequence_parallel"),
+    "_get_sizes": ("self", "num_local_tokens", "comm_group"),
+    "_get_comm_group": ("self", "is_sequence_parallel"),
+}
+
+
 def check() -> None:
     check_version(NAME)
     expect_signature(NAME, _target().__init__, _PARAMS)
+    from vllm.distributed.device_communicators.all2all import AgRsAll2AllManager
+
+    expect_overrides(NAME, AgRsAll2AllManager, OVERRIDES)
 
 
 def is_applied() -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from . import check_version, expect_signature, is_marked, mark
+from . import check_version, expect_overrides, expect_signature, is_marked, mark
 
 NAME = "vllm-dp-client-failover"
 TARGET_MODULE = "vllm.v1.engine.core_client"
@@ -33,9 +33,25 @@ def _target():
     return EngineCoreClient
 
 
+# What ResilientDPLBAsyncMPClient (frontend.py) overrides or relies on in DPLBAsyncMPClient.
+OVERRIDES = {
+    "__init__": ("self", "vllm_config", "executor_class", "log_stats", "client_addresses",
+                 "client_count", "client_index", "renderer"),
+    "start_engine_core_monitor": ("self",),
+    "get_core_engine_for_request": ("self", "request"),
+    "add_request_async": ("self", "request"),
+    "abort_requests_async": ("self", "request_ids"),
+    "process_engine_outputs": ("self", "outputs"),
+    "_call_utility_async": ("self", "method", "args", "engine"),
+}
+
+
 def check() -> None:
     check_version(NAME)
     expect_signature(NAME, _target().make_async_mp_client, _PARAMS)
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+    expect_overrides(NAME, DPLBAsyncMPClient, OVERRIDES)
 
 
 def is_applied() -> bool:
