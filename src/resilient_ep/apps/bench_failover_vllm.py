@@ -317,6 +317,7 @@ def run_context(model: Path, workdir: Path, length: int, args, n: int, max_token
             readmitted_tokens = sum(int(e.get("readmitted_tokens", 0)) for e in events)
             readmitted = sum(int(e.get("readmitted", 0)) for e in events)
             out[f"{kind}_stall_ms"] = _stall_s(failed, at) * 1000
+            out[f"{kind}_streams"] = [_stream_detail(o, at) for o in failed]
             out[f"{kind}_detect_ms"] = ((events[0]["handled_monotonic"] - at) * 1000
                                         if events else None)
             out[f"{kind}_outputs_equal"] = all(a.get("tokens") == b.get("tokens")

@@ -51,9 +51,14 @@ def is_applied() -> bool:
 
 
 def _active() -> bool:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
     from ..groups import current_worker_group
 
-    return current_worker_group() is not None
+    # With TP > 1 the TP workers of one rank may learn of the loss in different layers while
+    # gloo TP collectives sit between them: a re-run could pair one worker's first collective
+    # with its peer's pending one. There the step goes to the engine core's preemption.
+    return current_worker_group() is not None and get_tensor_model_parallel_world_size() == 1
 
 
 def apply() -> None:
