@@ -24,7 +24,7 @@ from vllm_harness import PROMPTS, Server, engine_env, stream_completion
 pytestmark = pytest.mark.engine
 
 SERVE_TIMEOUT_S = 600
-TOKENS = 160
+TOKENS = 480
 TOKENS_BEFORE_KILL = 16
 SECOND_KILL_AFTER_S = 0.05
 

@@ -18,7 +18,7 @@ Out of tree, through vLLM's own hook::
   ``kv_transfer_params={"resilient_restore": KEY}`` (``KEY``: the original request's
   ``resilient_id``, or its vLLM request id) and its prompt plus the tokens already streamed.
   ``get_num_new_matched_tokens`` finds the checkpoint, checks it was made from the same tokens
-  and reports its block-aligned length as external tokens; vLLM allocates the blocks and the
+  and reports its length as external tokens (the last block may be partial); vLLM allocates the blocks and the
   worker writes the checkpoint into them before the forward (``start_load_kv``); vLLM computes
   only the rest. Blocks that fail their checksum are reported through
   ``get_block_ids_with_load_errors`` and vLLM recomputes them.
@@ -118,7 +118,9 @@ class ResilientKVConnector(KVConnectorBase_V1):
                 seen.append(f"{loc}: " + ("none" if m is None else f"{m.num_tokens} tokens, no match"))
                 continue
             best = max(best, m.num_tokens)
-        n = (min(best, len(tokens) - 1) // self.block_size) * self.block_size
+        # Every verified token: the last block may be partial (its first n % block_size
+        # slots hold the checkpoint; vLLM computes the rest of it).
+        n = min(best, len(tokens) - 1)
         log.info("resilient-ep: restore of %s: checkpoint of %d of its %d tokens, %d to load "
                  "(%s)", key, best, len(tokens), max(0, n - num_computed_tokens),
                  "; ".join(seen) or "found")
@@ -198,20 +200,25 @@ class ResilientKVConnector(KVConnectorBase_V1):
                 results = [r for r in self.ckpt.restored() if r.rid == key]
                 if not results:
                     time.sleep(0.0005)
-            nb = n // self.block_size
-            got = 0
+            nb = -(-n // self.block_size)  # blocks holding the n tokens (the last maybe partial)
+            # All n tokens verified: every block is used. Fewer (a torn or missing copy): the
+            # whole blocks below them are, and vLLM recomputes from the first one that is not.
+            restored, good = 0, 0
             if results and results[0].blocks is not None:
                 res = results[0]
-                got = min(nb, res.restored_tokens // self.block_size)
-                if got:
-                    self.view.write(torch.tensor(block_ids[:got]), res.blocks[:got])
-                # Only whole blocks were written: re-save from there (the rest is computed now).
-                self.ckpt.track_restored(dataclasses.replace(res, restored_tokens=got * self.block_size),
+                if res.restored_tokens >= n:
+                    restored, good = n, nb
+                else:
+                    good = res.restored_tokens // self.block_size
+                    restored = good * self.block_size
+                if good:
+                    self.view.write(torch.tensor(block_ids[:good]), res.blocks[:good])
+                self.ckpt.track_restored(dataclasses.replace(res, restored_tokens=restored),
                                          tokens, block_ids)
-            self._load_errors.update(block_ids[got:nb])
+            self._load_errors.update(block_ids[good:nb])
             self.stats["loads"] += 1
-            self.stats["external_hit_tokens"] += got * self.block_size
-            self.stats["load_errors"] += nb - got
+            self.stats["external_hit_tokens"] += restored
+            self.stats["load_errors"] += nb - good
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
