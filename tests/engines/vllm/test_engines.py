@@ -59,10 +59,11 @@ def tp2_ep(workdir, tiny_model):
 
 @pytest.fixture(scope="module")
 def dp2_server(workdir, tiny_model):
-    """``resilient-ep serve --engine vllm`` with DP=2 + EP, ``--enable-resilience`` and a
-    YAML file (the launcher adds ``--api-server-count 1``: failover lives in the API server
-    that owns the engines). The failover test at the end of this module kills one of its
-    engine ranks: tests that need both ranks come first."""
+    """``resilient-ep serve --engine vllm`` with DP=2 + EP, ``--enable-resilience``, a YAML file
+    and one API server (the configuration where the API server owns the engines and runs the
+    liveness monitor itself; vLLM's default of one API server per DP rank is tested in
+    ``test_failover_api_servers.py``). The failover test at the end of this module kills one
+    of its engine ranks: tests that need both ranks come first."""
     cfg = workdir / "resilience.yaml"
     # Hang detection off the critical path here: 2 cores, 3+ busy processes (a SIGKILL is
     # seen through the sockets at once).
@@ -70,8 +71,9 @@ def dp2_server(workdir, tiny_model):
                    "    heartbeat_timeout_ms: 10000\n")
     trace = workdir / "dp2.trace.jsonl"
     server = Server(tiny_model, ["--dtype", "float32", "--enforce-eager", "--max-model-len",
-                                 "512", "--max-num-seqs", "8", "--seed", "0",
+                                 "1024", "--max-num-seqs", "8", "--seed", "0",
                                  "--data-parallel-size", "2", "--enable-expert-parallel",
+                                 "--api-server-count", "1",
                                  "--enable-resilience", "--resilience-config", str(cfg)],
                     workdir / "dp2.log", engine_env(trace))
     try:
@@ -176,7 +178,8 @@ def test_dp2_plugin_active_in_every_serve_process(dp2_server):
 
 
 # ---------------------------------------------------------------- failover (kills a rank: last)
-FAILOVER_TOKENS = 160
+FAILOVER_TOKENS = 800  # the engine must still be generating when the client (which can lag
+# seconds behind on 2 shared cores) has its first tokens
 
 
 def test_dp2_sigkill_engine_rank_every_request_completes_unchanged(dp2_server):
