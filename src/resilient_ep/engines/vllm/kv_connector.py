@@ -187,7 +187,7 @@ class ResilientKVConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, ResilientKVConnectorMetadata)
-        if getattr(meta, "started", False):
+        if meta.started:
             return  # a step re-run in place (step_rerun.py): its loads landed the first time
         meta.started = True
         for key in meta.forgets:

@@ -50,15 +50,24 @@ def is_applied() -> bool:
     return is_marked(runner.__dict__.get("execute_model"), NAME)
 
 
-def _active() -> bool:
-    from vllm.distributed import get_tensor_model_parallel_world_size
+_tp1: bool | None = None  # TP = 1 in this worker (asked once: it never changes)
 
+
+def _active() -> bool:
+    global _tp1
     from ..groups import current_worker_group
 
-    # With TP > 1 the TP workers of one rank may learn of the loss in different layers while
-    # gloo TP collectives sit between them: a re-run could pair one worker's first collective
-    # with its peer's pending one. There the step goes to the engine core's preemption.
-    return current_worker_group() is not None and get_tensor_model_parallel_world_size() == 1
+    if current_worker_group() is None:
+        return False
+    if _tp1 is None:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        # With TP > 1 the TP workers of one rank may learn of the loss in different layers
+        # while gloo TP collectives sit between them: a re-run could pair one worker's first
+        # collective with its peer's pending one. There the step goes to the engine core's
+        # preemption.
+        _tp1 = get_tensor_model_parallel_world_size() == 1
+    return _tp1
 
 
 def apply() -> None:
