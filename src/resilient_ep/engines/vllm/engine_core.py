@@ -59,12 +59,10 @@ def fence_self(vllm_config, why: str) -> None:
 
     dp_rank = vllm_config.parallel_config.data_parallel_rank
     log.error("resilient-ep: engine rank DP%s fences itself: %s", dp_rank, why)
+    from .fencing import kill_all
+
     try:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
+        kill_all(psutil.Process().children(recursive=True))
     except psutil.Error:
         pass
     os._exit(70)

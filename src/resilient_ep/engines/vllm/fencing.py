@@ -16,7 +16,7 @@ import re
 
 import psutil
 
-__all__ = ["RankProcesses", "rank_of"]
+__all__ = ["RankProcesses", "kill_all", "rank_of"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
@@ -27,7 +27,8 @@ def rank_of(proc, index: int) -> int:
     return int(m.group(1)) if m else index
 
 
-def _kill(procs) -> None:
+def kill_all(procs) -> None:
+    """SIGKILL each of ``procs`` (psutil processes); those already gone are skipped."""
     for p in procs:
         try:
             p.kill()
@@ -64,8 +65,8 @@ class RankProcesses:
             victims = []
         log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it", proc.name,
                     proc.pid, why)
-        _kill([*self.children(rank), *victims])
+        kill_all([*self.children(rank), *victims])
 
     def reap(self, rank: int) -> None:
         """The rank's engine core is gone: its lingering workers go now."""
-        _kill(self.children(rank))
+        kill_all(self.children(rank))
