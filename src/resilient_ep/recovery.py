@@ -110,19 +110,26 @@ class RecoveryOrchestrator:
         self._last = replan(layout, [])
         self.config = config or ResilienceConfig()
         self.uncovered: set[tuple[int, int]] = set()
+        self._planned: set[int] = set()
+        """Ranks whose loss has been planned for (until they join again)."""
 
     def on_failure(self, ranks: Iterable[int], kind: str, owners: Mapping[str, int],
                    load=None) -> RecoveryPlan | None:
         """Plan recovery from ``ranks`` failing (``kind`` crash|hang). ``owners``: the running
-        requests' current owner ranks. None when nothing changed (ranks already out)."""
+        requests' current owner ranks. The ranks may still be live in the membership (they are
+        failed here: one epoch bump) or already out of it (the instance's liveness authority
+        recorded the loss first). None when every one of them was planned for already."""
         if kind not in ("crash", "hang"):
             raise ValueError(f"kind must be 'crash' or 'hang', got {kind!r}")
-        ranks = tuple(sorted(set(ranks)))
-        before = self.membership.epoch
+        ranks = tuple(sorted(set(ranks) - self._planned))
+        if not ranks:
+            return None
         state = RankState.DEAD if kind == "crash" else RankState.FENCED
         view = self.membership.fail(ranks, state=state)
-        if view.epoch == before:
+        ranks = tuple(r for r in ranks if not view.is_live(r))
+        if not ranks:
             return None
+        self._planned |= set(ranks)
         out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
         if not view.live_ranks:
             return RecoveryPlan(view, ranks, kind, self.layout, self._last, sorted(self.uncovered),
@@ -144,6 +151,7 @@ class RecoveryOrchestrator:
         in the initial layout (what it loaded)."""
         ranks = tuple(sorted(set(ranks)))
         view = self.membership.join(ranks)
+        self._planned -= set(ranks)
         rows = self.physical.physical_to_logical.clone()
         for r in ranks:  # a joined rank loaded its initial slots
             sl = list(self.initial_layout.slots_of_rank(r))

@@ -4,6 +4,7 @@ reported by a peer group, malformed traffic dropped, and a subscriber in another
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -107,3 +108,71 @@ def test_exit_hang_report_and_subscriber(ranks):
         sub.stop()
         mon.stop()
     assert mon.errored() is None
+
+
+def test_subscriber_keeps_the_authoritys_epochs(tmp_path):
+    """A replica takes each loss at the epoch its authority gave it, even where its own count
+    would differ (the authority's epoch also moves for joins), and drops malformed lists."""
+    ep = f"ipc://{tmp_path}/membership"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(ep)
+    replica = Membership(4)
+    followed = []
+    sub = MembershipSubscriber(ep, replica, followed.append).start()
+    losses = [{"rank": 2, "cause": "exit", "exitcode": -9, "detected_monotonic": 1.0, "epoch": 3},
+              {"rank": 0, "cause": "hang", "exitcode": -9, "detected_monotonic": 2.0, "epoch": 5}]
+    try:
+        deadline = time.monotonic() + 10
+        while len(followed) < 2 and time.monotonic() < deadline:
+            pub.send(b"not json")
+            pub.send(json.dumps({"losses": [{"rank": "x"}]}).encode())
+            pub.send(json.dumps({"losses": losses}).encode())
+            time.sleep(0.05)
+        assert [(x.rank, x.epoch) for x in followed] == [(2, 3), (0, 5)]
+        assert replica.epoch == 5
+        assert replica.state(2) is RankState.DEAD and replica.state(0) is RankState.FENCED
+        assert sub.dropped >= 2
+    finally:
+        sub.stop()
+        pub.close(linger=0)
+
+
+def test_tracker_decisions_without_threads():
+    """The authority's decisions on their own (the reference coordinator's use): a fence is
+    the loss itself (``out_at_fence``), losses seen together share one epoch, foreign and
+    malformed beacons are dropped, and a rank taken back is watched afresh."""
+    from resilient_ep.liveness import LivenessTracker
+
+    m = Membership(4)
+    fenced = []
+    t = LivenessTracker(m, range(4), detector=DET, out_at_fence=True,
+                        fence=lambda r, why: fenced.append(r))
+    for r in range(4):
+        t.watch(r, now=0.0)
+    for now in (0.1, 0.2, 0.3):
+        for r in (0, 1, 2):  # rank 3 stays silent
+            assert t.beacon(f"{r} {100 + r}".encode(), now) == ("alive", r, 100 + r)
+        assert t.poll(now) == []
+    for junk in (b"9 1", b"x", b"dead 7 0"):
+        assert t.beacon(junk, 0.3) is None
+    assert t.dropped == 3
+    [hang] = t.poll(0.45)  # 450 ms since rank 3 was last heard: past the 400 ms timeout
+    assert (hang.rank, hang.cause, hang.kind, hang.epoch) == (3, "hang", "hang", 1)
+    assert fenced == [3] and m.state(3) is RankState.FENCED
+    t.disconnected(0, 0.46)
+    t.disconnected(1, 0.46)
+    both = t.poll(0.47)
+    assert [(x.rank, x.kind, x.epoch) for x in both] == [(0, "crash", 2), (1, "crash", 2)]
+    assert t.exited(0) == [] and t.poll(0.48) == []  # already out: nothing more
+    # rank 3 woke up and was taken back: watched again, silent again, fenced again
+    m.begin_join([3])
+    m.join([3])
+    t.watch(3, now=1.0)
+    got = []  # (the first poll after a pause shifts every deadline by the pause: the
+    #           detector's guard against blaming ranks for its own host's stall)
+    for now in [1.0 + i / 10 for i in range(1, 15)]:  # rank 2 beacons, rank 3 is silent
+        t.beacon(b"2 102", now)
+        got += t.poll(now)
+    [again] = got
+    assert (again.rank, again.epoch) == (3, 4) and t.losses[-1] == again

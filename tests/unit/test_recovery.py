@@ -24,6 +24,19 @@ def test_crash_fences_reroutes_and_migrates_to_least_loaded():
     assert o.on_failure([1], "crash", owners) is None, "already out: nothing changes"
 
 
+def test_a_loss_the_liveness_authority_recorded_first_is_planned_once():
+    o = _orch()
+    o.membership.fail([1, 3], state=RankState.FENCED)  # the authority: one bump for both
+    plan = o.on_failure([1, 3], "hang", {"a": 1, "b": 3, "c": 0})
+    assert plan.view.epoch == 1 and plan.failed == (1, 3)
+    assert plan.migrations == {"a": 2, "b": 0}
+    assert o.on_failure([3], "hang", {}) is None
+    o.membership.begin_join([3])
+    o.on_join([3])
+    o.membership.fail([3])
+    assert o.on_failure([3], "crash", {"x": 3}).migrations == {"x": 0}
+
+
 def test_losing_both_replicas_is_reported_and_hang_fences():
     o = _orch()
     o.on_failure([1], "crash", {})

@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from resilient_ep.config import DetectorConfig
-from resilient_ep.membership import Membership, RankState
+from resilient_ep.membership import Membership, MembershipView, RankState
 from resilient_ep.transport import wire
 from resilient_ep.transport.group import GroupAborted, LiveGroup, PeerLost
 from resilient_ep.transport.zmq_transport import ZmqTransport, data_endpoint
@@ -263,6 +263,23 @@ def check_membership_authority(make):
     assert isinstance(_raised(gs[0].allgather, [torch.tensor([0])]), GroupAborted)
 
 
+def check_membership_replica(make):
+    """A group whose Membership replicates another process's authority writes nothing into
+    it: it acts on a loss it finds out at once (the collective completes over the survivors)
+    and reports the epoch the authority decides, when the replica learns it."""
+    m = Membership(3)
+    gs = make(3, "replica", memberships={0: m}, replica=True)
+    _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))
+    gs[2].shutdown()
+    for got, lost in _together(gs[:2], lambda g: _until_not_lost(g, [torch.tensor([g.rank])])):
+        assert len(lost) == 1 and _ranks(got) == {0: 0, 1: 1}
+    assert gs[0].dead == {2} and m.epoch == 0 and m.view().live_ranks == (0, 1, 2)
+    # the authority (elsewhere) fenced rank 2 at its epoch 4: the replica adopts it
+    m.adopt(MembershipView(4, (RankState.LIVE, RankState.LIVE, RankState.FENCED)))
+    gs[0].configure(4, {0, 1})
+    assert gs[0].epoch == 4 and gs[0].dead == {2} and m.epoch == 4
+
+
 def _raised(fn, *args, **kw):
     try:
         fn(*args, **kw)
@@ -275,13 +292,14 @@ def _live_groups(tmp_path):
     ctx = zmq.Context()
     made = []
 
-    def make(n, name, memberships=None):
+    def make(n, name, memberships=None, replica=False):
         eps = [f"ipc://{tmp_path}/{name}-{r}" for r in range(n)]
         gs = []
         try:
             for r in range(n):
                 gs.append(LiveGroup(name, r, eps, detector=FAST, ctx=ctx,
-                                    membership=(memberships or {}).get(r)))
+                                    membership=(memberships or {}).get(r),
+                                    membership_replica=replica))
         finally:
             made.extend(gs)
         return gs
@@ -297,8 +315,9 @@ GROUPS = [pytest.param(_live_groups, id="live_group_ipc")]
 
 
 @pytest.mark.parametrize("world", GROUPS)
-@pytest.mark.parametrize("check", [check_collective_group, check_membership_authority],
-                         ids=["collectives", "membership"])
+@pytest.mark.parametrize("check", [check_collective_group, check_membership_authority,
+                                   check_membership_replica],
+                         ids=["collectives", "membership", "replica"])
 def test_collective_group_conformance(tmp_path, world, check):
     make, close = world(tmp_path)
     try:

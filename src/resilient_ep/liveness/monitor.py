@@ -1,6 +1,5 @@
-"""The membership authority of one instance: :class:`LivenessMonitor`.
-
-Watches, in one thread:
+"""The membership authority of one instance as a thread of its own: :class:`LivenessMonitor`
+runs a :class:`~.tracker.LivenessTracker` (the decisions) and feeds it, in one thread:
 - each rank's process (its ``sentinel``): an exit is a loss (``cause="exit"``, or the cause
   of the fence that made it exit);
 - the liveness socket (:mod:`.beacons`): beacons feed the
@@ -27,35 +26,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import zmq
 
 from ..config import DetectorConfig
-from .detector import FailureDetector
-from ..membership import Membership, RankState
-from .beacons import parse_beacon
+from ..membership import Membership, MembershipView, RankState
+from .tracker import LivenessTracker, RankLoss
 
-__all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]
+__all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]  # RankLoss: from .tracker
 
 log = logging.getLogger(__name__)
 
 REPUBLISH_S = 1.0
 
 
-@dataclass(frozen=True)
-class RankLoss:
-    """One rank lost: how (``exit``, ``hang``, ``reported``), its exit code, when it was
-    detected (``time.monotonic()``, system-wide on Linux) and the epoch it started."""
-
-    rank: int
-    cause: str
-    exitcode: int | None
-    detected_monotonic: float
-    epoch: int
-
-
 class LivenessMonitor:
+    """A :class:`~.tracker.LivenessTracker` in a thread of its own, fed by the rank processes'
+    sentinels and the liveness socket (module docstring)."""
+
     def __init__(self, membership: Membership, procs: dict[int, object], *,
                  detector: DetectorConfig | None = None, beacon_endpoint: str | None = None,
                  publish_endpoint: str | None = None,
@@ -63,22 +52,29 @@ class LivenessMonitor:
                  tick: Callable[[], None] | None = None, name: str = "liveness"):
         self.membership = membership
         self.procs = dict(procs)
-        self.detector = FailureDetector([], detector or DetectorConfig())
+        self.tracker = LivenessTracker(membership, self.procs, detector=detector, fence=fence)
         self.beacon_endpoint = beacon_endpoint
         self.publish_endpoint = publish_endpoint
-        self._fence = fence
         self._tick = tick
-        self.losses: list[RankLoss] = []
-        self._listeners: list[Callable[[RankLoss], None]] = []
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._fenced: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"resilient-ep-{name}")
-        self.dropped = 0
+
+    @property
+    def detector(self):
+        return self.tracker.detector
+
+    @property
+    def losses(self) -> list[RankLoss]:
+        return self.tracker.losses
+
+    @property
+    def dropped(self) -> int:
         """Malformed or foreign messages on the liveness socket, dropped."""
+        return self.tracker.dropped
 
     def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
-        self._listeners.append(fn)
+        self.tracker.add_listener(fn)
 
     def start(self) -> "LivenessMonitor":
         self._thread.start()
@@ -98,13 +94,7 @@ class LivenessMonitor:
 
     def fence(self, rank: int, cause: str, why: str) -> None:
         """Fence ``rank`` now (once); its exit is then recorded with ``cause``."""
-        proc = self.procs.get(rank)
-        if proc is None or rank in self._fenced or self.membership.state(rank) is not RankState.LIVE:
-            return
-        self._fenced[rank] = cause
-        log.warning("resilient-ep: rank %d %s: fencing it", rank, why)
-        if self._fence is not None:
-            self._fence(rank, why)
+        self.tracker.fence(rank, cause, why)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -119,6 +109,7 @@ class LivenessMonitor:
                 pub = ctx.socket(zmq.PUB)
                 pub.setsockopt(zmq.LINGER, 500)
                 pub.bind(self.publish_endpoint)
+                self.tracker.add_listener(lambda _loss: self._publish(pub))
             self._loop(beacons, pub)
         except Exception as e:  # recorded; the host decides what a dead monitor means
             self._error = e
@@ -129,14 +120,14 @@ class LivenessMonitor:
                     s.close(linger=0)
 
     def _loop(self, beacons, pub) -> None:
+        tracker = self.tracker
         alive = {p.sentinel: (r, p) for r, p in self.procs.items()}
         poller = zmq.Poller()
         for s in alive:
             poller.register(s, zmq.POLLIN)
         if beacons is not None:
             poller.register(beacons, zmq.POLLIN)
-        heard: set[int] = set()
-        interval_ms = self.detector.config.heartbeat_interval_ms
+        interval_ms = tracker.detector.config.heartbeat_interval_ms
         next_tick = next_publish = 0.0
         while alive and not self._stop.is_set():
             ready = dict(poller.poll(interval_ms))
@@ -147,50 +138,20 @@ class LivenessMonitor:
             if beacons is not None and beacons in ready:
                 while True:
                     try:
-                        got = parse_beacon(beacons.recv(zmq.NOBLOCK))
+                        tracker.beacon(beacons.recv(zmq.NOBLOCK), now)
                     except zmq.Again:
                         break
-                    if got is None or got[1] not in self.procs:
-                        self.dropped += 1
-                        continue
-                    kind, rank, _ = got
-                    if kind == "dead":
-                        self.fence(rank, "reported", "was lost by its peers")
-                        continue
-                    if rank not in heard:  # watched from its first beacon on
-                        heard.add(rank)
-                        self.detector.reset(rank, now)
-                    self.detector.heartbeat(rank, now)
-            for suspicion in self.detector.poll(now):
-                self.fence(suspicion.rank, "hang", "stopped answering")
+            tracker.poll(now)
             for sentinel in [s for s in alive if s in ready]:
                 rank, proc = alive.pop(sentinel)
                 poller.unregister(sentinel)
                 join = getattr(proc, "join", None)
                 if join is not None:
                     join(timeout=1)  # reap it: exit code known, no zombie left
-                self.detector.forget(rank)
-                self._lost(rank, self._fenced.get(rank, "exit"), getattr(proc, "exitcode", None),
-                           now, pub)
+                tracker.exited(rank, getattr(proc, "exitcode", None), now)
             if pub is not None and now >= next_publish:
                 next_publish = now + REPUBLISH_S
                 self._publish(pub)
-
-    def _lost(self, rank: int, cause: str, exitcode, detected: float, pub) -> None:
-        state = RankState.DEAD if cause == "exit" else RankState.FENCED
-        before = self.membership.epoch
-        view = self.membership.fail([rank], state=state)
-        if view.epoch == before:
-            return
-        loss = RankLoss(rank, cause, exitcode, detected, view.epoch)
-        self.losses.append(loss)
-        if pub is not None:
-            self._publish(pub)
-        for fn in self._listeners:
-            try:
-                fn(loss)
-            except Exception:  # one listener must not stop the monitor
-                log.exception("resilient-ep: a liveness listener failed")
 
     def _publish(self, pub) -> None:
         try:
@@ -202,8 +163,9 @@ class LivenessMonitor:
 
 class MembershipSubscriber:
     """Follows a :class:`LivenessMonitor` of another process (``endpoint``): applies each
-    loss to this process's ``membership`` (same epochs) and calls ``on_loss(RankLoss)``, in
-    order, once each."""
+    loss to this process's ``membership`` with the monitor's epoch (a replica: every process
+    of the instance reports the same epoch for the same losses) and calls
+    ``on_loss(RankLoss)``, in order, once each."""
 
     def __init__(self, endpoint: str, membership: Membership,
                  on_loss: Callable[[RankLoss], None], *, poll_ms: int = 50):
@@ -244,6 +206,9 @@ class MembershipSubscriber:
                 for loss in items[self.seen:]:
                     state = RankState.DEAD if loss.cause == "exit" else RankState.FENCED
                     self.membership.fail([loss.rank], state=state)
+                    if loss.epoch > self.membership.epoch:
+                        self.membership.adopt(MembershipView(loss.epoch,
+                                                             self.membership.view().states))
                     self.seen += 1
                     try:
                         self.on_loss(loss)

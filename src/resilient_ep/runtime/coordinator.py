@@ -2,9 +2,12 @@
 balances requests (:mod:`.requests`) over them, detects failures and drives recovery.
 
 One thread (the *loop*) owns every socket: per-rank control PAIRs (with socket monitors: a
-SIGKILLed rank is seen in milliseconds), the heartbeat PULL (a silent rank is declared hung
-after ``detector.heartbeat_timeout_ms``) and a wake-up pipe for calls from other threads
-(``submit``, ``kill``, ``shutdown``). Recovery on a failure:
+SIGKILLed rank is seen in milliseconds), the liveness PULL (each rank's
+:class:`~resilient_ep.liveness.Beacon`) and a wake-up pipe for calls from other threads
+(``submit``, ``kill``, ``shutdown``). What it sees goes to the instance's membership
+authority, a :class:`~resilient_ep.liveness.LivenessTracker` (the decisions vLLM's front end
+runs too): a dropped connection is a crash, a rank silent for ``detector.heartbeat_timeout_ms``
+is fenced (a hang; it may wake up and be taken back). Recovery on each loss:
 
 1. membership: a new epoch, the rank ``dead`` (crash) or ``fenced`` (hang);
 2. routing: the layout replanned over the live ranks (``placement.replan``: nothing moves;
@@ -31,7 +34,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import ResilienceConfig, refuse_unsupported
 from ..membership import Membership, RankState
-from ..liveness.detector import FailureDetector
+from ..liveness import LivenessTracker, RankLoss
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
 from ..transport.zmq_transport import data_endpoint
@@ -153,7 +156,10 @@ class Coordinator:
             s.connect(spec["control"])
             self.ctl.append(s)
         self.ranks.await_ready(self.ctl, self.start_timeout_s)
-        self.detector = FailureDetector(range(self.num_ranks), self.config.detector)
+        self.liveness = LivenessTracker(self.membership, range(self.num_ranks),
+                                        detector=self.config.detector, out_at_fence=True)
+        for r in range(self.num_ranks):  # each rank is watched from its "ready" on
+            self.liveness.watch(r)
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
         self._thread.start()
         return self
@@ -286,23 +292,20 @@ class Coordinator:
                             self._on_rank_message(r, pickle.loads(s.recv()))
                 if self.hb in events:
                     while self.hb.poll(0):
-                        rank, pid, _step, _t = pickle.loads(self.hb.recv())
-                        self.detector.heartbeat(rank)
-                        if (self.membership.state(rank) is RankState.FENCED and pid == self.pids[rank]
-                                and self.config.recovery.readmit_fenced and self.resilience):
-                            self._readmit(rank)
+                        got = self.liveness.beacon(self.hb.recv())
+                        if (got is not None and got[0] == "alive" and self.resilience
+                                and self.membership.state(got[1]) is RankState.FENCED
+                                and got[2] == self.pids[got[1]]
+                                and self.config.recovery.readmit_fenced):
+                            self._readmit(got[1])
                 if not self.resilience:
                     continue
                 for r, m in enumerate(self.mon):
                     if m in events:
                         while m.poll(0):
                             if recv_monitor_message(m)["event"] == zmq.EVENT_DISCONNECTED:
-                                self.detector.disconnected(r)
-                found = self.detector.poll()
-                for kind in ("crash", "hang"):
-                    ranks = [s.rank for s in found if s.kind == kind]
-                    if ranks:
-                        self._on_failure(ranks, kind)
+                                self.liveness.disconnected(r)
+                self._on_losses(self.liveness.poll())
         except BaseException as e:  # surfaced through errored(); requests are failed below
             self._error = e
             for rec in list(self.requests.values()):
@@ -366,6 +369,13 @@ class Coordinator:
         rec.finish(error)
 
     # ------------------------------------------------------------------ recovery
+    def _on_losses(self, losses: list[RankLoss]) -> None:
+        """The authority recorded these losses (one epoch): plan and carry out the recovery."""
+        for kind in ("crash", "hang"):
+            ranks = [x.rank for x in losses if x.kind == kind]
+            if ranks:
+                self._on_failure(ranks, kind)
+
     def _on_failure(self, ranks: list[int], kind: str) -> None:
         owners = {rid: rec.owner for rid, rec in self.requests.items() if not rec.finished}
         plan = self.recovery.on_failure(ranks, kind, owners)
@@ -432,7 +442,7 @@ class Coordinator:
         plan = self.recovery.on_join([rank])
         with self._lock:
             self.uncovered = list(plan.uncovered)
-        self.detector.reset(rank)
+        self.liveness.watch(rank)
         self._layout_version += 1
         self._broadcast({"t": "membership", "epoch": plan.view.epoch, "version": self._layout_version,
                          "states": [s.value for s in plan.view.states],

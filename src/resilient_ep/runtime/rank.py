@@ -6,8 +6,9 @@ Started by the coordinator as ``python -m resilient_ep.runtime.rank SPEC_JSON``.
 - control: a PAIR bound at ``spec["control"]``; the coordinator connects to it (its socket
   monitor is how a crash is seen) and sends ``add`` / ``membership`` / ``shutdown``; the rank
   sends ``ready`` and per-step ``tokens``;
-- heartbeats: a thread pushes ``(rank, pid, step, time)`` to ``spec["heartbeat"]`` every
-  ``detector.heartbeat_interval_ms`` (a SIGSTOPped rank goes silent: a hang);
+- liveness: a :class:`~resilient_ep.liveness.Beacon` tells ``spec["heartbeat"]`` (the
+  coordinator's liveness socket) every ``detector.heartbeat_interval_ms`` that this rank is
+  alive, in the wire format every engine's ranks use (a SIGSTOPped rank goes silent: a hang);
 - data: :class:`~resilient_ep.transport.zmq_transport.ZmqTransport` for dispatch/combine.
 """
 
@@ -19,13 +20,13 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
 
 import torch
 import zmq
 
 from ..layout import ExpertLayout
+from ..liveness import Beacon
 from ..membership import MembershipView, RankState
 from ..routing import RoutingTable
 from ..transport.dispatch import MoEExchange, serve_dispatch
@@ -100,22 +101,6 @@ class Rank:
         self.stop = False
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
-        self._hb_stop = threading.Event()
-
-    # ------------------------------------------------------------------ heartbeats
-    def _heartbeat_loop(self) -> None:
-        sock = self.ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
-        sock.connect(self.spec["heartbeat"])
-        interval = self.spec["heartbeat_interval_ms"] / 1000.0
-        pid = os.getpid()
-        while not self._hb_stop.wait(interval):
-            try:
-                sock.send(pickle.dumps((self.rank, pid, self.step, time.time())), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-        sock.close(linger=0)
 
     # ------------------------------------------------------------------ control
     def _send_control(self, msg: dict) -> None:
@@ -328,10 +313,10 @@ class Rank:
         if missing:
             print(f"rank {self.rank}: peers {missing} never connected", file=sys.stderr)
             return 1
-        hb = None
+        beacon = None
         if self.resilience:
-            hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
-            hb.start()
+            beacon = Beacon(self.spec["heartbeat"], self.rank,
+                            self.spec["heartbeat_interval_ms"] / 1000.0)
         self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
         try:
             while not self.stop:
@@ -349,9 +334,8 @@ class Rank:
         except _Stopped:
             pass
         finally:
-            self._hb_stop.set()
-            if hb is not None:
-                hb.join(2)
+            if beacon is not None:
+                beacon.stop()
             if self.kvc is not None:
                 self.kvc.shutdown()
             self.transport.shutdown()

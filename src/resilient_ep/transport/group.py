@@ -19,6 +19,11 @@ Detection, per member process, while it waits in a collective:
   instance's membership authority in this process) is read on every pump: a rank that someone
   else took out of it is taken out of the group as if gossiped (cause ``'reported'``), and every
   death the group finds out is written into it (``fail``: DEAD for a crash, FENCED for a hang).
+  With ``membership_replica=True`` the Membership is a replica of an authority in another
+  process (a :class:`~resilient_ep.liveness.MembershipSubscriber` feeds it, with the
+  authority's epochs): the group reads it but writes nothing into it; what the group finds out
+  itself goes to the authority (a :class:`~resilient_ep.liveness.LossReporter` listener), so
+  every epoch the group reports is one the authority decided.
 
 Two collectives, ``allgather`` (the same tensors to every live member) and ``alltoall`` (one
 payload per member), each in two modes, because a step and a bookkeeping call fail
@@ -128,12 +133,14 @@ class LiveGroup:
     caller of ``configure`` when no collective runs).
 
     ``membership``: the membership authority of this process (``num_ranks == size``), fed with
-    every death the group finds out and read for the ones others decide (module docstring).
+    every death the group finds out and read for the ones others decide; with
+    ``membership_replica`` only read (module docstring).
     """
 
     def __init__(self, name: str, rank: int, endpoints: list[str], *,
                  detector: DetectorConfig | None = None, ctx: zmq.Context | None = None,
-                 tied_to_parent: bool = False, membership: Membership | None = None):
+                 tied_to_parent: bool = False, membership: Membership | None = None,
+                 membership_replica: bool = False):
         self.name = name
         self.rank = rank
         self.size = len(endpoints)
@@ -147,6 +154,7 @@ class LiveGroup:
         self.ctx = ctx or zmq.Context.instance()
         self.dead: frozenset[int] = frozenset()
         self._membership = membership
+        self._replica = membership_replica and membership is not None
         self._m_epoch = -1      # the membership epoch last read
         self._epoch = 0         # without a membership: the generation, raised by configure
         self._seq = 0           # strict collectives, reset on every generation change
@@ -245,7 +253,7 @@ class LiveGroup:
         m = self._membership
         if m is None:
             self._epoch = max(self._epoch + len(new), epoch)
-        elif write_back:
+        elif write_back and not self._replica:
             m.fail(sorted(new), state=RankState.FENCED if cause == "hang" else RankState.DEAD)
             if epoch > m.epoch:
                 m.adopt(MembershipView(epoch, m.view().states))
@@ -314,7 +322,7 @@ class LiveGroup:
             m = self._membership
             if m is None:
                 self._epoch = max(self._epoch, epoch)
-            elif epoch > m.epoch:
+            elif epoch > m.epoch and not self._replica:
                 m.adopt(MembershipView(epoch, m.view().states))
             if m is not None:
                 self._m_epoch = m.epoch

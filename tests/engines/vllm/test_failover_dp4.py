@@ -88,6 +88,11 @@ def test_wave_leader_and_a_second_rank_die_during_the_first_failover(server):
     assert after["uncovered_experts"] == []
     for engine in after["counters"]:  # survivors kept their KV
         assert engine["fallback_recoveries"] == 0, engine
+        # one epoch everywhere: each survivor's engine-core and worker groups run by the
+        # membership the front end reports (replicas of the one authority)
+        assert (engine["epoch"], engine["live"]) == (2, [1, 3]), engine
+        for worker in engine["workers"]:
+            assert (worker["epoch"], worker["live"]) == (2, [1, 3]), worker
 
     time.sleep(3.0)  # every survivor idle: a new wave has to be started without DP0
     again = _streams(server, [None, None, None, None])

@@ -23,11 +23,10 @@ from vllm_harness import Server, engine_env, stream_all
 pytestmark = pytest.mark.engine
 
 SERVE_TIMEOUT_S = 480
-TOKENS = 1000  # long enough that the engine is still generating when the client, which
-# can lag seconds behind on 2 shared cores, has TOKENS_BEFORE_KILL of them
+TOKENS = 1000
 HANG_TIMEOUT_MS = 3000
 BLOCK = 32  # the CPU attention backend's smallest block; a checkpoint restores whole blocks
-# Kill once every stream has this many tokens: each re-admitted request then has a
+# The victim fails at its 48th step that computes tokens: each of its requests then has a
 # checkpoint of at least one whole block to restore from.
 TOKENS_BEFORE_KILL = 48
 
@@ -68,45 +67,38 @@ def case(request, tmp_path_factory, tiny_model):
 VICTIM = 1
 
 
+FAULTS = {"worker-sigkill": "kill", "worker-raises": "raise", "worker-sigstop": "stop",
+          "engine-core-sigstop": "stop-engine"}
+
+
 def _stream_and_fail(name: str, srv: Server, instance: str):
-    """Stream every prompt, half of them pinned to each DP rank; once each stream has
-    ``TOKENS_BEFORE_KILL`` tokens, fail rank ``VICTIM`` as ``name`` says. Returns the streams
-    and the time of the failure."""
+    """Stream every prompt, half of them pinned to each DP rank, with rank ``VICTIM`` armed
+    to fail as ``name`` says at its ``TOKENS_BEFORE_KILL``-th step (``faults.py``: the
+    signal or the raise comes from inside the victim's worker, timed by the engine's progress
+    rather than by a client that may lag seconds behind). Returns the streams and the time
+    the fault fired."""
     import threading
     import time
 
-    from resilient_ep.engines.vllm.faults import trigger_path
+    from resilient_ep.engines.vllm import faults
     from vllm_harness import PROMPTS, stream_completion
 
     status = json.loads(srv.get("/resilience/status")[1])
     rank = next(r for r in status["ranks"] if r["dp_rank"] == VICTIM)
     engine, worker = psutil.Process(rank["engine_pid"]), psutil.Process(rank["pid"])
     assert worker in engine.children(recursive=True)
+    faults.arm(instance, VICTIM, FAULTS[name], after_steps=TOKENS_BEFORE_KILL)
     outs = [dict() for _ in PROMPTS]
     threads = [threading.Thread(target=stream_completion, args=(srv, p, TOKENS, o, i % 2))
                for i, (p, o) in enumerate(zip(PROMPTS, outs))]
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(
-                len(o.get("tokens", ())) >= TOKENS_BEFORE_KILL for o in outs):
-            time.sleep(0.005)
-        at = time.monotonic()
-        if name == "worker-sigkill":
-            worker.kill()
-        elif name == "worker-sigstop":
-            worker.suspend()
-        elif name == "engine-core-sigstop":
-            engine.suspend()
-        elif name == "worker-raises":  # polled by the worker at every step
-            trigger_path(instance, VICTIM).touch()
-        else:
-            raise ValueError(name)
-        assert all(len(o.get("tokens", ())) < TOKENS for o in outs), "raise TOKENS"
         for t in threads:
             t.join(timeout=300)
         assert not any(t.is_alive() for t in threads)
+        at = faults.fired_at(instance, VICTIM)
+        assert at is not None, f"the {name} fault never fired"
         return outs, at
     finally:  # never leave a stopped process behind
         for p in (engine, worker):
@@ -142,6 +134,9 @@ def test_rank_death_kinds_fail_over_with_kv_kept_and_restored(case):
     [worker] = counters["workers"]
     assert worker["step_reruns"] + worker["dummy_reruns"] >= 1, worker
     assert worker["reruns_exhausted"] == 0, worker
+    # One epoch everywhere: the survivor's failover groups run by the front end's membership.
+    assert (counters["epoch"], counters["live"]) == (1, [survivor]), counters
+    assert (worker["epoch"], worker["live"]) == (1, [survivor]), worker
     # The dead rank's requests resumed from their checkpoints (whole blocks).
     kv = worker["kv"]
     # (each API server re-admits its own requests: the event counts this one's)

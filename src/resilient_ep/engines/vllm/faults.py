@@ -1,21 +1,38 @@
-"""Fault injection for the failure-model tests: a worker that raises, as on a device error.
+"""Fault injection for the failure-model tests, timed by the engine's own progress.
 
-A SIGKILL or SIGSTOP is injected from outside with a signal. A worker that *raises* (a CUDA
-error, an OOM inside a kernel) needs a hook inside the step: with
-``RESILIENT_EP_FAULT_INJECTION=1`` in the environment, each worker checks for the file
-``<instance dir>/raise-dp<rank>`` at the start of a step and, when it exists, removes it and
-raises :class:`InjectedDeviceError`. Without the variable the check is never installed (read
-once per process), so serving pays nothing.
+With ``RESILIENT_EP_FAULT_INJECTION=1`` in the environment, each worker checks for the file
+``<instance dir>/fault-dp<rank>`` at the start of every step that computes tokens. The file
+(written by :func:`arm`) names an action and a number of such steps; the worker counts them
+down and, at zero, removes the file, writes the time (``time.monotonic()``, one clock for the
+whole host) to ``fault-dp<rank>.fired`` and does it:
+
+- ``raise``: the step raises :class:`InjectedDeviceError` (a CUDA error, an OOM in a kernel);
+- ``kill``: the worker SIGKILLs itself (the process that holds the accelerator dies);
+- ``stop``: the worker SIGSTOPs itself (a wedged device or driver: the worker freezes);
+- ``stop-engine``: the worker SIGSTOPs its engine core (the engine process freezes alone).
+
+The signals are real (the kernel delivers them as it would from outside); what the trigger adds
+is timing: a client on 2 shared cores can lag seconds behind the engine, so a fault timed by
+what a client has received may land after the victim has finished its work. Counted in the
+victim's steps, it always lands mid-generation.
+
+Without the variable the check is never installed (read once per process): serving pays
+nothing.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
-__all__ = ["InjectedDeviceError", "enabled", "maybe_raise", "trigger_path"]
+__all__ = ["ACTIONS", "InjectedDeviceError", "arm", "enabled", "fired_at", "maybe_fault",
+           "trigger_path"]
 
 _ENABLED = os.environ.get("RESILIENT_EP_FAULT_INJECTION") == "1"
+
+ACTIONS = ("raise", "kill", "stop", "stop-engine")
 
 
 class InjectedDeviceError(RuntimeError):
@@ -29,13 +46,37 @@ def enabled() -> bool:
 def trigger_path(instance: str, dp_rank: int) -> Path:
     from .instance import instance_dir
 
-    return instance_dir(instance) / f"raise-dp{dp_rank}"
+    return instance_dir(instance) / f"fault-dp{dp_rank}"
+
+
+def arm(instance: str, dp_rank: int, action: str, after_steps: int = 1) -> Path:
+    """Make DP rank ``dp_rank``'s worker do ``action`` at its ``after_steps``-th step that
+    computes tokens from now on. Returns the trigger file."""
+    if action not in ACTIONS:
+        raise ValueError(f"fault action must be one of {ACTIONS}, got {action!r}")
+    if after_steps < 1:
+        raise ValueError(f"after_steps must be >= 1, got {after_steps}")
+    path = trigger_path(instance, dp_rank)
+    Path(f"{path}.fired").unlink(missing_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{action} {after_steps}\n")
+    tmp.replace(path)  # the worker never reads half a file
+    return path
+
+
+def fired_at(instance: str, dp_rank: int) -> float | None:
+    """When the armed fault fired (``time.monotonic()``), or None if it has not."""
+    try:
+        return float(Path(f"{trigger_path(instance, dp_rank)}.fired").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 _announced = False
+_armed: dict[Path, list] = {}  # trigger -> [action, steps left]
 
 
-def maybe_raise(instance: str, dp_rank: int) -> None:
+def maybe_fault(instance: str, dp_rank: int) -> None:
     global _announced
     path = trigger_path(instance, dp_rank)
     if not _announced:
@@ -43,9 +84,26 @@ def maybe_raise(instance: str, dp_rank: int) -> None:
         import logging
 
         logging.getLogger("vllm." + __name__).warning(
-            "resilient-ep: fault injection on: a step raises once %s exists", path)
-    try:
-        path.unlink()
-    except FileNotFoundError:
+            "resilient-ep: fault injection on: a step faults as %s says", path)
+    state = _armed.get(path)
+    if state is None:
+        try:
+            action, steps = path.read_text().split()
+            state = _armed[path] = [action, int(steps)]
+        except (FileNotFoundError, ValueError):
+            return
+    state[1] -= 1
+    if state[1] > 0:
         return
-    raise InjectedDeviceError(f"injected device error in the worker of DP{dp_rank}")
+    del _armed[path]
+    path.unlink(missing_ok=True)
+    Path(f"{path}.fired").write_text(repr(time.monotonic()))
+    action = state[0]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "stop-engine":
+        os.kill(os.getppid(), signal.SIGSTOP)
+    else:
+        raise InjectedDeviceError(f"injected device error in the worker of DP{dp_rank}")

@@ -114,7 +114,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
 
         manager = self.resources.engine_manager
         if manager is not None:
-            monitor, _ = start_monitor(self.vllm_config, list(manager.processes), publish=False,
+            monitor, _ = start_monitor(self.vllm_config, list(manager.processes),
                                        membership=self.resilient_membership)
             monitor.add_listener(on_loss)
             self.resilient_liveness = monitor.start()

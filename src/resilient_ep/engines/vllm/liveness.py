@@ -5,10 +5,14 @@ Where the engine ranks are watched depends on how many API servers vLLM runs:
 - one API server (``--api-server-count 1``): that process starts the engine cores, and its
   engine client (``frontend.py``) runs the monitor;
 - several (vLLM's default for DP): the ``vllm serve`` launcher process starts the engine
-  cores and runs the monitor (``patches/engine_manager_failover.py``), publishing every loss on
-  ``ipc://<instance dir>/membership``; each API server's engine client follows it with a
-  :class:`~resilient_ep.liveness.MembershipSubscriber`, so every API server sees the same
-  epochs and re-admits its own requests.
+  cores and runs the monitor (``patches/engine_manager_failover.py``); each API server's
+  engine client follows it, so every API server sees the same epochs and re-admits its own
+  requests.
+
+Either way the monitor publishes every loss on ``ipc://<instance dir>/membership``, and every
+other process of the instance that needs the membership (the API servers, the engine cores'
+and the workers' failover groups, ``groups.py``) keeps a replica of it with a
+:class:`~resilient_ep.liveness.MembershipSubscriber`: one epoch everywhere.
 
 Either way the monitor hears the engine cores' beacons and the worker groups' loss reports on
 ``ipc://<instance dir>/beacons-0`` and fences a lost rank whole (``fencing.py``).
@@ -33,7 +37,7 @@ def membership_endpoint(instance: str) -> str:
     return f"ipc://{instance_dir(instance)}/membership"
 
 
-def start_monitor(vllm_config, procs: list, *, publish: bool,
+def start_monitor(vllm_config, procs: list, *,
                   membership: Membership | None = None) -> tuple[LivenessMonitor, RankProcesses]:
     """Watch the engine-core processes ``procs`` of a failover-enabled instance."""
     cfg, instance = instance_of(vllm_config)
@@ -42,7 +46,7 @@ def start_monitor(vllm_config, procs: list, *, publish: bool,
     monitor = LivenessMonitor(
         membership or Membership(size), ranks.by_rank, detector=cfg.detector,
         beacon_endpoint=beacon_endpoint(instance),
-        publish_endpoint=membership_endpoint(instance) if publish else None,
+        publish_endpoint=membership_endpoint(instance),
         fence=ranks.fence, tick=ranks.census, name="vllm-liveness")
 
     def reap(loss: RankLoss) -> None:

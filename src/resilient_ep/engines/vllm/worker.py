@@ -60,9 +60,13 @@ class ResilienceWorkerExtension:
 
     def resilient_ep_counters(self) -> dict[str, Any]:
         """This worker's failover counters: in-place step re-runs and KV checkpoint traffic."""
+        from .groups import current_worker_group
         from .step_rerun import COUNTERS
 
         out: dict[str, Any] = {"pid": os.getpid(), **COUNTERS}
+        group = current_worker_group()
+        if group is not None:  # the membership this worker's failover group runs by
+            out["epoch"], out["live"] = group.epoch, group.live
         try:
             from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -196,6 +196,7 @@ def apply() -> None:
     def resilient_ep_counters(self):
         """Utility (``call_utility``): this engine's failover counters and its workers'."""
         from ..engine_core import RECOVERIES
+        from ..groups import current_core_group
 
         try:
             workers = self.model_executor.collective_rpc("resilient_ep_counters", timeout=5)
@@ -204,7 +205,10 @@ def apply() -> None:
         return {"dp_rank": int(self.vllm_config.parallel_config.data_parallel_rank),
                 "fallback_recoveries": len(RECOVERIES),
                 "fallback_requests_recomputed": sum(r["requests"] for r in RECOVERIES),
-                "workers": workers}
+                **_group_view(current_core_group()), "workers": workers}
+
+    def _group_view(group):
+        return {} if group is None else {"epoch": group.epoch, "live": group.live}
 
     proc_cls._send_engine_dead = mark(_send_engine_dead, NAME, orig_dead)
     core.resilient_ep_counters = resilient_ep_counters

@@ -72,7 +72,7 @@ def apply() -> None:
         cfg = getattr(self, "_resilient_vllm_config", None)
         if cfg is None or not failover_enabled(cfg):
             return orig_monitor(self)
-        monitor, _ = start_monitor(cfg, list(self.processes), publish=True)
+        monitor, _ = start_monitor(cfg, list(self.processes))
         monitor.start()
         while monitor.alive and not self.manager_stopped.wait(0.5):
             pass

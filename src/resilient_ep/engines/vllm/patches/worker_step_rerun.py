@@ -98,7 +98,7 @@ def apply() -> None:
         if faults.enabled() and scheduler_output.total_num_scheduled_tokens:
             from ..instance import instance_of
 
-            faults.maybe_raise(instance_of(self.vllm_config)[1],
+            faults.maybe_fault(instance_of(self.vllm_config)[1],
                                int(self.vllm_config.parallel_config.data_parallel_rank))
 
         def again():

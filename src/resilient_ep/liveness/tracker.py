@@ -1,0 +1,164 @@
+"""The decisions of an instance's membership authority, with no thread and no socket:
+:class:`LivenessTracker`.
+
+Its host feeds it what it observes and the tracker decides who is lost, fences what it must
+and records each loss in the instance's :class:`~resilient_ep.membership.Membership`:
+
+- ``beacon(msg)``: one frame of the liveness wire format (:mod:`.beacons`). An "alive" beacon
+  feeds the :class:`~.detector.FailureDetector` (a rank is watched from its first beacon on,
+  or from the start with ``watch``); a loss report ("a group lost rank r") fences rank r
+  (cause ``reported``: a dead or frozen helper process of a rank whose main process runs on);
+- ``exited(rank)``: the rank's process is gone (a process sentinel fired);
+- ``disconnected(rank)``: a connection to the rank dropped (a socket monitor): a crash, as
+  ``exited``, unless ``detector.crash_detection`` is off;
+- ``poll()``: ranks silent for ``detector.heartbeat_timeout_ms`` are fenced (cause ``hang``).
+
+Fencing calls the host's ``fence(rank, why)``. When the loss is recorded depends on what a
+fence is for the host (``out_at_fence``):
+
+- False (vLLM: a fence kills the rank's processes): the loss is recorded when the host reports
+  the process gone (``exited``), with the cause of the fence;
+- True (the reference runtime: a fence is a membership decision, the process may wake up and
+  be taken back): the loss is recorded at once, the rank ``fenced``.
+
+Each call returns the :class:`RankLoss` es it recorded (one epoch bump for every rank lost in
+that call) and hands each to the listeners. A rank taken back (``watch`` after a join) is
+watched afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..config import DetectorConfig
+from ..membership import Membership, RankState
+from .beacons import parse_beacon
+from .detector import FailureDetector
+
+__all__ = ["RankLoss", "LivenessTracker"]
+
+log = logging.getLogger(__name__)
+
+_IN = (RankState.LIVE, RankState.JOINING)
+
+
+@dataclass(frozen=True)
+class RankLoss:
+    """One rank lost: how (``exit``, ``hang``, ``reported``), its exit code, when it was
+    detected (``time.monotonic()``, system-wide on Linux) and the epoch it started."""
+
+    rank: int
+    cause: str
+    exitcode: int | None
+    detected_monotonic: float
+    epoch: int
+
+    @property
+    def kind(self) -> str:
+        """The recovery policy's word for it: ``crash`` (the process is gone) or ``hang``."""
+        return "crash" if self.cause == "exit" else "hang"
+
+
+class LivenessTracker:
+    def __init__(self, membership: Membership, ranks: Iterable[int], *,
+                 detector: DetectorConfig | None = None,
+                 fence: Callable[[int, str], None] | None = None, out_at_fence: bool = False):
+        self.membership = membership
+        self.ranks = frozenset(int(r) for r in ranks)
+        self.detector = FailureDetector([], detector or DetectorConfig())
+        self.out_at_fence = out_at_fence
+        self._fence = fence
+        self._fenced: dict[int, str] = {}
+        self._heard: set[int] = set()
+        self.losses: list[RankLoss] = []
+        self._listeners: list[Callable[[RankLoss], None]] = []
+        self.dropped = 0
+        """Malformed or foreign liveness messages, dropped."""
+
+    def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
+        self._listeners.append(fn)
+
+    def watch(self, rank: int, now: float | None = None) -> None:
+        """Watch ``rank`` for silence from now on (at start, or when it has been taken back)."""
+        self._fenced.pop(rank, None)
+        self._heard.add(rank)
+        self.detector.reset(rank, now)
+
+    # ------------------------------------------------------------------ observations
+    def beacon(self, msg: bytes, now: float | None = None) -> tuple[str, int, int] | None:
+        """One liveness frame. Returns it parsed (``("alive", rank, pid)`` or ``("dead",
+        rank, reporter)``) so the host can act on an alive rank it had given up on; None when
+        dropped (malformed, or a rank not of this instance)."""
+        got = parse_beacon(msg)
+        if got is None or got[1] not in self.ranks:
+            self.dropped += 1
+            return None
+        kind, rank, _ = got
+        if kind == "dead":
+            self.fence(rank, "reported", "was lost by its peers", now)
+        elif self.membership.state(rank) in _IN:
+            if rank not in self._heard:  # watched from its first beacon on
+                self._heard.add(rank)
+                self.detector.reset(rank, now)
+            self.detector.heartbeat(rank, now)
+        return got
+
+    def exited(self, rank: int, exitcode: int | None = None,
+               now: float | None = None) -> list[RankLoss]:
+        """``rank``'s process is gone."""
+        self.detector.forget(rank)
+        return self._lost([rank], self._fenced.get(rank, "exit"), exitcode, now)
+
+    def disconnected(self, rank: int, now: float | None = None) -> None:
+        """A connection to ``rank`` dropped; ``poll`` reports it (unless crash detection is
+        off)."""
+        self.detector.disconnected(rank, now)
+
+    def poll(self, now: float | None = None) -> list[RankLoss]:
+        """Dropped connections become crashes, silent ranks are fenced (``hang``)."""
+        now = time.monotonic() if now is None else now
+        crashed, out = [], []
+        for s in self.detector.poll(now):
+            if s.kind == "crash":
+                crashed.append(s.rank)
+            else:
+                out += self.fence(s.rank, "hang", "stopped answering", now)
+        if crashed:
+            out += self._lost(crashed, "exit", None, now)
+        return out
+
+    def fence(self, rank: int, cause: str, why: str, now: float | None = None) -> list[RankLoss]:
+        """Fence ``rank`` (once, while it is in): it must never serve again in this epoch."""
+        if (rank not in self.ranks or rank in self._fenced
+                or self.membership.state(rank) not in _IN):
+            return []
+        self._fenced[rank] = cause
+        log.warning("resilient-ep: rank %d %s: fencing it", rank, why)
+        if self._fence is not None:
+            self._fence(rank, why)
+        if self.out_at_fence:
+            return self._lost([rank], cause, None, now)
+        return []
+
+    # ------------------------------------------------------------------ records
+    def _lost(self, ranks: list[int], cause: str, exitcode, now) -> list[RankLoss]:
+        ranks = sorted({r for r in ranks if self.membership.state(r) in _IN})
+        if not ranks:
+            return []
+        state = RankState.DEAD if cause == "exit" else RankState.FENCED
+        view = self.membership.fail(ranks, state=state)
+        detected = time.monotonic() if now is None else now
+        out = [RankLoss(r, cause, exitcode, detected, view.epoch) for r in ranks]
+        for r in ranks:
+            self.detector.forget(r)
+        self.losses += out
+        for loss in out:
+            for fn in self._listeners:
+                try:
+                    fn(loss)
+                except Exception:  # one listener must not stop the authority
+                    log.exception("resilient-ep: a liveness listener failed")
+        return out
