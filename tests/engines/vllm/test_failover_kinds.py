@@ -139,6 +139,7 @@ def test_rank_death_kinds_fail_over_with_kv_kept_and_restored(case):
     assert (worker["epoch"], worker["live"]) == (1, [survivor]), worker
     # The dead rank's requests resumed from their checkpoints (whole blocks).
     kv = worker["kv"]
+    assert kv["store"] == "peer", kv  # the default: another engine rank's memory
     # (each API server re-admits its own requests: the event counts this one's)
     assert 1 <= kv["loads"] <= len(failed) // 2, kv
     assert kv["external_hit_tokens"] >= BLOCK * kv["loads"], kv

@@ -48,10 +48,12 @@ def _log_failed_readmission(task: asyncio.Future) -> None:
         log.error("resilient-ep: re-admitting a request failed: %r", task.exception())
 
 
-def readmission_request(request, generated: list[int], restore: bool = False):
+def readmission_request(request, generated: list[int], restore: bool = False,
+                        from_rank: int | None = None):
     """A copy of ``request`` that continues after ``generated`` tokens; with ``restore`` it
     asks the KV connector (``kv_connector.py``) to load the request's newest verified
-    checkpoint, so only the tail after it is recomputed."""
+    checkpoint, so only the tail after it is recomputed (``from_rank``: the lost rank it ran
+    on, whose store the connector does not ask)."""
     import copy
 
     new = copy.copy(request)
@@ -61,6 +63,8 @@ def readmission_request(request, generated: list[int], restore: bool = False):
         extra = dict(sp.extra_args or {})
         params = dict(extra.get("kv_transfer_params") or {})
         params.setdefault("resilient_restore", params.get("resilient_id") or request.request_id)
+        if from_rank is not None:
+            params["resilient_from"] = int(from_rank)
         extra["kv_transfer_params"] = params
         sp.extra_args = extra
     if sp.max_tokens is not None:
@@ -155,7 +159,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         for rid, target in targets.items():
             try:
                 new = readmission_request(self._re_requests[rid], self._re_generated.get(rid, []),
-                                          restore=self._re_restore)
+                                          restore=self._re_restore, from_rank=rank)
                 new.data_parallel_rank = target
             except Exception:  # one request that cannot be copied must not cost the others
                 log.exception("resilient-ep: request %s could not be re-admitted", rid)

@@ -9,10 +9,9 @@ per process, among the data-parallel ranks.
 
 Endpoints are Unix sockets in the instance's directory (``instance.py``).
 
-Each group reads a replica of the instance's membership (``liveness.py``): a
-:class:`~resilient_ep.membership.Membership` in this process that a
-:class:`~resilient_ep.liveness.MembershipSubscriber` keeps equal to the authority's (the
-liveness monitor of the process that started the engine cores), epochs included. What a
+Each group reads this process's replica of the instance's membership
+(``liveness.membership_replica``: kept equal to the authority's, the liveness monitor of the
+process that started the engine cores, epochs included). What a
 group finds out itself (a peer that dropped during a collective) it acts on at once and
 reports to the authority, which fences the rank and publishes the loss; the group's epoch is
 always one the authority decided.
@@ -23,12 +22,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from resilient_ep.liveness import LossReporter, MembershipSubscriber
-from resilient_ep.membership import Membership
+from resilient_ep.liveness import LossReporter
 from resilient_ep.transport.group import LiveGroup
 
 from .instance import endpoints, instance_of
-from .liveness import beacon_endpoint, membership_endpoint
+from .liveness import beacon_endpoint, membership_replica
 
 __all__ = ["worker_group", "core_group", "current_worker_group", "current_core_group"]
 
@@ -36,7 +34,6 @@ log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
 _worker: LiveGroup | None = None
 _core: LiveGroup | None = None
-_subscribers: list[MembershipSubscriber] = []
 
 
 def worker_group(vllm_config: Any, dp_rank: int, dp_size: int, tp_rank: int) -> LiveGroup:
@@ -44,16 +41,16 @@ def worker_group(vllm_config: Any, dp_rank: int, dp_size: int, tp_rank: int) -> 
     global _worker
     if _worker is None:
         cfg, instance = instance_of(vllm_config)
-        membership = Membership(dp_size)
+        replica = membership_replica(instance, dp_size)
         _worker = LiveGroup(f"workers-tp{tp_rank}", dp_rank,
                             endpoints(instance, f"w{tp_rank}", dp_size), detector=cfg.detector,
                             tied_to_parent=_worker_has_engine_parent(vllm_config),
-                            membership=membership, membership_replica=True)
+                            membership=replica.membership, membership_replica=True)
         # The instance's liveness monitor owns its membership: it hears of every loss a
         # worker group sees (a frozen worker whose engine core still beacons, a killed worker
         # whose engine core has not exited yet) and fences that rank.
         _worker.add_listener(LossReporter(beacon_endpoint(instance), dp_rank))
-        _follow_authority(_worker, instance)
+        _follow_authority(_worker, replica)
         log.info("resilient-ep: worker failover group up (dp rank %d of %d)", dp_rank, dp_size)
     return _worker
 
@@ -78,22 +75,16 @@ def core_group(vllm_config: Any) -> LiveGroup:
         pc = vllm_config.parallel_config
         cfg, instance = instance_of(vllm_config)
         size = int(pc.data_parallel_size)
-        membership = Membership(size)
+        replica = membership_replica(instance, size)
         _core = LiveGroup("engine-cores", int(pc.data_parallel_rank),
                           endpoints(instance, "core", size), detector=cfg.detector,
-                          membership=membership, membership_replica=True)
-        _follow_authority(_core, instance)
+                          membership=replica.membership, membership_replica=True)
+        _follow_authority(_core, replica)
     return _core
 
 
-def _follow_authority(group: LiveGroup, instance: str) -> MembershipSubscriber:
-    """Keep ``group``'s membership replica equal to the authority's; each published loss also
-    wakes a collective blocked on the lost rank (``configure`` with the authority's view)."""
-    membership = group.membership
-
-    def on_loss(loss) -> None:
-        group.configure(loss.epoch, membership.view().live_ranks)
-
-    sub = MembershipSubscriber(membership_endpoint(instance), membership, on_loss).start()
-    _subscribers.append(sub)
-    return sub
+def _follow_authority(group: LiveGroup, replica) -> None:
+    """Each loss the replica learns also wakes a collective of ``group`` blocked on the lost
+    rank (``configure`` with the authority's view)."""
+    replica.on_loss(lambda loss: group.configure(loss.epoch,
+                                                 replica.membership.view().live_ranks))

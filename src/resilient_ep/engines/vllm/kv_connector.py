@@ -23,8 +23,17 @@ Out of tree, through vLLM's own hook::
   only the rest. Blocks that fail their checksum are reported through
   ``get_block_ids_with_load_errors`` and vLLM recomputes them.
 
-Stores: ``shm`` and ``file`` (shared by the scheduler and worker processes of a host). The
-``peer`` store needs a store server per engine rank, which the vLLM failover work will add.
+Stores:
+- ``peer`` (the default of ``--enable-resilience``): another engine rank's memory. Each engine
+  core serves a :class:`~resilient_ep.kv.peer_store.PeerStoreServer` for its peers (started
+  by the scheduler side of this connector, ``ipc://<instance dir>/kvstore-<dp rank>``); each
+  worker saves its requests' replicas to the next ``replicas`` live ranks of the ring, so a
+  checkpoint outlives the rank (and, across nodes, the node) it was made on. Which ranks are
+  live comes from this process's replica of the instance's membership (``liveness.py``); the
+  scheduler side also sends its view with each step's metadata, so a worker never waits on
+  the store of a rank its engine already knows is gone. A re-admitted request names the rank
+  it came from (``resilient_from``): that rank's store is never asked.
+- ``shm`` and ``file``: directories shared by the scheduler and worker processes of a host.
 """
 
 from __future__ import annotations
@@ -59,8 +68,10 @@ log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 class ResilientKVConnectorMetadata(KVConnectorMetadata):
     def __init__(self) -> None:
         self.saves: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
-        self.loads: list[tuple[str, list[int], int, list[int]]] = []   # key, tokens, n, block ids
+        self.loads: list[tuple[str, list[int], int, list[int], str | None]] = []
+        """key, tokens, n, block ids, where the scheduler found the checkpoint."""
         self.forgets: list[str] = []
+        self.view: tuple[int, tuple[int, ...]] | None = None  # peer: (epoch, live ranks)
         self.started = False  # worker side: loads done (a re-run step does not load twice)
 
 
@@ -69,18 +80,53 @@ def _key(request: "Request") -> str:
     return str(params.get("resilient_id") or params.get("resilient_restore") or request.request_id)
 
 
+_servers: dict[str, object] = {}
+
+
+def _serve_peer_store(endpoint: str, dp_rank: int) -> None:
+    """This engine rank's peer store (one per process): its peers' checkpoint copies."""
+    if endpoint in _servers:
+        return
+    from ...kv.peer_store import PeerStoreServer
+
+    _servers[endpoint] = PeerStoreServer(endpoint, location=f"peer:{dp_rank}").start()
+    log.info("resilient-ep: KV checkpoint peer store of DP%d at %s", dp_rank, endpoint)
+
+
 class ResilientKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.block_size = vllm_config.cache_config.block_size
         kind = extra.get("store", "shm")
-        if kind not in ("shm", "file"):
-            raise ValueError(f"kv_connector_extra_config.store must be shm or file, got {kind!r}")
+        if kind not in ("peer", "shm", "file"):
+            raise ValueError("kv_connector_extra_config.store must be peer, shm or file, "
+                             f"got {kind!r}")
         self.cfg = KVCheckpointConfig(interval_tokens=int(extra.get("interval_tokens", 32)), store=kind,
                                       replicas=int(extra.get("replicas", 1)),
                                       timeout_ms=float(extra.get("timeout_ms", 2000.0)))
-        self.spec = StoreSpec(kind, self.cfg.replicas, base_dir=str(extra.get("base_dir", "/dev/shm/rep-kv")))
+        pc = vllm_config.parallel_config
+        self.dp_rank, self.dp_size = int(pc.data_parallel_rank), int(pc.data_parallel_size)
+        self.replica = None
+        if kind == "peer":
+            instance = extra.get("instance")
+            if not instance:
+                raise ValueError("kv_connector_extra_config.instance is required with store "
+                                 "peer (the resilient-ep instance whose ranks hold the copies)")
+            from ...kv.peer_store import peer_endpoint
+            from .instance import instance_dir
+            from .liveness import membership_replica
+
+            run_dir = str(instance_dir(str(instance)))
+            self.spec = StoreSpec("peer", self.cfg.replicas, peer_endpoints=tuple(
+                peer_endpoint(run_dir, r) for r in range(self.dp_size)))
+            self.replica = membership_replica(str(instance), self.dp_size)
+            if role == KVConnectorRole.SCHEDULER:
+                _serve_peer_store(self.spec.peer_endpoints[self.dp_rank], self.dp_rank)
+        else:
+            self.spec = StoreSpec(kind, self.cfg.replicas,
+                                  base_dir=str(extra.get("base_dir", "/dev/shm/rep-kv")))
+        self._gone: set[int] = set()  # ranks re-admitted requests came from (dead)
         self.keep_on_finish = bool(extra.get("keep_on_finish", False))
         """Keep a finished request's checkpoint (tests; reuse by a follow-up request)."""
         # scheduler side
@@ -93,7 +139,7 @@ class ResilientKVConnector(KVConnectorBase_V1):
         self.ckpt: KVCheckpointer | None = None
         self.view: LayerListView | None = None
         self._load_errors: set[int] = set()
-        self.stats = {"external_hit_tokens": 0, "loads": 0, "load_errors": 0}
+        self.stats = {"store": kind, "external_hit_tokens": 0, "loads": 0, "load_errors": 0}
 
     # ================================================================== scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -103,12 +149,17 @@ class ResilientKVConnector(KVConnectorBase_V1):
         key = params.get("resilient_restore")
         if not key:
             return 0, False
+        if params.get("resilient_from") is not None:
+            self._gone.add(int(params["resilient_from"]))
+        view = self._view()
         if self._stores is None:
             self._stores = StoreSet(self.spec)
+        if self._stores.epoch != view[0] or self._stores.members != frozenset(view[1]):
+            self._stores.configure(*view)
         tokens = list(request.all_token_ids)
-        best = 0
+        best, where = 0, None
         seen = []
-        for loc in self.spec.candidates([0]):
+        for loc in self.spec.candidates(view[1]):
             try:
                 m = self._stores.get(loc).head(str(key), time.monotonic() + 2)
             except (RuntimeError, TimeoutError) as e:
@@ -117,7 +168,8 @@ class ResilientKVConnector(KVConnectorBase_V1):
             if m is None or m.num_tokens > len(tokens) or token_crc(tokens[: m.num_tokens]) != m.token_crc:
                 seen.append(f"{loc}: " + ("none" if m is None else f"{m.num_tokens} tokens, no match"))
                 continue
-            best = max(best, m.num_tokens)
+            if m.num_tokens > best:
+                best, where = m.num_tokens, loc
         # Every verified token: the last block may be partial (its first n % block_size
         # slots hold the checkpoint; vLLM computes the rest of it).
         n = min(best, len(tokens) - 1)
@@ -126,16 +178,25 @@ class ResilientKVConnector(KVConnectorBase_V1):
                  "; ".join(seen) or "found")
         if n <= num_computed_tokens:
             return 0, False
-        self._pending_loads[request.request_id] = (str(key), n)
+        self._pending_loads[request.request_id] = (str(key), n, where)
         return n - num_computed_tokens, False
+
+    def _view(self) -> tuple[int, tuple[int, ...]]:
+        """(epoch, live ranks) to look for checkpoints in: this process's membership replica
+        less every rank a re-admitted request came from (gone, even if the replica has not
+        heard yet); the shared-memory and file stores have one location set (rank 0)."""
+        if self.replica is None:
+            return 0, (0,)
+        v = self.replica.membership.view()
+        return v.epoch, tuple(r for r in v.live_ranks if r not in self._gone)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         pending = self._pending_loads.pop(request.request_id, None)
         if pending is None or num_external_tokens <= 0:
             return
-        key, n = pending
+        key, n, where = pending
         block_ids = list(blocks.get_block_ids()[0])
-        self._loads.append((key, list(request.all_token_ids), n, block_ids))
+        self._loads.append((key, list(request.all_token_ids), n, block_ids, where))
         info = self._reqs[request.request_id]
         info["saved"] = n
 
@@ -143,6 +204,8 @@ class ResilientKVConnector(KVConnectorBase_V1):
         meta = ResilientKVConnectorMetadata()
         meta.loads, self._loads = self._loads, []
         meta.forgets, self._forgets = self._forgets, []
+        if self.replica is not None:
+            meta.view = self._view()
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             info = self._reqs.get(new.req_id)
@@ -182,7 +245,16 @@ class ResilientKVConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         layers = [kv_caches[name] for name in kv_caches]
         self.view = LayerListView(layers, self.block_size)
-        self.ckpt = KVCheckpointer(0, self.view, self.cfg, self.spec, members=[0]).start()
+        if self.replica is None:
+            self.ckpt = KVCheckpointer(0, self.view, self.cfg, self.spec, members=[0]).start()
+            return
+        v = self.replica.membership.view()
+        self.ckpt = KVCheckpointer(self.dp_rank, self.view, self.cfg, self.spec, epoch=v.epoch,
+                                   members=v.live_ranks).start()
+        ckpt, membership = self.ckpt, self.replica.membership
+        # a lost rank's copies are gone: re-save this rank's requests to the next live ranks
+        self.replica.on_loss(lambda loss: ckpt.configure(loss.epoch,
+                                                         membership.view().live_ranks))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -190,10 +262,13 @@ class ResilientKVConnector(KVConnectorBase_V1):
         if meta.started:
             return  # a step re-run in place (step_rerun.py): its loads landed the first time
         meta.started = True
+        if meta.view is not None and (meta.view[0] > self.ckpt.epoch or (
+                meta.view[0] == self.ckpt.epoch and set(meta.view[1]) < self.ckpt.members)):
+            self.ckpt.configure(*meta.view)  # the engine knows of a loss this worker has not heard
         for key in meta.forgets:
             self.ckpt.forget(key)  # before this forward can reuse its blocks
-        for key, tokens, n, block_ids in meta.loads:
-            self.ckpt.restore(key, tokens)
+        for key, tokens, n, block_ids, where in meta.loads:
+            self.ckpt.restore(key, tokens, hints=[where] if where else [])
             deadline = time.monotonic() + self.cfg.timeout_ms / 1000.0
             results = []
             while not results and time.monotonic() < deadline:
@@ -234,7 +309,7 @@ class ResilientKVConnector(KVConnectorBase_V1):
             # The forward failed part-way (a lost peer: the step is re-run in place): its
             # blocks hold a mix of old and new KV. The re-run saves them once they are whole.
             return
-        self.ckpt.after_step((key, tokens, n, block_ids) for key, tokens, n, block_ids in meta.saves)
+        self.ckpt.after_step(meta.saves)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()

@@ -7,10 +7,10 @@ same ``kv_checkpoint`` keys the reference runtime reads (interval, replicas, dea
 front end then re-admits a dead rank's requests with ``resilient_restore`` so each resumes
 from its newest verified checkpoint and recomputes only the tail.
 
-Stores: engine ranks of one vLLM instance share a host here, so checkpoints go to host shared
-memory under ``/dev/shm/resilient-ep-<uid>/<instance>/`` (``shm``), or files (``file``,
-``kv_checkpoint.path``). ``kv_checkpoint.store: peer`` (the core default, another rank's
-memory) has no store server in vLLM yet: shared memory is used instead and a warning says so.
+Stores (``kv_checkpoint.store``): ``peer`` (the default: another engine rank's memory, each
+engine core serving a store for its peers, so a checkpoint outlives its rank and its node),
+host shared memory under ``/dev/shm/resilient-ep-<uid>/<instance>/`` (``shm``: engine ranks
+of one host; outlives a rank, not the host) or files (``file``, ``kv_checkpoint.path``).
 
 A user's own ``--kv-transfer-config`` is refused with a message that says how to keep it
 (``kv_checkpoint.enabled=false``): two connectors would need vLLM's multi-connector, whose
@@ -36,18 +36,16 @@ CONNECTOR_MODULE = "resilient_ep.engines.vllm.kv_connector"
 def connector_extra_config(cfg: ResilienceConfig, instance: str) -> dict[str, Any]:
     kv = cfg.kv_checkpoint
     store = kv.store
+    common = {"store": store, "interval_tokens": kv.interval_tokens, "replicas": kv.replicas,
+              "timeout_ms": kv.timeout_ms}
     if store == "peer":
-        log.warning("resilient-ep: kv_checkpoint.store=peer is not built for vLLM yet; "
-                    "checkpoints go to host shared memory (they survive the loss of a rank, "
-                    "not of the host)")
-        store = "shm"
+        return {**common, "instance": instance}
     if store == "file":
         base = kv.path or os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                        f"resilient-ep-{os.getuid()}", instance, "kv")
     else:
         base = f"/dev/shm/resilient-ep-{os.getuid()}/{instance}/kv"
-    return {"store": store, "base_dir": base, "interval_tokens": kv.interval_tokens,
-            "replicas": kv.replicas, "timeout_ms": kv.timeout_ms}
+    return {**common, "base_dir": base}
 
 
 def is_ours(kv_transfer_config: Any) -> bool:
