@@ -4,7 +4,6 @@ reported by a peer group, malformed traffic dropped, and a subscriber in another
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -15,6 +14,8 @@ import zmq
 
 from resilient_ep.config import DetectorConfig
 from resilient_ep.liveness import Beacon, LivenessMonitor, MembershipSubscriber, parse_beacon
+from resilient_ep.liveness.beacons import alive_message, dead_message
+from resilient_ep.transport import wire
 from resilient_ep.membership import Membership, RankState
 
 DET = DetectorConfig(heartbeat_interval_ms=20, heartbeat_timeout_ms=400)
@@ -35,9 +36,14 @@ def _wait(cond, timeout_s: float = 10.0) -> None:
 
 
 def test_parse_beacon():
-    assert parse_beacon(b"3 1234") == ("alive", 3, 1234)
-    assert parse_beacon(b"dead 2 0") == ("dead", 2, 0)
-    for bad in (b"", b"x y", b"dead x 1", b"-1 5", b"1 2 3", b"\xff\xfe", b"dead 1"):
+    assert parse_beacon(alive_message(3, 1234)) == ("alive", 3, 1234)
+    assert parse_beacon(dead_message(2, 0)) == ("dead", 2, 0)
+    forged = [wire.encode_header(h) for h in (
+        {"t": "alive", "rank": -1, "pid": 5}, {"t": "alive", "rank": "1", "pid": 5},
+        {"t": "alive", "rank": True, "pid": 5}, {"t": "dead", "rank": 1}, {"t": "x", "rank": 1},
+        {"rank": 1, "pid": 2}, {"t": "alive", "rank": 1.0, "pid": 2})]
+    for bad in (b"", b"3 1234", b"dead 2 0", b"\xff\xfe", b"REP\x01\xc1", b"REP\x02\x80",
+                *forged):
         assert parse_beacon(bad) is None, bad
 
 
@@ -78,7 +84,8 @@ def test_exit_hang_report_and_subscriber(ranks):
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(beacons)
-        for junk in (b"", b"garbage", b"dead x", b"99 1", b"dead 99 0", b"\x00" * 64):
+        for junk in (b"", b"garbage", b"dead 1 0", alive_message(99, 1), dead_message(99, 0),
+                     b"\x00" * 64):
             push.send(junk)
         _wait(lambda: mon.dropped >= 6)
         assert membership.epoch == 0 and not seen
@@ -95,7 +102,7 @@ def test_exit_hang_report_and_subscriber(ranks):
         assert (seen[1].rank, seen[1].cause) == (1, "hang")
         assert membership.state(1) is RankState.FENCED
 
-        push.send(b"dead 2 3")                                      # a peer lost rank 2
+        push.send(dead_message(2, 3))                               # a peer lost rank 2
         _wait(lambda: len(seen) == 3)
         assert (seen[2].rank, seen[2].cause, seen[2].epoch) == (2, "reported", 3)
         assert [r for r, _ in fenced] == [1, 2]
@@ -125,9 +132,9 @@ def test_subscriber_keeps_the_authoritys_epochs(tmp_path):
     try:
         deadline = time.monotonic() + 10
         while len(followed) < 2 and time.monotonic() < deadline:
-            pub.send(b"not json")
-            pub.send(json.dumps({"losses": [{"rank": "x"}]}).encode())
-            pub.send(json.dumps({"losses": losses}).encode())
+            pub.send(b"not ours")
+            pub.send(wire.encode_header({"t": "losses", "losses": [{"rank": "x"}]}))
+            pub.send(wire.encode_header({"t": "losses", "losses": losses}))
             time.sleep(0.05)
         assert [(x.rank, x.epoch) for x in followed] == [(2, 3), (0, 5)]
         assert replica.epoch == 5
@@ -152,9 +159,9 @@ def test_tracker_decisions_without_threads():
         t.watch(r, now=0.0)
     for now in (0.1, 0.2, 0.3):
         for r in (0, 1, 2):  # rank 3 stays silent
-            assert t.beacon(f"{r} {100 + r}".encode(), now) == ("alive", r, 100 + r)
+            assert t.beacon(alive_message(r, 100 + r), now) == ("alive", r, 100 + r)
         assert t.poll(now) == []
-    for junk in (b"9 1", b"x", b"dead 7 0"):
+    for junk in (alive_message(9, 1), b"x", dead_message(7, 0)):
         assert t.beacon(junk, 0.3) is None
     assert t.dropped == 3
     [hang] = t.poll(0.45)  # 450 ms since rank 3 was last heard: past the 400 ms timeout
@@ -172,7 +179,7 @@ def test_tracker_decisions_without_threads():
     got = []  # (the first poll after a pause shifts every deadline by the pause: the
     #           detector's guard against blaming ranks for its own host's stall)
     for now in [1.0 + i / 10 for i in range(1, 15)]:  # rank 2 beacons, rank 3 is silent
-        t.beacon(b"2 102", now)
+        t.beacon(alive_message(2, 102), now)
         got += t.poll(now)
     [again] = got
     assert (again.rank, again.epoch) == (3, 4) and t.losses[-1] == again

@@ -43,7 +43,7 @@ def test_transport_conformance(tmp_path, make):
         x = torch.randn(4, 8)
         assert a.send(1, {"t": "dispatch", "id": (0, 1)}, [x])
         h, (y,) = b.recv(time.monotonic() + 2)
-        assert h["src"] == 0 and h["epoch"] == 0 and h["id"] == (0, 1) and torch.equal(x, y)
+        assert h["src"] == 0 and h["epoch"] == 0 and h["id"] == [0, 1] and torch.equal(x, y)  # sequences arrive as lists
 
         # Every receive has a deadline.
         t0 = time.monotonic()

@@ -43,6 +43,8 @@ class PeerStoreServer:
         self._error: Exception | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"kvstore-{location}", daemon=True)
+        self.dropped: dict[str, int] = {}
+        """Requests dropped (malformed), by reason."""
         self.cpu_s = 0.0
         """CPU time the server thread spent handling requests."""
 
@@ -86,7 +88,11 @@ class PeerStoreServer:
                     continue
                 cpu0 = time.thread_time()
                 ident, *frames = sock.recv_multipart(copy=False)
-                header, tensors = wire.decode(frames)
+                try:
+                    header, tensors = wire.decode(frames)
+                except wire.WireError as e:
+                    self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
+                    continue  # not a client of ours: no reply
                 reply, out = {"id": header.get("id"), "ok": True}, []
                 try:
                     op = header["op"]
@@ -109,6 +115,10 @@ class PeerStoreServer:
                         raise StoreError(f"unknown op {op!r}")
                 except StoreError as e:
                     reply.update(ok=False, error=str(e))
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                    self.dropped["fields"] = self.dropped.get("fields", 0) + 1
+                    reply.update(ok=False, error=f"malformed {header.get('op')!r} request: "
+                                                 f"{type(e).__name__}: {e}"[:200])
                 sock.send_multipart([ident.bytes, *wire.encode(reply, out)], copy=False)
                 self.cpu_s += time.thread_time() - cpu0
         except Exception as e:  # surfaced through errored()
@@ -154,11 +164,14 @@ class PeerStore(CheckpointStore):
                 raise TimeoutError(f"{self.location}: no reply from {self.endpoint} to {header['op']}")
             if not self.sock.poll(min(left, 0.05) * 1000):
                 continue
-            reply, out = wire.decode(self.sock.recv_multipart(copy=False))
+            try:
+                reply, out = wire.decode(self.sock.recv_multipart(copy=False))
+            except wire.WireError:
+                continue  # not our server's reply: wait for the real one
             if reply.get("id") != rid:
                 continue  # a late reply to an earlier call that timed out
-            if not reply["ok"]:
-                raise StoreError(f"{self.location}: {reply['error']}")
+            if reply.get("ok") is not True:
+                raise StoreError(f"{self.location}: {reply.get('error')!r:.200}")
             return reply, out
 
     def put(self, meta, first, blocks, deadline):

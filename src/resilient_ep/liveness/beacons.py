@@ -1,13 +1,14 @@
 """The liveness wire format and its senders.
 
 Two messages travel to an instance's liveness socket (a ZeroMQ PULL bound by the
-:class:`~.monitor.LivenessMonitor`), each one short ASCII frame:
+:class:`~.monitor.LivenessMonitor`), each one frame of the project's wire format
+(:mod:`resilient_ep.transport.wire`, no tensors):
 
-- ``b"<rank> <pid>"``: rank ``rank`` is alive (its :class:`Beacon`, every
+- ``{"t": "alive", "rank": r, "pid": p}``: rank ``r`` is alive (its :class:`Beacon`, every
   ``detector.heartbeat_interval_ms``);
-- ``b"dead <rank> <reporter>"``: a collective group of the instance (a
-  :class:`~resilient_ep.transport.group.LiveGroup`) lost rank ``rank``, as seen by member
-  ``reporter`` (:class:`LossReporter`).
+- ``{"t": "dead", "rank": r, "reporter": q}``: a collective group of the instance (a
+  :class:`~resilient_ep.transport.group.LiveGroup`) lost rank ``r``, as seen by member ``q``
+  (:class:`LossReporter`).
 
 Anything else is malformed: :func:`parse_beacon` returns None and the monitor drops it.
 """
@@ -19,22 +20,31 @@ import threading
 
 import zmq
 
-__all__ = ["Beacon", "LossReporter", "parse_beacon"]
+from ..transport import wire
+
+__all__ = ["Beacon", "LossReporter", "parse_beacon", "alive_message", "dead_message"]
+
+
+def alive_message(rank: int, pid: int) -> bytes:
+    return wire.encode_header({"t": "alive", "rank": int(rank), "pid": int(pid)})
+
+
+def dead_message(rank: int, reporter: int) -> bytes:
+    return wire.encode_header({"t": "dead", "rank": int(rank), "reporter": int(reporter)})
 
 
 def parse_beacon(msg: bytes) -> tuple[str, int, int] | None:
     """``("alive", rank, pid)`` or ``("dead", rank, reporter)``; None when malformed."""
     try:
-        parts = msg.split()
-        if len(parts) == 2:
-            kind, rank, other = "alive", int(parts[0]), int(parts[1])
-        elif len(parts) == 3 and parts[0] == b"dead":
-            kind, rank, other = "dead", int(parts[1]), int(parts[2])
-        else:
-            return None
-    except (ValueError, AttributeError):
+        h = wire.decode_header(msg)
+    except (wire.WireError, TypeError):
         return None
-    return (kind, rank, other) if rank >= 0 else None
+    kind = h.get("t")
+    other = h.get("pid") if kind == "alive" else h.get("reporter") if kind == "dead" else None
+    rank = h.get("rank")
+    if type(rank) is not int or type(other) is not int or rank < 0:
+        return None
+    return kind, rank, other
 
 
 class Beacon:
@@ -54,7 +64,7 @@ class Beacon:
         sock.setsockopt(zmq.SNDHWM, 10)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(self.endpoint)
-        msg = f"{self.rank} {os.getpid()}".encode()
+        msg = alive_message(self.rank, os.getpid())
         try:
             while not self._stop.wait(self.interval_s):
                 try:
@@ -88,7 +98,7 @@ class LossReporter:
             self._sock.connect(self.endpoint)
         for rank in sorted(set(dead) - self._sent):
             try:
-                self._sock.send(f"dead {rank} {self.reporter}".encode(), flags=zmq.NOBLOCK)
+                self._sock.send(dead_message(rank, self.reporter), flags=zmq.NOBLOCK)
                 self._sent.add(rank)
             except zmq.ZMQError:
                 pass

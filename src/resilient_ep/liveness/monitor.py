@@ -21,7 +21,6 @@ servers) that started late still learns every loss, in order.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ import zmq
 
 from ..config import DetectorConfig
 from ..membership import Membership, MembershipView, RankState
+from ..transport import wire
 from .tracker import LivenessTracker, RankLoss
 
 __all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]  # RankLoss: from .tracker
@@ -155,10 +155,38 @@ class LivenessMonitor:
 
     def _publish(self, pub) -> None:
         try:
-            pub.send(json.dumps({"losses": [asdict(x) for x in self.losses]}).encode(),
-                     flags=zmq.NOBLOCK)
+            pub.send(membership_message(self.losses), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+
+
+def membership_message(losses: list[RankLoss]) -> bytes:
+    """Every loss so far, in order: what the monitor publishes (wire format, no tensors)."""
+    return wire.encode_header({"t": "losses", "losses": [asdict(x) for x in losses]})
+
+
+_LOSS_FIELDS = {"rank": (int,), "cause": (str,), "exitcode": (int, type(None)),
+                "detected_monotonic": (float, int), "epoch": (int,)}
+
+
+def parse_membership(msg: bytes) -> list[RankLoss] | None:
+    """The losses of a :func:`membership_message`; None when malformed."""
+    try:
+        h = wire.decode_header(msg)
+    except wire.WireError:
+        return None
+    losses = h.get("losses")
+    if h.get("t") != "losses" or not isinstance(losses, list):
+        return None
+    out = []
+    for x in losses:
+        if not isinstance(x, dict) or not all(
+                type(x.get(k)) in ts for k, ts in _LOSS_FIELDS.items()):
+            return None
+        if x["rank"] < 0 or x["epoch"] < 1 or x["cause"] not in ("exit", "hang", "reported"):
+            return None
+        out.append(RankLoss(**{k: x[k] for k in _LOSS_FIELDS}))
+    return out
 
 
 class MembershipSubscriber:
@@ -198,9 +226,10 @@ class MembershipSubscriber:
                 if not sock.poll(self.poll_ms):
                     continue
                 try:
-                    losses = json.loads(sock.recv(zmq.NOBLOCK))["losses"]
-                    items = [RankLoss(**x) for x in losses]
-                except (zmq.Again, ValueError, KeyError, TypeError):
+                    items = parse_membership(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    continue
+                if items is None:
                     self.dropped += 1
                     continue
                 for loss in items[self.seen:]:

@@ -20,7 +20,7 @@ is fenced (a hang; it may wake up and be taken back). Recovery on each loss:
 from __future__ import annotations
 
 import itertools
-import pickle
+import logging
 import queue
 import signal
 import tempfile
@@ -37,11 +37,14 @@ from ..membership import Membership, RankState
 from ..liveness import LivenessTracker, RankLoss
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
+from ..transport import wire
 from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
 from .rank_processes import RankProcesses, RuntimeStartError, free_port_base
 from .requests import RequestRecord
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Coordinator", "RequestRecord", "FailureEvent", "RuntimeStartError"]
 
@@ -111,6 +114,8 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
+        self.dropped: dict[str, int] = {}
+        """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.ctx = zmq.Context()
 
     @property
@@ -289,7 +294,7 @@ class Coordinator:
                 for r, s in enumerate(self.ctl):
                     if s in events:
                         while s.poll(0):
-                            self._on_rank_message(r, pickle.loads(s.recv()))
+                            self._on_control_frame(r, s.recv())
                 if self.hb in events:
                     while self.hb.poll(0):
                         got = self.liveness.beacon(self.hb.recv())
@@ -334,6 +339,22 @@ class Coordinator:
         if rec.migrations:  # moved after a failure: resume from its KV checkpoint if one survives
             msg["restore"] = self.kv.restore_hint(rec.rid, len(msg["tokens"]))
         self._send(rec.owner, msg)
+
+    def _on_control_frame(self, rank: int, raw: bytes) -> None:
+        """One message on rank ``rank``'s control socket: decoded and checked, or dropped and
+        counted by reason (``self.dropped``); a message that breaks its handler is dropped
+        too (``content``), never the loop."""
+        try:
+            msg = wire.decode_header(raw)
+            if not isinstance(msg.get("t"), str):
+                raise wire.WireError("header", "no message type")
+            self._on_rank_message(rank, msg)
+        except wire.WireError as e:
+            self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            self.dropped["content"] = self.dropped.get("content", 0) + 1
+            log.warning("resilient-ep: a control message of rank %d was dropped", rank,
+                        exc_info=True)
 
     def _on_rank_message(self, rank: int, msg: dict) -> None:
         if msg["t"] == "ready" and self.membership.state(rank) is RankState.JOINING:
@@ -451,7 +472,7 @@ class Coordinator:
 
     def _send(self, rank: int, msg: dict) -> None:
         try:
-            self.ctl[rank].send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+            self.ctl[rank].send(wire.encode_header(msg), zmq.NOBLOCK)
         except zmq.Again:
             pass
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pickle
 import signal
 import sys
 import time
+import traceback
 
 import torch
 import zmq
@@ -29,6 +29,7 @@ from ..layout import ExpertLayout
 from ..liveness import Beacon
 from ..membership import MembershipView, RankState
 from ..routing import RoutingTable
+from ..transport import wire
 from ..transport.dispatch import MoEExchange, serve_dispatch
 from ..transport.zmq_transport import ZmqTransport
 from . import batch_invariant
@@ -101,10 +102,11 @@ class Rank:
         self.stop = False
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
+        self.dropped: dict[str, int] = {}  # control messages dropped, by reason
 
     # ------------------------------------------------------------------ control
     def _send_control(self, msg: dict) -> None:
-        self.control.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        self.control.send(wire.encode_header(msg))
 
     def _on_control(self, msg: dict) -> None:
         t = msg["t"]
@@ -133,8 +135,8 @@ class Rank:
                     self.exchange.reroute(self.live)
         elif t == "repair":
             self._repair(msg["moves"])
-        else:
-            raise ValueError(f"rank {self.rank}: unknown control message {t!r}")
+        else:  # a newer coordinator's message, or garbage: dropped, counted
+            self.dropped["unknown"] = self.dropped.get("unknown", 0) + 1
 
     def _apply_view(self, membership: dict, layout_rows) -> None:
         """Start from a running instance's membership and routing (joining: not live yet)."""
@@ -225,7 +227,15 @@ class Rank:
                     raw = self.control.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._on_control(pickle.loads(raw))
+                try:
+                    msg = wire.decode_header(raw)
+                    self._on_control(msg)
+                except wire.WireError as e:
+                    self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+                    self.dropped["content"] = self.dropped.get("content", 0) + 1
+                    print(f"rank {self.rank}: control message dropped:", file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
         if self.transport.inbox in events or self.transport.has_released():
             for _ in range(256):
                 msg = self.transport.recv_nowait()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import zmq
+
+from ..transport import wire
 
 __all__ = ["RankProcesses", "RuntimeStartError", "free_port_base"]
 
@@ -77,7 +78,10 @@ class RankProcesses:
                 raise RuntimeStartError(f"ranks {sorted(set(range(self.num_ranks)) - ready)} not "
                                         f"ready within {timeout_s} s")
             for s, _ in poller.poll(200):
-                msg = pickle.loads(s.recv())
+                try:
+                    msg = wire.decode_header(s.recv())
+                except wire.WireError:
+                    continue
                 if msg["t"] == "ready":
                     ready.add(msg["rank"])
 

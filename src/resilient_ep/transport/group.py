@@ -165,6 +165,8 @@ class LiveGroup:
         self._detector = FailureDetector([], self.config)
         self._heard: set[int] = set()
         self._causes: dict[int, str] = {}
+        self.dropped: dict[str, int] = {}
+        """Messages received and dropped, by reason (``wire.WireError.reason``, ``fields``)."""
         self._error: Exception | None = None
         self._aborted: GroupAborted | None = None
         self._closed = False
@@ -511,7 +513,10 @@ class LiveGroup:
                     frames = self._inbox.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                header, tensors = wire.decode(frames)
+                got = self._checked(frames)
+                if got is None:
+                    continue
+                header, tensors = got
                 src = header["src"]
                 if src in self.dead:
                     continue  # a dead or fenced member's late message
@@ -519,7 +524,7 @@ class LiveGroup:
                     self._heard.add(src)
                     self._detector.reset(src, now)
                 self._detector.heartbeat(src, now)
-                theirs = set(header.get("dead", ()))
+                theirs = set(header["dead"])
                 if not theirs <= self.dead:
                     self._declare(theirs, "reported")
                 if header["t"] == "bye":
@@ -533,6 +538,30 @@ class LiveGroup:
                 self._held[(key, src)] = _Msg(src, key, tensors)
         for s in self._detector.poll(now):
             self._declare([s.rank], s.kind)
+
+    def _checked(self, frames) -> tuple[dict, list] | None:
+        """A message of a member of this group, well formed; else None (counted in
+        ``self.dropped`` by reason)."""
+        try:
+            header, tensors = wire.decode(frames)
+        except wire.WireError as e:
+            return self._drop(e.reason)
+        src, dead, t = header.get("src"), header.get("dead", []), header.get("t")
+        if (type(src) is not int or not 0 <= src < self.size or src == self.rank
+                or not isinstance(t, str) or not isinstance(dead, list)
+                or not all(type(r) is int and 0 <= r < self.size for r in dead)):
+            return self._drop("fields")
+        if t == "c":
+            key = header.get("key")
+            if not (isinstance(key, list) and len(key) in (2, 3) and key[0] in ("s", "l")
+                    and all(type(k) is int for k in key[1:])):
+                return self._drop("fields")
+        header["dead"] = dead
+        return header, tensors
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        return None
 
     def _heartbeat_loop(self) -> None:
         socks = {}

@@ -1,47 +1,118 @@
-"""Message format: ``[header, *tensor frames]``.
+"""The one message format of every socket of the project: ``[header, *tensor frames]``.
 
-The header is a pickled dict (trusted local peers only: every socket is loopback or ipc) with
-``"t"`` (message type), ``"epoch"`` and the tensor specs ``"tensors": [(dtype, shape), ...]``;
-each tensor travels as its own frame, sent and received without copies (``copy=False`` on
-send, ``torch.frombuffer`` on receive).
+Frame 0 is ``MAGIC`` (``b"REP"``), one version byte (``VERSION``) and a msgpack map: the
+message's fields (``"t"``, its type, ``"epoch"``, ...) and ``"tensors"``, one
+``[dtype, shape]`` per tensor frame. Each tensor travels as its own frame, sent without a
+copy (``copy=False``) and received without one (``torch.frombuffer``).
+
+Nothing received is trusted. :func:`decode` checks, before anything is used, that
+- frame 0 starts with the magic and a version this build reads;
+- the header is a map of string keys no larger than ``MAX_HEADER`` bytes (msgpack is data
+  only: no object is constructed from it, unlike pickle);
+- every tensor spec names a known dtype and a shape of at most ``MAX_DIMS`` non-negative
+  dimensions, there is exactly one frame per spec, and each frame's size is exactly the
+  spec's.
+
+Anything else raises :class:`WireError` with a ``reason`` (``magic``, ``version``,
+``header``, ``tensors``, ``size``) that receive loops count by. Unknown header fields are
+passed through and ignored by the receivers that do not know them, so a newer sender with an
+extra field still talks to an older receiver of the same version.
 """
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 
-__all__ = ["encode", "decode"]
+__all__ = ["encode", "decode", "encode_header", "decode_header", "WireError", "MAGIC",
+           "VERSION"]
+
+MAGIC = b"REP"
+VERSION = 1
+MAX_HEADER = 1 << 20
+MAX_DIMS = 8
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                torch.int32, torch.bool, torch.uint8, torch.float64)}
+_ITEMSIZE = {name: torch.empty((), dtype=d).element_size() for name, d in _DTYPES.items()}
+_PREFIX = MAGIC + bytes([VERSION])
+
+
+class WireError(ValueError):
+    """A message that is not one of ours; ``reason`` says which check it failed."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"malformed message ({reason}): {detail}")
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    return _PREFIX + msgpack.packb(header, use_bin_type=True)
+
+
+def decode_header(frame) -> dict[str, Any]:
+    raw = _bytes(frame)
+    if len(raw) < len(_PREFIX) or raw[: len(MAGIC)] != MAGIC:
+        raise WireError("magic", f"frame 0 does not start with {MAGIC!r}")
+    if raw[len(MAGIC)] != VERSION:
+        raise WireError("version", f"version {raw[len(MAGIC)]}, this build reads {VERSION}")
+    if len(raw) > MAX_HEADER:
+        raise WireError("header", f"{len(raw)} bytes, at most {MAX_HEADER}")
+    try:
+        header = msgpack.unpackb(raw[len(_PREFIX):], raw=False, strict_map_key=True)
+    except Exception as e:  # every way msgpack rejects bytes
+        raise WireError("header", f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise WireError("header", f"a {type(header).__name__}, not a map")
+    return header
 
 
 def encode(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list:
     specs, frames = [], []
     for t in tensors:
         t = t.detach().contiguous().cpu()
-        specs.append((str(t.dtype), tuple(t.shape)))
+        specs.append([str(t.dtype), list(t.shape)])
         frames.append(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
-    header = dict(header, tensors=specs)
-    return [pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL), *frames]
+    return [encode_header(dict(header, tensors=specs)), *frames]
 
 
 def decode(frames: list) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    header = pickle.loads(_bytes(frames[0]))
+    if not frames:
+        raise WireError("header", "no frames")
+    header = decode_header(frames[0])
+    specs = header.pop("tensors", [])
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise WireError("tensors", f"{len(frames) - 1} tensor frame(s) for specs {specs!r:.80}")
     out = []
-    for (dtype, shape), frame in zip(header.pop("tensors", ()), frames[1:]):
-        dt = _DTYPES[dtype]
+    for spec, frame in zip(specs, frames[1:]):
+        dtype, shape = _check_spec(spec)
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        if int(np.prod(shape)) == 0:
+        nbytes = memoryview(buf).nbytes
+        want = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] if shape else _ITEMSIZE[dtype]
+        if nbytes != want:
+            raise WireError("size", f"{dtype}{list(shape)} needs {want} bytes, got {nbytes}")
+        dt = _DTYPES[dtype]
+        if want == 0:
             out.append(torch.empty(shape, dtype=dt))
             continue
         t = torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=torch.uint8)
         out.append(t.view(dt).view(shape))
     return header, out
+
+
+def _check_spec(spec) -> tuple[str, tuple[int, ...]]:
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+            and isinstance(spec[1], list)):
+        raise WireError("tensors", f"spec {spec!r:.80} is not [dtype, shape]")
+    dtype, shape = spec
+    if dtype not in _DTYPES:
+        raise WireError("tensors", f"dtype {dtype!r:.40} is not one of {sorted(_DTYPES)}")
+    if len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
+        raise WireError("tensors", f"shape {shape!r:.80} is not up to {MAX_DIMS} sizes >= 0")
+    return dtype, tuple(shape)
 
 
 def _bytes(frame) -> bytes:

@@ -39,6 +39,8 @@ class ZmqTransport:
         self.rank = rank
         self.endpoints = list(endpoints)
         self.ctx = ctx or zmq.Context.instance()
+        self.dropped: dict[str, int] = {}
+        """Messages received and dropped, by reason (``wire.WireError.reason``, ``fields``)."""
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
@@ -141,6 +143,9 @@ class ZmqTransport:
                 if msg is not None:
                     return msg
 
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
     def recv_nowait(self) -> tuple[dict, list] | None:
         if self._released:
             return self._released.pop(0)
@@ -148,7 +153,15 @@ class ZmqTransport:
             frames = self.inbox.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        header, tensors = wire.decode(frames)
+        try:
+            header, tensors = wire.decode(frames)
+        except wire.WireError as e:
+            self._drop(e.reason)
+            return None
+        if type(header.get("src")) is not int or not isinstance(header.get("t"), str) \
+                or type(header.get("epoch", 0)) is not int:
+            self._drop("fields")
+            return None
         if header.get("src") not in self.members:
             if header.get("epoch", 0) > self.epoch and len(self._early) < 10_000:
                 self._early.append((header, tensors))  # we are behind: keep it for later

@@ -1,0 +1,74 @@
+"""The wire format trusts nothing: every malformed frame is refused with a reason before any
+of it is used, random bytes never raise anything but WireError, and no pickle is involved."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilient_ep.transport import wire
+from resilient_ep.transport.wire import WireError
+
+
+def _h(obj) -> bytes:
+    return wire.MAGIC + bytes([wire.VERSION]) + msgpack.packb(obj, use_bin_type=True)
+
+
+def test_round_trip_and_unknown_fields_pass_through():
+    x, n = torch.randn(3, 4), torch.arange(5)
+    h, (a, b) = wire.decode(wire.encode({"t": "x", "epoch": 2, "future_field": [1]}, [x, n]))
+    assert h == {"t": "x", "epoch": 2, "future_field": [1]}
+    assert torch.equal(a, x) and torch.equal(b, n)
+    h, (e,) = wire.decode(wire.encode({"t": "e"}, [torch.empty(0, 7)]))
+    assert e.shape == (0, 7)
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([], "header"),
+    ([b""], "magic"),
+    ([b"\x80\x04\x95"], "magic"),                              # a pickle
+    ([wire.MAGIC + b"\x02" + msgpack.packb({})], "version"),
+    ([wire.MAGIC + b"\x01\xc1"], "header"),                    # not msgpack
+    ([_h([1, 2])], "header"),                                  # not a map
+    ([_h({1: "x"})], "header"),                                # a non-string key
+    ([_h({"t": "x", "tensors": [["torch.float32", [2]]]})], "tensors"),      # a spec, no frame
+    ([_h({"t": "x"}), b"1234"], "tensors"),                            # a frame, no spec
+    ([_h({"t": "x", "tensors": [["object", [1]]]}), b"1234"], "tensors"),
+    ([_h({"t": "x", "tensors": [["torch.float32", [-1]]]}), b"1234"], "tensors"),
+    ([_h({"t": "x", "tensors": [["torch.float32", [1] * 9]]}), b"1234"], "tensors"),
+    ([_h({"t": "x", "tensors": [["torch.float32", [True]]]}), b"1234"], "tensors"),
+    ([_h({"t": "x", "tensors": "torch.float32"}), b"1234"], "tensors"),
+    ([_h({"t": "x", "tensors": [["torch.float32", [2]]]}), b"1234"], "size"),  # 4 bytes for 8
+    ([_h({"t": "x", "tensors": [["torch.float32", [1 << 30, 1 << 30]]]}), b"1234"], "size"),
+])
+def test_malformed_frames_are_refused_with_a_reason(frames, reason):
+    with pytest.raises(WireError) as e:
+        wire.decode(frames)
+    assert e.value.reason == reason
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_random_bytes_only_ever_raise_wire_errors(frames):
+    try:
+        wire.decode(frames)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 63) - 1)
+                    | st.text(max_size=8)
+                    | st.binary(max_size=8),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c,
+                                                                         max_size=4),
+                    max_leaves=12),
+       st.lists(st.binary(max_size=32), max_size=3))
+def test_random_headers_with_prefix_only_ever_raise_wire_errors(obj, extra):
+    try:
+        wire.decode([_h({"t": "x", "tensors": obj}), *extra])
+    except WireError:
+        pass
