@@ -208,9 +208,16 @@ class RecoveryConfig:
     """A rank fenced as hung that heartbeats again (it was only slow, or was resumed) is
     re-admitted with one table flip; its weights are still loaded. False: it stays out."""
 
+    max_request_failures: int = 2
+    """A request in flight at this many rank deaths is failed with an error instead of being
+    moved again (a poison request that kills every rank it runs on must not take the
+    instance down one rank at a time). 0: no limit."""
+
     def validate(self, prefix: str) -> None:
         _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures,
                "must be >= 0")
+        _check(self.max_request_failures >= 0, f"{prefix}.max_request_failures",
+               self.max_request_failures, "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,14 @@ replan starts from the truth.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from .config import ResilienceConfig
 from .layout import ExpertLayout
 from .membership import Membership, MembershipView, RankState
 from .placement import ReplanResult, replan
 
-__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator", "assign_requests"]
+__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator", "Assignment", "assign_requests"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class RecoveryPlan:
     """Request id -> new owner rank."""
     abandoned: list[str] = field(default_factory=list)
     """Requests that cannot be moved (no live rank, or migration disabled)."""
+    exhausted: list[str] = field(default_factory=list)
+    """Requests failed for having been in flight at ``recovery.max_request_failures`` rank
+    deaths (likely poison: they kill the ranks they run on)."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,20 @@ class JoinPlan:
     """(layer, expert) still without a live replica."""
 
 
+class Assignment(NamedTuple):
+    migrations: dict[str, int]
+    """Request id -> its new owner."""
+    abandoned: list[str]
+    """Requests nobody takes (no live rank, or migration off)."""
+    exhausted: list[str]
+    """Requests that have now been in flight at ``max_request_failures`` rank deaths: failed
+    with an error, not moved again."""
+
+
 def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iterable[int], *,
-                    load: Mapping[int, int] | None = None, migrate: bool = True
-                    ) -> tuple[dict[str, int], list[str]]:
+                    load: Mapping[int, int] | None = None, migrate: bool = True,
+                    deaths: Mapping[str, int] | None = None, max_request_failures: int = 0
+                    ) -> Assignment:
     """Who takes which request when ``failed`` ranks are lost: the one policy of every host
     (the reference coordinator, the vLLM front end).
 
@@ -74,8 +88,9 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
     work counts as load); ``load``: requests per live rank when the caller knows better (it
     replaces the count from ``owners``). Each request of a failed rank goes, in the order of
     ``owners``, to the live rank with the least work so far (ties: the lowest rank id), and
-    counts there for the next. Returns ``(migrations, abandoned)``: request id -> new owner,
-    and the requests nobody takes (no live rank, or ``migrate`` off).
+    counts there for the next. ``deaths``: request id -> rank deaths it was in flight at
+    before this one; a request reaching ``max_request_failures`` (> 0) with this death is
+    ``exhausted`` instead of moved. Returns an :class:`Assignment`.
     """
     failed = set(failed)
     work = {r: 0 for r in live}
@@ -87,8 +102,13 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
                 work[owner] += 1
     migrations: dict[str, int] = {}
     abandoned: list[str] = []
+    exhausted: list[str] = []
+    deaths = deaths or {}
     for rid, owner in owners.items():
         if owner not in failed:
+            continue
+        if max_request_failures and deaths.get(rid, 0) + 1 >= max_request_failures:
+            exhausted.append(rid)
             continue
         if not migrate or not work:
             abandoned.append(rid)
@@ -96,7 +116,7 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
         target = min(work, key=lambda r: (work[r], r))
         migrations[rid] = target
         work[target] += 1
-    return migrations, abandoned
+    return Assignment(migrations, abandoned, exhausted)
 
 
 class RecoveryOrchestrator:
@@ -114,9 +134,10 @@ class RecoveryOrchestrator:
         """Ranks whose loss has been planned for (until they join again)."""
 
     def on_failure(self, ranks: Iterable[int], kind: str, owners: Mapping[str, int],
-                   load=None) -> RecoveryPlan | None:
+                   load=None, deaths: Mapping[str, int] | None = None) -> RecoveryPlan | None:
         """Plan recovery from ``ranks`` failing (``kind`` crash|hang). ``owners``: the running
-        requests' current owner ranks. The ranks may still be live in the membership (they are
+        requests' current owner ranks; ``deaths``: how many rank deaths each had been in flight
+        at before (``recovery.max_request_failures``). The ranks may still be live in the membership (they are
         failed here: one epoch bump) or already out of it (the instance's liveness authority
         recorded the loss first). None when every one of them was planned for already."""
         if kind not in ("crash", "hang"):
@@ -139,11 +160,12 @@ class RecoveryOrchestrator:
         self.uncovered = set(res.uncovered)
         max_failures = self.config.recovery.max_failures
         too_many = bool(max_failures and len(out) > max_failures)
-        migrations, abandoned = assign_requests(
-            owners, ranks, view.live_ranks,
-            migrate=self.config.recovery.migrate_requests and not too_many)
-        return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered), migrations,
-                            abandoned)
+        rc = self.config.recovery
+        a = assign_requests(owners, ranks, view.live_ranks,
+                            migrate=rc.migrate_requests and not too_many, deaths=deaths,
+                            max_request_failures=rc.max_request_failures)
+        return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered),
+                            a.migrations, a.abandoned, a.exhausted)
 
     def on_join(self, ranks: Iterable[int], load=None) -> JoinPlan:
         """Admit repaired ranks (already loaded and warm, state ``joining``): one epoch bump,

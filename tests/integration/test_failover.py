@@ -191,3 +191,30 @@ def test_lost_experts_repaired_from_disk_without_the_rank(model_dir, prompts, re
             r.wait(TIMEOUT)
         _assert_nothing_lost(wave2, reference)
         assert not any(r.degraded for r in wave2)
+
+
+def test_a_poison_request_is_failed_after_max_request_failures_deaths(model_dir, prompts,
+                                                                     reference):
+    """A request that kills every rank it runs on (here one whose token id is past the
+    embedding: a rank that runs it dies with an IndexError) costs at most
+    ``recovery.max_request_failures`` ranks: then it is failed with an error that says why, the
+    status records it, and the instance serves on, exactly."""
+    from resilient_ep.runtime.requests import RequestRecord
+
+    with Coordinator(model_dir, num_ranks=4, config=_config()) as c:
+        with pytest.raises(ValueError, match="vocabulary"):
+            c.submit([10 ** 9], 4)  # the front door refuses it ...
+        poison = RequestRecord("poison", [10 ** 9], 4, None, submitted_at=time.time())
+        c._call(("submit", poison))  # ... one that got past it (an engine bug) is contained
+        poison.wait(TIMEOUT)
+        assert poison.error and "max_request_failures=2" in poison.error, poison.error
+        status = c.status()
+        assert status["epoch"] == 2, "it cost two ranks, no more"
+        assert sum(r["state"] == "dead" for r in status["ranks"]) == 2
+        [entry] = status["poisoned_requests"]
+        assert entry["rid"] == "poison" and entry["deaths"] == 2 and len(entry["ranks"]) == 2
+        recs = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in recs:
+            r.wait(TIMEOUT)
+        assert c.errored() is None
+    _assert_nothing_lost(recs, reference)

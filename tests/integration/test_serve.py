@@ -66,12 +66,39 @@ def test_models_and_status(api):
     pytest.param({"prompt": "the cat", "max_tokens": 0}, "max_tokens", id="max_tokens_zero"),
     pytest.param({"prompt": 42}, "prompt", id="prompt_type"),
     pytest.param({"prompt": "the", "model": "other"}, "model", id="unknown_model"),
+    pytest.param({"prompt": [1000000000]}, "prompt", id="token_outside_vocabulary"),
+    pytest.param({"prompt": [True, False]}, "prompt", id="booleans_as_tokens"),
+    pytest.param({"prompt": "the", "stream": "false"}, "stream", id="stream_string"),
+    pytest.param({"prompt": "the", "stop": ["."]}, "stop", id="stop_unsupported"),
+    pytest.param({"prompt": "the", "logprobs": 2}, "logprobs", id="logprobs_unsupported"),
+    pytest.param({"prompt": "the", "top_p": 0.5}, "top_p", id="top_p_unsupported"),
 ])
 def test_bad_requests_name_the_field(api, body, param):
     base, _ = api
     status, raw = _post(base + "/v1/completions", body)
     err = json.loads(raw)["error"]
     assert status in (400, 404) and err["param"] == param and param in err["message"]
+
+
+def test_bad_framing_is_a_clean_error_and_the_server_serves_on(api):
+    import http.client
+    from urllib.parse import urlparse
+
+    base, coord = api
+    u = urlparse(base)
+    for length in ("abc", "-5", str(1 << 30)):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", length)
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status in (400, 413), (length, r.status)
+        assert "Content-Length" in json.loads(r.read())["error"]["message"] or r.status == 413
+        conn.close()
+    status, raw = _post(base + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 2})
+    assert status == 200 and len(json.loads(raw)["choices"][0]["token_ids"]) == 2
+    assert coord.status()["epoch"] == 0, "no rank saw a bad request"
 
 
 def test_completion_and_stream_survive_a_killed_rank(api, reference, prompts):

@@ -96,3 +96,16 @@ def test_repair_vacates_then_fills_and_later_replans_keep_it():
     plan2 = o.on_failure([3], "crash", {})
     assert (0, 3) not in plan2.uncovered
     assert plan2.layout.physical_to_logical[0, moves[0].slot] == 3
+
+
+def test_a_request_in_flight_at_max_request_failures_deaths_is_not_moved_again():
+    from resilient_ep.recovery import assign_requests
+
+    a = assign_requests({"p": 1, "q": 1, "r": 0}, [1], [0, 2], deaths={"p": 1, "q": 0},
+                        max_request_failures=2)
+    assert a.exhausted == ["p"] and a.migrations == {"q": 2} and a.abandoned == []
+    assert assign_requests({"p": 1}, [1], [0], deaths={"p": 5}).migrations == {"p": 0}, \
+        "0: no limit"
+    o = _orch(ResilienceConfig().with_overrides(["recovery.max_request_failures=1"]))
+    plan = o.on_failure([1], "crash", {"a": 1, "b": 0})
+    assert plan.exhausted == ["a"] and plan.migrations == {}

@@ -2,7 +2,8 @@
 
 - ``GET /v1/models``
 - ``POST /v1/completions``: ``prompt`` (text or token ids), ``max_tokens`` (default 16),
-  ``temperature`` (0 only: greedy), ``stream`` (server-sent events, ``data: [DONE]`` at the end)
+  ``stream`` (server-sent events, ``data: [DONE]`` at the end); greedy only, every field
+  checked before a rank sees it (``completions.py``: a 400 naming the field)
 - ``GET /resilience/status``: ``{"epoch", "ranks": [{"rank", "pid", "state"}], "uncovered_experts"}``
 - ``GET /health``
 
@@ -23,16 +24,12 @@ from pathlib import Path
 
 from ..config import ResilienceConfig
 from ..runtime.coordinator import Coordinator
+from .completions import ApiError, parse_completion
 
 __all__ = ["add_arguments", "main", "make_server"]
 
 REQUEST_TIMEOUT_S = 600.0
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        self.status, self.message, self.param = status, message, param
-        super().__init__(message)
+MAX_BODY_BYTES = 16 << 20
 
 
 class _Tokenizer:
@@ -50,37 +47,23 @@ class _Tokenizer:
         return self.tok.decode(ids)
 
 
-def _parse_completion(body: dict, tokenizer: _Tokenizer, max_len: int) -> tuple[list[int], int, bool]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-        ids = list(prompt)
-    else:
-        raise ApiError(400, f"prompt must be a string or a list of token ids, got {prompt!r:.80}", "prompt")
-    if not ids:
-        raise ApiError(400, "prompt is empty after tokenization", "prompt")
-    max_tokens = body.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
-    if len(ids) + max_tokens > max_len:
-        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                            f"model's context ({max_len})", "max_tokens")
-    temperature = body.get("temperature", 0)
-    if not isinstance(temperature, (int, float)) or temperature != 0:
-        raise ApiError(400, f"only greedy decoding is supported: temperature must be 0, got "
-                            f"{temperature!r}", "temperature")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, f"n must be 1, got {body.get('n')!r}", "n")
-    return ids, max_tokens, bool(body.get("stream", False))
+def _content_length(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not value.strip().isdigit():
+        raise ApiError(400, f"Content-Length must be a non-negative integer, got {value!r:.40}")
+    n = int(value)
+    if n > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body ({n} bytes) is larger than {MAX_BODY_BYTES} bytes")
+    return n
 
 
 def make_server(coord: Coordinator, model_dir: Path, model_name: str, host: str, port: int
                 ) -> ThreadingHTTPServer:
     tokenizer = _Tokenizer(model_dir)
-    max_len = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 4096)
+    model_cfg = json.loads((model_dir / "config.json").read_text())
+    max_len = model_cfg.get("max_position_embeddings", 4096)
+    vocab_size = int(model_cfg["vocab_size"])
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -97,8 +80,7 @@ def make_server(coord: Coordinator, model_dir: Path, model_name: str, host: str,
             self.wfile.write(data)
 
         def _error(self, e: ApiError) -> None:
-            self._json(e.status, {"error": {"message": e.message, "type": "invalid_request_error",
-                                            "param": e.param, "code": e.status}})
+            self._json(e.status, e.body())
 
         def do_GET(self):
             if self.path == "/v1/models":
@@ -116,17 +98,19 @@ def make_server(coord: Coordinator, model_dir: Path, model_name: str, host: str,
             if self.path != "/v1/completions":
                 return self._error(ApiError(404, f"no route {self.path}"))
             try:
-                n = int(self.headers.get("Content-Length", "0"))
+                n = _content_length(self.headers.get("Content-Length"))
                 try:
                     body = json.loads(self.rfile.read(n) or b"{}")
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ApiError(400, f"body is not valid JSON: {e}")
-                if not isinstance(body, dict):
-                    raise ApiError(400, "body must be a JSON object")
-                if body.get("model", model_name) != model_name:
-                    raise ApiError(404, f"model {body.get('model')!r} not found (serving {model_name!r})", "model")
-                ids, max_tokens, stream = _parse_completion(body, tokenizer, max_len)
+                if isinstance(body, dict) and body.get("model", model_name) != model_name:
+                    raise ApiError(404, f"model {body.get('model')!r:.80} not found (serving "
+                                        f"{model_name!r})", "model")
+                req = parse_completion(body, tokenizer.encode, vocab_size=vocab_size,
+                                       max_len=max_len)
+                ids, max_tokens, stream = req.prompt_ids, req.max_tokens, req.stream
             except ApiError as e:
+                self.close_connection = True  # the body may not have been read
                 return self._error(e)
             rec = coord.submit(ids, max_tokens, eos=tokenizer.eos)
             cid = f"cmpl-{uuid.uuid4().hex[:24]}"

@@ -82,6 +82,7 @@ class Coordinator:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="rep-"))
         mcfg = MoEConfig.from_dir(self.model_dir)
         self.num_layers, self.num_experts = mcfg.num_layers, mcfg.num_experts
+        self.vocab_size = mcfg.vocab_size
         if num_ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {num_ranks}")
         base = -(-self.num_experts // num_ranks)
@@ -101,6 +102,8 @@ class Coordinator:
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
+        self.poisoned: list[dict] = []
+        """Requests failed by ``recovery.max_request_failures``: rid, deaths, ranks."""
         self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
         self.repairs: list[dict] = []        # {"epoch", "t0", "t1", "moves"} per weight repair
         self._repairs_pending: set[int] = set()
@@ -204,6 +207,11 @@ class Coordinator:
                rid: str | None = None) -> RequestRecord:
         if not prompt:
             raise ValueError("prompt must not be empty")
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad!r} is not an integer in the vocabulary "
+                             f"[0, {self.vocab_size})")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         rec = RequestRecord(rid or f"req-{next(self._ids)}", list(prompt), max_tokens, eos,
@@ -251,6 +259,7 @@ class Coordinator:
                 "ranks": [{"rank": r, "pid": self.pids[r], "state": s.value}
                           for r, s in enumerate(view.states)],
                 "uncovered_experts": uncovered,
+                "poisoned_requests": list(self.poisoned),
                 "kv_checkpoint": self.kv.status(live=set(view.live_ranks))}
 
     def set_kv_checkpointing(self, enabled: bool) -> None:
@@ -398,8 +407,9 @@ class Coordinator:
                 self._on_failure(ranks, kind)
 
     def _on_failure(self, ranks: list[int], kind: str) -> None:
-        owners = {rid: rec.owner for rid, rec in self.requests.items() if not rec.finished}
-        plan = self.recovery.on_failure(ranks, kind, owners)
+        live = {rid: rec for rid, rec in self.requests.items() if not rec.finished}
+        plan = self.recovery.on_failure(ranks, kind, {rid: r.owner for rid, r in live.items()},
+                                        deaths={rid: r.migrations for rid, r in live.items()})
         if plan is None:
             return
         now = time.time()
@@ -414,8 +424,17 @@ class Coordinator:
             self._start_repair(plan.replan.moves, plan.view.epoch)
         for rid, target in plan.migrations.items():
             rec = self.requests[rid]
+            rec.owners.append(rec.owner)
             rec.migrations += 1
             self._admit(rec, target)
+        limit = self.config.recovery.max_request_failures
+        for rid in plan.exhausted:
+            rec = self.requests[rid]
+            self.poisoned.append({"rid": rid, "deaths": rec.migrations + 1,
+                                  "ranks": [*rec.owners, rec.owner]})
+            self._finish(rec, error=f"request {rid} was in flight at {rec.migrations + 1} rank "
+                                    f"deaths (recovery.max_request_failures={limit}); it may "
+                                    "be what kills them, so it is not moved again")
         for rid in plan.abandoned:
             self._finish(self.requests[rid], error=f"rank {self.requests[rid].owner} failed "
                                                    "and the request could not be moved")

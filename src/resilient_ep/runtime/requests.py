@@ -23,6 +23,8 @@ class RequestRecord:
     error: str | None = None
     degraded: bool = False
     migrations: int = 0
+    owners: list[int] = field(default_factory=list)
+    """The ranks it ran on before ``owner`` (each lost while it was in flight)."""
     submitted_at: float = 0.0
     finished_at: float = 0.0
     events: "queue.Queue" = field(default_factory=queue.Queue, repr=False)

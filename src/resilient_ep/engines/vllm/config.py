@@ -80,8 +80,11 @@ UNSUPPORTED: dict[str, str] = {
     "transport": "vLLM's failover groups use Unix sockets and the detector.* deadlines",
     "kv_checkpoint.max_stall_ms": "the vLLM connector never holds decoding back for a save",
     "repair": "vLLM has no weight repair yet",
-    "recovery": "vLLM always re-admits a lost rank's requests on the survivors and never "
-                "re-admits a fenced rank",
+    "recovery.on_uncovered": "vLLM's experts are a ring mirror with no repair yet; what a "
+                             "token routed to an uncovered expert gets is not configurable",
+    "recovery.migrate_requests": "vLLM always re-admits a lost rank's requests on the survivors",
+    "recovery.max_failures": "vLLM serves on until one engine rank is left",
+    "recovery.readmit_fenced": "vLLM never re-admits a fenced rank (it is killed)",
 }
 """``ResilienceConfig`` keys the vLLM adapter does not read: set away from their default,
 they are refused at start (``config.refuse_unsupported``), never silently ignored."""

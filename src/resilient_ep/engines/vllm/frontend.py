@@ -83,11 +83,17 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self.resilient_liveness = None  # LivenessMonitor (one API server) or MembershipSubscriber
         self._re_requests: dict[str, object] = {}
         self._re_generated: dict[str, list[int]] = {}
+        self._re_deaths: dict[str, int] = {}  # rank deaths each request was in flight at
+        self.resilient_poisoned: list[dict] = []
         self._re_loop: asyncio.AbstractEventLoop | None = None
         super().__init__(vllm_config, *args, **kwargs)
         from .kv_setup import is_ours
 
         self._re_restore = is_ours(getattr(self.vllm_config, "kv_transfer_config", None))
+        from .instance import instance_of
+
+        settings = instance_of(self.vllm_config)
+        self._re_max_failures = settings[0].recovery.max_request_failures if settings else 0
 
     @property
     def resilient_epoch(self) -> int:
@@ -152,11 +158,15 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             self.reqs_in_flight.pop(rid, None)
             self.engine_inflight[dead_engine] -= 1
         # The core's policy picks each request's new rank (as in the reference runtime).
-        targets, _ = assign_requests(
+        plan = assign_requests(
             {rid: rank for rid in victims if rid in self._re_requests}, [rank], live,
-            load={i: self.engine_inflight[self.core_engines[i]] for i in live})
+            load={i: self.engine_inflight[self.core_engines[i]] for i in live},
+            deaths=self._re_deaths, max_request_failures=self._re_max_failures)
+        if plan.exhausted:
+            self._fail_poisoned(plan.exhausted, rank)
         readmitted = readmitted_tokens = 0
-        for rid, target in targets.items():
+        for rid, target in plan.migrations.items():
+            self._re_deaths[rid] = self._re_deaths.get(rid, 0) + 1
             try:
                 new = readmission_request(self._re_requests[rid], self._re_generated.get(rid, []),
                                           restore=self._re_restore, from_rank=rank)
@@ -175,6 +185,28 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             "readmitted_tokens": readmitted_tokens, "epoch": loss.epoch})
         log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,
                     live)
+
+    def _fail_poisoned(self, rids: list[str], rank: int) -> None:
+        """End these requests with an error (``recovery.max_request_failures``): each was in
+        flight at that many rank deaths and may be what kills them. Their streams get vLLM's
+        error finish (an HTTP 500 with the reason), as from an engine."""
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+        outs = []
+        for rid in rids:
+            deaths = self._re_deaths.pop(rid, 0) + 1
+            self._re_requests.pop(rid, None)
+            self._re_generated.pop(rid, None)
+            self.resilient_poisoned.append({"request_id": rid, "deaths": deaths,
+                                            "last_dp_rank": rank})
+            outs.append(EngineCoreOutput(
+                request_id=rid, new_token_ids=[], finish_reason=FinishReason.ERROR,
+                stop_reason=f"resilient-ep: request was in flight at {deaths} engine rank "
+                            f"deaths (recovery.max_request_failures={self._re_max_failures}); "
+                            "not moved again"))
+        log.error("resilient-ep: %d request(s) failed after %d rank deaths each, not moved "
+                  "again: %s", len(rids), self._re_max_failures, rids)
+        self.outputs_queue.put_nowait(EngineCoreOutputs(outputs=outs))
 
     # ---------------------------------------------------------------- routing
     def get_core_engine_for_request(self, request):
@@ -203,6 +235,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         for rid in request_ids:
             self._re_requests.pop(rid, None)
             self._re_generated.pop(rid, None)
+            self._re_deaths.pop(rid, None)
         await super().abort_requests_async(request_ids)
 
     @staticmethod
@@ -220,4 +253,5 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
                 if out.finish_reason is not None:
                     self._re_generated.pop(out.request_id, None)
                     self._re_requests.pop(out.request_id, None)
+                    self._re_deaths.pop(out.request_id, None)
         await DPLBAsyncMPClient.process_engine_outputs(self, outputs)

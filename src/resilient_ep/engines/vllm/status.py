@@ -158,6 +158,7 @@ class ResilienceStatusMiddleware:
             body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)),
                                 dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
             body["failovers"] = list(getattr(core, "resilient_events", []))
+            body["poisoned_requests"] = list(getattr(core, "resilient_poisoned", []))
             inflight = getattr(core, "engine_inflight", None)
             if inflight is not None:  # this API server's requests in flight, per DP rank
                 body["in_flight"] = [int(inflight[e]) for e in core.core_engines]
