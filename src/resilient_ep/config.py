@@ -193,10 +193,12 @@ class RepairConfig:
 class RecoveryConfig:
     """What the instance does when a rank fails."""
 
-    on_uncovered: Literal["degrade", "fail"] = "degrade"
-    """A token routed to an expert with no live replica: ``degrade`` drops that expert from
-    the token's top-k and renormalises the rest (the output is no longer exact); ``fail``
-    finishes the request with an error that names the experts."""
+    on_uncovered: Literal["wait", "degrade", "fail"] = "wait"
+    """A token routed to an expert with no live replica: ``wait`` holds the token until weight
+    repair brings the expert back (outputs stay exact; a wait longer than the step deadline
+    degrades, counted); ``degrade`` drops that expert from the token's top-k and renormalises
+    the rest (the output is no longer exact); ``fail`` finishes the request with an error that
+    names the experts."""
 
     migrate_requests: bool = True
     """Move the dead rank's requests to survivors (resume from KV checkpoint or recompute)."""

@@ -101,9 +101,10 @@ def test_two_failures_in_a_row_and_one_during_recovery(model_dir, prompts, refer
             time.sleep(0.02)
         c.kill(3)
 
+    # Three deaths: a request may be in flight at all of them (not a poison request).
     c, recs, status = _run(model_dir, prompts,
                            fail_at={1: {"point": "combine", "step": 2}, 2: {"point": "serve", "step": 2}},
-                           during=kill_third)
+                           during=kill_third, config=_config("recovery.max_request_failures=0"))
     states = [r["state"] for r in status["ranks"]]
     assert states == ["live", "dead", "dead", "dead"]
     # After three failures, rank 0 alone holds one replica of half the experts: the rest are
@@ -115,8 +116,23 @@ def test_two_failures_in_a_row_and_one_during_recovery(model_dir, prompts, refer
             assert r.generated == ref
 
 
+def test_last_replica_lost_wait_keeps_outputs_exact(model_dir, prompts, reference):
+    """The default ``recovery.on_uncovered=wait``: a token that picked an expert whose every
+    replica died waits for the repair (from disk, into spare slots) and goes on: every output
+    is exact."""
+    cfg = _config("placement.redundant_slots_per_rank=1")
+    c, recs, status = _run(model_dir, prompts, fail_at={1: {"point": "combine", "step": 2}}, config=cfg)
+    lost = {e for e in range(8) if all(r == 1 for r in c.layout.replica_ranks(0, e))}
+    assert lost, "with one spare slot per rank, rank 1 holds the only replica of some experts"
+    assert c.repairs and c.repairs[-1]["t1"] is not None, "the lost experts were repaired"
+    assert status["uncovered_experts"] == []
+    _assert_nothing_lost(recs, reference)
+    assert not any(r.degraded for r in recs)
+
+
 def test_last_replica_lost_degrade(model_dir, prompts, reference):
-    cfg = _config("placement.redundant_slots_per_rank=0")
+    # No spare slot to repair into: the lost experts stay uncovered.
+    cfg = _config("placement.redundant_slots_per_rank=0", "recovery.on_uncovered=degrade")
     c, recs, status = _run(model_dir, prompts, fail_at={1: {"point": "combine", "step": 2}}, config=cfg)
     lost = {e for e in range(8) if all(r == 1 for r in c.layout.replica_ranks(0, e))}
     assert lost, "with no redundancy rank 1 holds the only replica of some experts"

@@ -108,7 +108,8 @@ def test_kill_replica_holder_then_owner(model_dir, prompts):
     # lost): rank 1 re-replicates on rank 3. Then kill rank 1: its requests restore from rank 3.
     max_tokens = 40
     ref = reference_outputs(model_dir, prompts, max_tokens)
-    with Coordinator(model_dir, num_ranks=4, config=_config(), block_size=4) as c:
+    cfg = _config("recovery.max_request_failures=0")  # two deaths: not a poison request
+    with Coordinator(model_dir, num_ranks=4, config=cfg, block_size=4) as c:
         recs = [c.submit(p, max_tokens) for p in prompts]
         _wait(lambda: all(len(r.generated) >= 6 for r in recs), what="6 tokens each")
         on1 = [r for r in recs if r.owner == 1]

@@ -124,3 +124,35 @@ def test_uncovered_expert_degrades_or_fails(world, model_dir):
             assert torch.equal(res.failed, lost.any(1))
         else:
             assert not res.failed.any()
+
+
+def test_uncovered_expert_waits_until_covered_again(world, model_dir):
+    """``wait``: choices of experts with no live replica hold the exchange open; once the table
+    covers them again (a repair, a rejoin) they are sent and the result is bit-exact."""
+    layout, ts, banks = world
+    table = RoutingTable(layout, torch.tensor([True, False, False]))
+    held = set(layout.experts_on_rank(0, 0))
+    x, ids, w = _inputs(3)
+    assert any(int(e) not in held for e in ids.view(-1).tolist()), "the test needs a lost expert"
+    repairing = frozenset(range(E)) - held
+    ex = {0: MoEExchange(rank=0, transport=ts[0], table=table, bank=banks[0], layer=0, step=0,
+                         x=x, topk_ids=ids, topk_weights=w, on_uncovered="wait",
+                         wait_for=repairing)}
+    assert not ex[0].complete and ex[0].waited and ex[0].waiting.numel()
+    table.update(layout, torch.tensor([True, True, True]), epoch=1)  # covered again
+    ex[0].reroute(frozenset({0, 1, 2}))
+    _pump(ts, banks, ex, [0, 1, 2])
+    res = ex[0].result()
+    assert not res.degraded.any() and not res.failed.any()
+    assert torch.equal(res.out, _oracle(model_dir, 0, x, ids, w)), "bit-exact"
+    # No repair in time: the waiting choices degrade (counted as degraded), nothing hangs.
+    ex2 = MoEExchange(rank=0, transport=ts[0], table=RoutingTable(
+        layout, torch.tensor([True, False, False])), bank=banks[0], layer=0, step=0, x=x,
+        topk_ids=ids, topk_weights=w, on_uncovered="wait", wait_for=repairing)
+    ex2.stop_waiting()
+    assert ex2.complete and ex2.result().degraded.any()
+    # Nothing is being repaired: there is nothing to wait for, the choice degrades at once.
+    ex3 = MoEExchange(rank=0, transport=ts[0], table=RoutingTable(
+        layout, torch.tensor([True, False, False])), bank=banks[0], layer=0, step=0, x=x,
+        topk_ids=ids, topk_weights=w, on_uncovered="wait")
+    assert ex3.complete and ex3.result().degraded.any()

@@ -183,3 +183,30 @@ def test_tracker_decisions_without_threads():
         got += t.poll(now)
     [again] = got
     assert (again.rank, again.epoch) == (3, 4) and t.losses[-1] == again
+
+
+def test_a_monitor_loop_that_raises_is_restarted_and_counted(ranks):
+    """A bug in the monitor's loop (here its host's tick raising, once) costs a restart, not
+    the instance's failure detection."""
+    procs, beacons, tmp = ranks
+    calls = []
+
+    def tick() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the host's bookkeeping")
+
+    membership = Membership(4)
+    mon = LivenessMonitor(membership, procs, detector=DET, beacon_endpoint=beacons,
+                          fence=lambda r, why: os.kill(procs[r].pid, signal.SIGKILL), tick=tick)
+    seen = []
+    mon.add_listener(seen.append)
+    mon.start()
+    try:
+        _wait(lambda: mon.restarts == 1 and len(calls) >= 2)
+        os.kill(procs[2].pid, signal.SIGKILL)
+        _wait(lambda: len(seen) == 1)
+        assert (seen[0].rank, seen[0].cause, seen[0].epoch) == (2, "exit", 1)
+        assert mon.alive and mon.errored() is None
+    finally:
+        mon.stop()

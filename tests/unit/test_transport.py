@@ -324,3 +324,53 @@ def test_collective_group_conformance(tmp_path, world, check):
         check(make)
     finally:
         close()
+
+
+def test_a_group_under_malformed_traffic_changes_nothing(tmp_path):
+    """A few thousand random and malformed packets pushed into a running group's inbox (what
+    anyone on the host could send): nothing changes (members, epoch, collective results), every
+    one is dropped and counted, no receive loop raises. (Well-formed forgeries are the
+    authentication's business.)"""
+    import random
+
+    import msgpack
+
+    ctx = zmq.Context()
+    eps = [f"ipc://{tmp_path}/fuzz-{r}" for r in range(3)]
+    gs = [LiveGroup("fuzz", r, eps, detector=FAST, ctx=ctx) for r in range(3)]
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(eps[0])
+    rng = random.Random(7)
+    prefix = wire.MAGIC + bytes([wire.VERSION])
+    bad_headers = [{"t": "c", "src": "1"}, {"t": "c", "src": 9, "dead": []},
+                   {"t": "hb", "src": 1, "dead": [99]}, {"t": "c", "src": 1, "dead": [],
+                                                         "key": "x"},
+                   {"t": 3, "src": 1}, {"src": 1, "dead": "all"}, [1, 2, 3], "bye"]
+    try:
+        _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))
+        sent = 0
+        for i in range(3000):
+            kind = i % 3
+            if kind == 0:
+                frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))]
+            elif kind == 1:
+                frames = [prefix + msgpack.packb(rng.choice(bad_headers))]
+            else:  # a well-formed header whose tensor frames do not match it
+                frames = [wire.encode_header({"t": "c", "src": 1, "dead": [], "key": ["l", 0],
+                                              "tensors": [["torch.float32", [4]]]}), b"xy"]
+            push.send_multipart(frames)
+            sent += 1
+        for _ in range(3):
+            got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank * 10])]))
+            assert [_ranks(x) for x in got] == [{0: 0, 1: 10, 2: 20}] * 3
+        deadline = time.monotonic() + 10
+        while sum(gs[0].dropped.values()) < sent and time.monotonic() < deadline:
+            _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))  # pumps the inbox
+        assert sum(gs[0].dropped.values()) == sent, gs[0].dropped
+        assert all(g.dead == frozenset() and g.epoch == 0 and g.errored() is None for g in gs)
+    finally:
+        push.close(linger=0)
+        for g in gs:
+            g.shutdown()
+        ctx.term()

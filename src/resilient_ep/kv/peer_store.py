@@ -22,6 +22,7 @@ import time
 import zmq
 
 from ..transport import wire
+from ..transport.loops import run_restarting
 from .meta import CheckpointMeta
 from .store import CheckpointStore, MemoryStore, StoreError
 
@@ -45,6 +46,8 @@ class PeerStoreServer:
         self._thread = threading.Thread(target=self._serve, name=f"kvstore-{location}", daemon=True)
         self.dropped: dict[str, int] = {}
         """Requests dropped (malformed), by reason."""
+        self.restarts = 0
+        """Times the loop raised and was started again (``transport/loops.py``)."""
         self.cpu_s = 0.0
         """CPU time the server thread spent handling requests."""
 
@@ -71,14 +74,31 @@ class PeerStoreServer:
             self._thread.join(timeout)
 
     def _serve(self) -> None:
+        first = [True]
+
+        def body() -> None:
+            try:
+                self._serve_once(first[0])
+            finally:
+                first[0] = False
+
+        self._error = run_restarting(body, name=f"KV peer store {self.store.location}",
+                                     stop=self._stop, on_restart=self._restarted) or self._error
+
+    def _restarted(self, _e: BaseException) -> None:
+        self.restarts += 1
+
+    def _serve_once(self, first: bool) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as e:
+            sock.close(linger=0)
+            if not first:
+                raise  # the address is still held: try again
             self._error = e
             self._ready.set()
-            sock.close(linger=0)
             return
         self._ready.set()
         far = time.monotonic() + 1e9
@@ -121,8 +141,6 @@ class PeerStoreServer:
                                                  f"{type(e).__name__}: {e}"[:200])
                 sock.send_multipart([ident.bytes, *wire.encode(reply, out)], copy=False)
                 self.cpu_s += time.thread_time() - cpu0
-        except Exception as e:  # surfaced through errored()
-            self._error = e
         finally:
             sock.close(linger=0)
 

@@ -32,6 +32,7 @@ import zmq
 from ..config import DetectorConfig
 from ..membership import Membership, MembershipView, RankState
 from ..transport import wire
+from ..transport.loops import run_restarting
 from .tracker import LivenessTracker, RankLoss
 
 __all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]  # RankLoss: from .tracker
@@ -59,6 +60,10 @@ class LivenessMonitor:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"resilient-ep-{name}")
+        self._pub = None
+        self.restarts = 0
+        """Times the loop raised and was started again (``transport/loops.py``)."""
+        self.tracker.add_listener(self._publish_loss)
 
     @property
     def detector(self):
@@ -98,6 +103,13 @@ class LivenessMonitor:
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        self._error = run_restarting(self._serve, name="liveness monitor", stop=self._stop,
+                                     on_restart=self._restarted)
+
+    def _restarted(self, _e: BaseException) -> None:
+        self.restarts += 1
+
+    def _serve(self) -> None:
         ctx = zmq.Context.instance()
         beacons = pub = None
         try:
@@ -109,15 +121,17 @@ class LivenessMonitor:
                 pub = ctx.socket(zmq.PUB)
                 pub.setsockopt(zmq.LINGER, 500)
                 pub.bind(self.publish_endpoint)
-                self.tracker.add_listener(lambda _loss: self._publish(pub))
+            self._pub = pub
             self._loop(beacons, pub)
-        except Exception as e:  # recorded; the host decides what a dead monitor means
-            self._error = e
-            log.exception("resilient-ep: liveness monitor failed")
         finally:
+            self._pub = None
             for s in (beacons, pub):
                 if s is not None:
                     s.close(linger=0)
+
+    def _publish_loss(self, _loss: RankLoss) -> None:
+        if self._pub is not None:
+            self._publish(self._pub)
 
     def _loop(self, beacons, pub) -> None:
         tracker = self.tracker
@@ -203,6 +217,7 @@ class MembershipSubscriber:
         self.poll_ms = poll_ms
         self.seen = 0
         self.dropped = 0
+        self.restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="resilient-ep-membership")
@@ -217,6 +232,13 @@ class MembershipSubscriber:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        run_restarting(self._serve, name="membership subscriber", stop=self._stop,
+                       on_restart=self._restarted, max_restarts=1_000_000)
+
+    def _restarted(self, _e: BaseException) -> None:
+        self.restarts += 1
+
+    def _serve(self) -> None:
         sock = zmq.Context.instance().socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")

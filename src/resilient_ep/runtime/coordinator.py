@@ -102,6 +102,7 @@ class Coordinator:
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
+        self._repairing: list[list[int]] = []  # (layer, expert)s a repair is bringing back
         self.poisoned: list[dict] = []
         """Requests failed by ``recovery.max_request_failures``: rid, deaths, ranks."""
         self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
@@ -416,11 +417,13 @@ class Coordinator:
         with self._lock:
             self.uncovered = list(plan.uncovered)
         self._layout_version += 1
+        repair = bool(plan.replan.moves) and "disk" in self.config.repair.sources
+        self._repairing = [[m.layer, m.expert] for m in plan.replan.moves] if repair else []
         msg = {"t": "membership", "epoch": plan.view.epoch, "version": self._layout_version,
                "states": [s.value for s in plan.view.states],
-               "layout": plan.layout.physical_to_logical.tolist()}
+               "layout": plan.layout.physical_to_logical.tolist(), "repairing": self._repairing}
         self._broadcast(msg, include=list(ranks))  # a fenced rank learns it is out, if it wakes
-        if plan.replan.moves and "disk" in self.config.repair.sources:
+        if repair:
             self._start_repair(plan.replan.moves, plan.view.epoch)
         for rid, target in plan.migrations.items():
             rec = self.requests[rid]
@@ -462,6 +465,7 @@ class Coordinator:
         layout = self.recovery.repaired(moves)
         self._repairs_pending.discard(rank)
         if not self._repairs_pending:
+            self._repairing = []
             self._flip_layout(layout, self.membership.epoch)
             with self._lock:
                 self.uncovered = sorted(self.recovery.uncovered)
@@ -471,7 +475,8 @@ class Coordinator:
     def _flip_layout(self, layout, epoch: int) -> None:
         self._layout_version += 1
         self._broadcast({"t": "layout", "epoch": epoch, "version": self._layout_version,
-                         "layout": layout.physical_to_logical.tolist()})
+                         "layout": layout.physical_to_logical.tolist(),
+                         "repairing": self._repairing})
 
     def _readmit(self, rank: int) -> None:
         """A fenced rank is heartbeating again: take it back (weights still loaded)."""

@@ -58,7 +58,7 @@ class Rank:
         self.rank = spec["rank"]
         self.num_ranks = spec["num_ranks"]
         self.resilience = spec["resilience"]
-        self.on_uncovered = spec.get("on_uncovered", "degrade")
+        self.on_uncovered = spec.get("on_uncovered", "wait")
         torch.set_num_threads(spec.get("threads", 1))
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PAIR)
@@ -103,6 +103,7 @@ class Rank:
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
         self.dropped: dict[str, int] = {}  # control messages dropped, by reason
+        self.repairing: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ control
     def _send_control(self, msg: dict) -> None:
@@ -130,9 +131,10 @@ class Rank:
         elif t == "layout":  # same membership, new placement (weight repair)
             if msg["epoch"] == self.epoch and msg["version"] > self.layout_version:
                 self.layout_version = msg["version"]
+                self._set_repairing(msg)
                 self.table.update(self._layout_from(msg["layout"]))
                 if self.exchange is not None:
-                    self.exchange.reroute(self.live)
+                    self.exchange.reroute(self.live, self._wait_for(self.exchange.layer))
         elif t == "repair":
             self._repair(msg["moves"])
         else:  # a newer coordinator's message, or garbage: dropped, counted
@@ -179,8 +181,21 @@ class Rank:
         self.transport.configure(view.epoch, self.live)
         if self.kvc is not None:
             self.kvc.configure(view.epoch, self.live)
+        self._set_repairing(msg)
         if self.exchange is not None:
-            self.exchange.reroute(self.live)
+            self.exchange.reroute(self.live, self._wait_for(self.exchange.layer))
+
+    def _set_repairing(self, msg: dict) -> None:
+        """The (layer, expert)s whose weights are being repaired: what ``wait`` waits for."""
+        if "repairing" in msg:
+            self.repairing = {(int(l), int(e)) for l, e in msg["repairing"]}
+
+    def _wait_for(self, layer: int) -> frozenset[int]:
+        """Experts of ``layer`` a token may wait for (``recovery.on_uncovered=wait``): those a
+        repair is bringing back. One that nothing will bring back is degraded instead."""
+        if self.on_uncovered != "wait":
+            return frozenset()
+        return frozenset(e for l, e in self.repairing if l == layer)
 
     def _layout_from(self, rows) -> ExpertLayout:
         return ExpertLayout.from_mapping(torch.tensor(rows), num_ranks=self.num_ranks,
@@ -256,7 +271,8 @@ class Rank:
         self.exchange = MoEExchange(rank=self.rank, transport=self.transport, table=self.table,
                                     bank=self.bank, layer=layer, step=self.step, x=x,
                                     topk_ids=ids, topk_weights=weights,
-                                    on_uncovered=self.on_uncovered)
+                                    on_uncovered=self.on_uncovered,
+                                    wait_for=self._wait_for(layer))
         self._maybe_fail("combine")
         deadline = time.monotonic() + self.spec["step_timeout_s"]
         while not self.exchange.complete:
@@ -265,6 +281,9 @@ class Rank:
             if self.fenced:
                 raise _Fenced()
             self.exchange.retry()
+            if time.monotonic() > deadline and not self.exchange.pending:
+                self.exchange.stop_waiting()  # "wait": no repair in time; degraded, counted
+                continue
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: layer {layer} of step {self.step} got no "
                                    f"reply from ranks {sorted({d for d, _ in self.exchange.pending.values()})} "

@@ -72,7 +72,8 @@ class MoEExchange:
 
     def __init__(self, *, rank: int, transport, table: RoutingTable, bank: ExpertHolder,
                  layer: int, step: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, on_uncovered: str = "degrade"):
+                 topk_weights: torch.Tensor, on_uncovered: str = "degrade",
+                 wait_for: frozenset[int] = frozenset()):
         self.rank, self.transport, self.table, self.bank = rank, transport, table, bank
         self.layer, self.step = layer, step
         self.x = x                                          # [T, H]
@@ -84,9 +85,15 @@ class MoEExchange:
         self.done = torch.zeros(T * k, dtype=torch.bool)         # [T*k] reply received
         self.dropped = torch.zeros(T * k, dtype=torch.bool)      # [T*k] no live replica
         self.on_uncovered = on_uncovered
+        self.wait_for = frozenset(wait_for)
+        """``wait``: the experts a repair is bringing back (a choice of another uncovered
+        expert cannot wait for anything and is degraded)."""
         self.pending: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # id -> (dst, flat)
         self.unsent: set[tuple[int, int]] = set()  # refused by a live peer (not connected yet)
         self.uncovered: set[int] = set()
+        self.waiting = torch.empty(0, dtype=torch.int64)  # "wait": choices with no replica yet
+        self.waited = False
+        """Some choice waited for its expert to be repaired (``wait``)."""
         self._route(torch.arange(T * k))
 
     # ------------------------------------------------------------------ sending
@@ -100,9 +107,17 @@ class MoEExchange:
         slots = sel.slots.view(-1)
         missing = sel.missing.view(-1)
         if missing.any():
-            self.dropped[flat[missing]] = True
-            self.done[flat[missing]] = True
             self.uncovered.update(ids[missing].unique().tolist())
+            lost = flat[missing]
+            if self.on_uncovered == "wait" and self.wait_for:
+                # until the table covers it again (reroute after the repair's flip)
+                can = torch.tensor([int(e) in self.wait_for for e in ids[missing].tolist()],
+                                   dtype=torch.bool)
+                self.waiting = torch.cat([self.waiting, lost[can]])
+                self.waited |= bool(can.any())
+                lost = lost[~can]
+            self.dropped[lost] = True
+            self.done[lost] = True
         flat, slots = flat[~missing], slots[~missing]
         if flat.numel() == 0:
             return
@@ -151,17 +166,30 @@ class MoEExchange:
         y, ok = tensors
         self._deliver(flat, y, ok)
 
-    def reroute(self, live: frozenset[int]) -> None:
-        """The membership changed: resend choices whose owner is no longer live."""
+    def reroute(self, live: frozenset[int], wait_for: frozenset[int] | None = None) -> None:
+        """The membership or the layout changed: resend choices whose owner is no longer live,
+        and the waiting ones (their expert may be covered again; ``wait_for``: what may still
+        be waited for now)."""
+        if wait_for is not None:
+            self.wait_for = frozenset(wait_for)
         lost = [rid for rid, (dst, _) in self.pending.items() if dst not in live]
         for rid in lost:
             _dst, flat = self.pending.pop(rid)
             self.unsent.discard(rid)
             self._route(flat)
+        waiting, self.waiting = self.waiting, torch.empty(0, dtype=torch.int64)
+        self._route(waiting)
+
+    def stop_waiting(self) -> None:
+        """Give up on the waiting choices (no repair came in time): degrade them."""
+        if self.waiting.numel():
+            self.dropped[self.waiting] = True
+            self.done[self.waiting] = True
+            self.waiting = torch.empty(0, dtype=torch.int64)
 
     @property
     def complete(self) -> bool:
-        return not self.pending and bool(self.done.all())
+        return not self.pending and not self.waiting.numel() and bool(self.done.all())
 
     def result(self) -> MoEResult:
         T, k = self.ids.shape

@@ -39,7 +39,9 @@ def server(tmp_path_factory, tiny_model):
                               "--api-server-count", "1",
                               "--additional-config",
                               json.dumps({"resilience": {"instance": instance}}),
-                              "--resilience-set", "detector.heartbeat_timeout_ms=5000"],
+                              "--resilience-set", "detector.heartbeat_timeout_ms=5000",
+                              # two deaths: a request moved to the second victim is not poison
+                              "--resilience-set", "recovery.max_request_failures=0"],
                  work / "serve.log", engine_env())
     try:
         srv.wait_ready(SERVE_TIMEOUT_S)

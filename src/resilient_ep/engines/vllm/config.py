@@ -16,6 +16,8 @@ A ``resilience`` key that is absent, or ``{"enabled": false}``, leaves vLLM unto
 
 from __future__ import annotations
 
+import logging
+
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -74,14 +76,14 @@ def resilience_config(additional_config: Any) -> ResilienceConfig | None:
     return cfg if cfg.enabled else None
 
 
+log = logging.getLogger("vllm." + __name__)
+
 UNSUPPORTED: dict[str, str] = {
     "placement": "vLLM's replicas are a ring mirror of the next rank's experts "
                  "(engines/vllm/replicas.py); placement by budget is not wired into vLLM yet",
     "transport": "vLLM's failover groups use Unix sockets and the detector.* deadlines",
     "kv_checkpoint.max_stall_ms": "the vLLM connector never holds decoding back for a save",
     "repair": "vLLM has no weight repair yet",
-    "recovery.on_uncovered": "vLLM's experts are a ring mirror with no repair yet; what a "
-                             "token routed to an uncovered expert gets is not configurable",
     "recovery.migrate_requests": "vLLM always re-admits a lost rank's requests on the survivors",
     "recovery.max_failures": "vLLM serves on until one engine rank is left",
     "recovery.readmit_fenced": "vLLM never re-admits a fenced rank (it is killed)",
@@ -97,6 +99,15 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
     if cfg is None:
         return None
     refuse_unsupported(cfg, "vllm", UNSUPPORTED)
+    if cfg.recovery.on_uncovered == "fail":
+        raise ConfigError("recovery.on_uncovered", "fail",
+                          "is not supported on vllm (a token routed to an expert with no live "
+                          "replica is dropped from its top-k there); use wait or degrade")
+    if cfg.recovery.on_uncovered == "wait":
+        log.info("resilient-ep: vLLM has no weight repair yet: recovery.on_uncovered=wait "
+                 "cannot wait for one; an expert that loses every replica (two neighbouring "
+                 "ranks lost) is dropped from the top-k, as degrade, and listed in "
+                 "/resilience/status")
     assert additional_config is not None
     raw = resilience_settings(additional_config) or {}
     out = cfg.to_dict()
