@@ -109,6 +109,11 @@ class TransportConfig:
     """Deadline of one dispatch or combine receive. A peer that misses it is suspected and
     the detector decides; nothing waits forever."""
 
+    authenticate: bool = True
+    """Tag every message of the instance with a per-instance key (HMAC-SHA256 of its header,
+    the key in a file only the owner can read) and drop what does not carry it: a process
+    outside the instance can neither inject data nor change membership. False: untagged."""
+
     def validate(self, prefix: str) -> None:
         _check(self.step_timeout_ms > 0, f"{prefix}.step_timeout_ms", self.step_timeout_ms,
                "must be > 0")

@@ -234,3 +234,34 @@ def test_a_poison_request_is_failed_after_max_request_failures_deaths(model_dir,
             r.wait(TIMEOUT)
         assert c.errored() is None
     _assert_nothing_lost(recs, reference)
+
+
+def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference):
+    """Anyone on the host can reach the coordinator's liveness socket: a well-formed loss
+    report ("rank 2 is dead") or beacon without the instance's key is dropped, counted, and
+    every rank stays in; the instance serves exactly."""
+    import zmq
+
+    from resilient_ep.liveness.beacons import alive_message, dead_message
+    from resilient_ep.transport import wire
+
+    with Coordinator(model_dir, num_ranks=4, config=_config()) as c:
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"ipc://{c.run_dir}/heartbeat")
+        try:
+            for key in (None, b"f" * 32):
+                wire.set_key(key)
+                for _ in range(50):
+                    push.send(dead_message(2, 0))
+                    push.send(alive_message(3, 1))
+        finally:
+            wire.set_key(None)
+            push.close(linger=0)
+        recs = [c.submit(p, MAX_TOKENS) for p in prompts]
+        for r in recs:
+            r.wait(TIMEOUT)
+        assert c.liveness.dropped >= 200, c.liveness.dropped
+        status = c.status()
+        assert status["epoch"] == 0 and all(r["state"] == "live" for r in status["ranks"])
+    _assert_nothing_lost(recs, reference)

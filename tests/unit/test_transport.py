@@ -374,3 +374,37 @@ def test_a_group_under_malformed_traffic_changes_nothing(tmp_path):
         for g in gs:
             g.shutdown()
         ctx.term()
+
+
+def test_forged_well_formed_messages_are_refused_with_an_instance_key(tmp_path):
+    """With the instance key (every process of an instance has it), a forged heartbeat, a
+    forged "bye" and a forged contribution from a process without it are dropped as ``auth``:
+    membership and results do not change."""
+    ctx = zmq.Context()
+    wire.set_key(b"i" * 32)
+    eps = [f"ipc://{tmp_path}/auth-{r}" for r in range(3)]
+    gs = [LiveGroup("auth", r, eps, detector=FAST, ctx=ctx) for r in range(3)]
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(eps[0])
+    try:
+        _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))
+        for key in (None, b"x" * 32):  # no key, a wrong key
+            push.send(wire.encode_header({"t": "bye", "src": 1, "epoch": 0, "dead": []}, key=key))
+            push.send(wire.encode_header({"t": "hb", "src": 2, "epoch": 5, "dead": [1]}, key=key))
+            push.send_multipart([wire.encode_header(
+                {"t": "c", "src": 1, "dead": [], "key": ["s", 0, 1], "epoch": 0,
+                 "tensors": [["torch.int64", [1]]]}, key=key), torch.tensor([666]).numpy()])
+        got = _together(gs, lambda g: g.allgather([torch.tensor([g.rank * 10])]))
+        assert [_ranks(x) for x in got] == [{0: 0, 1: 10, 2: 20}] * 3
+        deadline = time.monotonic() + 10
+        while gs[0].dropped.get("auth", 0) < 6 and time.monotonic() < deadline:
+            _together(gs, lambda g: g.allgather([torch.tensor([g.rank])]))
+        assert gs[0].dropped.get("auth") == 6, gs[0].dropped
+        assert all(g.dead == frozenset() for g in gs)
+    finally:
+        push.close(linger=0)
+        for g in gs:
+            g.shutdown()
+        ctx.term()
+        wire.set_key(None)

@@ -72,3 +72,44 @@ def test_random_headers_with_prefix_only_ever_raise_wire_errors(obj, extra):
         wire.decode([_h({"t": "x", "tensors": obj}), *extra])
     except WireError:
         pass
+
+
+@pytest.fixture
+def keyed():
+    wire.set_key(b"k" * 32)
+    yield b"k" * 32
+    wire.set_key(None)
+
+
+def test_with_an_instance_key_only_tagged_messages_from_that_key_pass(keyed):
+    x = torch.randn(2, 3)
+    h, (y,) = wire.decode(wire.encode({"t": "c", "src": 1}, [x]))
+    assert h == {"t": "c", "src": 1} and torch.equal(x, y)
+    assert wire.decode_header(wire.encode_header({"t": "alive"})) == {"t": "alive"}
+    forged = [
+        [wire.encode_header({"t": "bye", "src": 1}, key=None)],            # no key at all
+        [wire.encode_header({"t": "bye", "src": 1}, key=b"x" * 32)],       # another key
+        [b"REP\x01" + b"\x00" * 20],
+    ]
+    good = wire.encode({"t": "c", "src": 1}, [x])
+    tampered = [bytes(good[0][:-17]) + b"\x00" + bytes(good[0][-16:]), good[1]]  # header
+    for frames in [*forged, tampered]:
+        with pytest.raises(WireError) as e:
+            wire.decode(frames)
+        assert e.value.reason == "auth"
+    # a host of several instances passes each its own key
+    other = wire.encode_header({"t": "x"}, key=b"o" * 32)
+    assert wire.decode_header(other, key=b"o" * 32) == {"t": "x"}
+
+
+def test_key_files_are_private(tmp_path):
+    import os
+
+    key = wire.new_key_file(tmp_path / "k")
+    assert wire.load_key(tmp_path / "k") == key and len(key) == 32
+    assert (os.stat(tmp_path / "k").st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        wire.new_key_file(tmp_path / "k")  # never overwritten
+    os.chmod(tmp_path / "k", 0o644)
+    with pytest.raises(PermissionError, match="0600"):
+        wire.load_key(tmp_path / "k")

@@ -33,10 +33,11 @@ def dead_message(rank: int, reporter: int) -> bytes:
     return wire.encode_header({"t": "dead", "rank": int(rank), "reporter": int(reporter)})
 
 
-def parse_beacon(msg: bytes) -> tuple[str, int, int] | None:
-    """``("alive", rank, pid)`` or ``("dead", rank, reporter)``; None when malformed."""
+def parse_beacon(msg: bytes, **key) -> tuple[str, int, int] | None:
+    """``("alive", rank, pid)`` or ``("dead", rank, reporter)``; None when malformed or not
+    from this instance (``key``: as :func:`~resilient_ep.transport.wire.decode_header`)."""
     try:
-        h = wire.decode_header(msg)
+        h = wire.decode_header(msg, **key)
     except (wire.WireError, TypeError):
         return None
     kind = h.get("t")

@@ -65,11 +65,13 @@ class RankLoss:
 class LivenessTracker:
     def __init__(self, membership: Membership, ranks: Iterable[int], *,
                  detector: DetectorConfig | None = None,
-                 fence: Callable[[int, str], None] | None = None, out_at_fence: bool = False):
+                 fence: Callable[[int, str], None] | None = None, out_at_fence: bool = False,
+                 key: bytes | None = None):
         self.membership = membership
         self.ranks = frozenset(int(r) for r in ranks)
         self.detector = FailureDetector([], detector or DetectorConfig())
         self.out_at_fence = out_at_fence
+        self._key = {"key": key} if key is not None else {}  # else this process's key
         self._fence = fence
         self._fenced: dict[int, str] = {}
         self._heard: set[int] = set()
@@ -92,7 +94,7 @@ class LivenessTracker:
         """One liveness frame. Returns it parsed (``("alive", rank, pid)`` or ``("dead",
         rank, reporter)``) so the host can act on an alive rank it had given up on; None when
         dropped (malformed, or a rank not of this instance)."""
-        got = parse_beacon(msg)
+        got = parse_beacon(msg, **self._key)
         if got is None or got[1] not in self.ranks:
             self.dropped += 1
             return None

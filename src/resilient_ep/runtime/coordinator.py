@@ -118,6 +118,8 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
+        self.key: bytes | None = None
+        """This instance's key (``transport.authenticate``): every message is tagged with it."""
         self.dropped: dict[str, int] = {}
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.ctx = zmq.Context()
@@ -134,6 +136,10 @@ class Coordinator:
     # ================================================================== lifecycle
     def start(self) -> "Coordinator":
         det = self.config.detector
+        key_file = self.run_dir / "instance.key"
+        if self.config.transport.authenticate:
+            key_file.unlink(missing_ok=True)  # a run dir given twice: a fresh key each start
+            self.key = wire.new_key_file(key_file)
         kind = self.config.transport.address
         where = str(self.run_dir) if kind == "ipc" else str(free_port_base(self.num_ranks))
         data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
@@ -156,6 +162,7 @@ class Coordinator:
             "on_uncovered": self.config.recovery.on_uncovered,
             "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
+            "key_file": str(key_file) if self.key is not None else None,
         }
         for r in range(self.num_ranks):
             spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
@@ -164,9 +171,10 @@ class Coordinator:
             self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
             s.connect(spec["control"])
             self.ctl.append(s)
-        self.ranks.await_ready(self.ctl, self.start_timeout_s)
+        self.ranks.await_ready(self.ctl, self.start_timeout_s, key=self.key)
         self.liveness = LivenessTracker(self.membership, range(self.num_ranks),
-                                        detector=self.config.detector, out_at_fence=True)
+                                        detector=self.config.detector, out_at_fence=True,
+                                        key=self.key)
         for r in range(self.num_ranks):  # each rank is watched from its "ready" on
             self.liveness.watch(r)
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
@@ -355,7 +363,7 @@ class Coordinator:
         counted by reason (``self.dropped``); a message that breaks its handler is dropped
         too (``content``), never the loop."""
         try:
-            msg = wire.decode_header(raw)
+            msg = wire.decode_header(raw, key=self.key)
             if not isinstance(msg.get("t"), str):
                 raise wire.WireError("header", "no message type")
             self._on_rank_message(rank, msg)
@@ -496,7 +504,7 @@ class Coordinator:
 
     def _send(self, rank: int, msg: dict) -> None:
         try:
-            self.ctl[rank].send(wire.encode_header(msg), zmq.NOBLOCK)
+            self.ctl[rank].send(wire.encode_header(msg, key=self.key), zmq.NOBLOCK)
         except zmq.Again:
             pass
 

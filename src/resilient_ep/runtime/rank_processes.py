@@ -60,7 +60,8 @@ class RankProcesses:
         return subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
                                 env=env, stdin=subprocess.DEVNULL)
 
-    def await_ready(self, ctl: list[zmq.Socket], timeout_s: float) -> None:
+    def await_ready(self, ctl: list[zmq.Socket], timeout_s: float, *,
+                    key: bytes | None = None) -> None:
         """Wait for ``ready`` from every rank on its control socket ``ctl[r]``; kill them all and
         raise :class:`RuntimeStartError` if one exits or ``timeout_s`` passes first."""
         ready: set[int] = set()
@@ -79,7 +80,7 @@ class RankProcesses:
                                         f"ready within {timeout_s} s")
             for s, _ in poller.poll(200):
                 try:
-                    msg = wire.decode_header(s.recv())
+                    msg = wire.decode_header(s.recv(), key=key)
                 except wire.WireError:
                     continue
                 if msg["t"] == "ready":

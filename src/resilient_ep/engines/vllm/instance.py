@@ -5,13 +5,20 @@ and files live.
 ["instance"]``, written by the front end, so every process of one instance and no other
 agrees on it). Its directory ``$TMPDIR/resilient-ep-<uid>/<instance>/`` holds the Unix
 sockets of its failover groups (``groups.py``), its liveness socket and membership feed
-(``liveness.py``) and the fault-injection triggers (``faults.py``). Single node: DP ranks on
-other hosts need TCP endpoints, not built yet.
+(``liveness.py``), the fault-injection triggers (``faults.py``) and the instance key.
+
+The directories are private: made mode 0700, and one that exists must belong to this user
+(a directory another user planted is refused; one of ours made with the umask is tightened).
+The first process of an instance to reach its directory makes the instance key there
+(``instance.key``, 0600); every process of the instance then tags and checks every message
+with it (``transport/wire.py``), so a process outside the instance can neither inject data nor
+change membership. Single node: DP ranks on other hosts need TCP endpoints, not built yet.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,7 @@ from resilient_ep.config import ResilienceConfig
 
 from .config import resilience_config, resilience_settings
 
-__all__ = ["instance_of", "failover_enabled", "instance_dir", "endpoints"]
+__all__ = ["instance_of", "failover_enabled", "instance_dir", "join_instance", "endpoints"]
 
 
 def instance_of(vllm_config: Any) -> tuple[ResilienceConfig, str] | None:
@@ -42,12 +49,55 @@ def failover_enabled(vllm_config: Any) -> bool:
 
 
 def instance_dir(instance: str) -> Path:
-    """This instance's private directory (its Unix sockets, fault-injection triggers)."""
-    root = Path(tempfile.gettempdir()) / f"resilient-ep-{os.getuid()}" / instance
-    root.mkdir(parents=True, exist_ok=True)
+    """This instance's private directory (its Unix sockets, fault-injection triggers, key)."""
+    if not instance or "/" in instance or instance.startswith("."):
+        raise ValueError(f"instance id {instance!r} is not a plain name")
+    base = Path(tempfile.gettempdir()) / f"resilient-ep-{os.getuid()}"
+    root = base / instance
+    for d in (base, root):
+        _private_dir(d)
     return root
 
 
-def endpoints(instance: str, kind: str, size: int) -> list[str]:
+def join_instance(instance: str) -> Path:
+    """Make this process speak for ``instance``: every message it sends is tagged with the
+    instance's key and every one it receives checked (made by the first process to join).
+    Called by whatever builds one of the instance's socket addresses. Returns its directory."""
     root = instance_dir(instance)
+    if instance not in _keyed:
+        _use_key(root / "instance.key")
+        _keyed.add(instance)
+    return root
+
+
+_keyed: set[str] = set()
+
+
+def _private_dir(d: Path) -> None:
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{d} is not a directory (a link or a file is there)")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{d} belongs to uid {st.st_uid}, not to this user "
+                              f"({os.getuid()}): refusing to put sockets there")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)
+
+
+def _use_key(path: Path) -> None:
+    from resilient_ep.transport import wire
+
+    try:
+        key = wire.new_key_file(path)
+    except FileExistsError:
+        key = wire.load_key(path)
+    wire.set_key(key)
+
+
+def endpoints(instance: str, kind: str, size: int) -> list[str]:
+    root = join_instance(instance)
     return [f"ipc://{root}/{kind}-{r}" for r in range(size)]

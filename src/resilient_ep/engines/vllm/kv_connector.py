@@ -114,10 +114,10 @@ class ResilientKVConnector(KVConnectorBase_V1):
                 raise ValueError("kv_connector_extra_config.instance is required with store "
                                  "peer (the resilient-ep instance whose ranks hold the copies)")
             from ...kv.peer_store import peer_endpoint
-            from .instance import instance_dir
+            from .instance import join_instance
             from .liveness import membership_replica
 
-            run_dir = str(instance_dir(str(instance)))
+            run_dir = str(join_instance(str(instance)))
             self.spec = StoreSpec("peer", self.cfg.replicas, peer_endpoints=tuple(
                 peer_endpoint(run_dir, r) for r in range(self.dp_size)))
             self.replica = membership_replica(str(instance), self.dp_size)

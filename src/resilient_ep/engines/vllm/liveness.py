@@ -27,7 +27,7 @@ from resilient_ep.liveness import LivenessMonitor, MembershipSubscriber, RankLos
 from resilient_ep.membership import Membership
 
 from .fencing import RankProcesses
-from .instance import endpoints, instance_dir, instance_of
+from .instance import endpoints, instance_dir, instance_of, join_instance
 
 __all__ = ["beacon_endpoint", "membership_endpoint", "start_monitor", "MembershipReplica",
            "membership_replica"]
@@ -38,7 +38,7 @@ def beacon_endpoint(instance: str) -> str:
 
 
 def membership_endpoint(instance: str) -> str:
-    return f"ipc://{instance_dir(instance)}/membership"
+    return f"ipc://{join_instance(instance)}/membership"
 
 
 def start_monitor(vllm_config, procs: list, *,
@@ -57,6 +57,12 @@ def start_monitor(vllm_config, procs: list, *,
         ranks.reap(loss.rank)
 
     monitor.add_listener(reap)
+    # This process outlives the instance's others: it removes the instance's directory
+    # (sockets, key) when it exits.
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, instance_dir(instance), ignore_errors=True)
     return monitor, ranks
 
 
