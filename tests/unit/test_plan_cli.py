@@ -45,3 +45,23 @@ def test_plan_malformed_load(tmp_path, capsys):
     np.save(wrong, np.ones(5))
     assert main(["plan", "--experts", "8", "--ranks", "4", "--slots-per-rank", "2", "--load", str(wrong)]) == 2
     assert "shape [5]" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """``pip install resilient-ep`` without the runtime extra: ``make-model`` says which extra
+    to install, in one line, instead of a traceback."""
+    import builtins
+
+    from resilient_ep.apps.cli import main
+
+    real = builtins.__import__
+
+    def no_tokenizers(name, *args, **kw):
+        if name.split(".")[0] in ("tokenizers", "safetensors"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tokenizers)
+    assert main(["make-model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'resilient-ep[runtime]'" in err[0], err

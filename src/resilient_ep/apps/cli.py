@@ -47,6 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXTRAS = {"tokenizers": "runtime", "safetensors": "runtime", "transformers": "runtime",
+          "matplotlib": "runtime", "simpy": "sim", "vllm": "vllm"}
+"""Optional imports -> the extra of ``pyproject.toml`` that brings them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with their own parsers (they pass engine arguments through untouched).
@@ -93,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             return bench_failover.main(args)
     except ValueError as e:
         print(f"resilient-ep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"resilient-ep {args.command}: needs {e.name}, part of the {extra!r} extra: "
+              f"pip install 'resilient-ep[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
