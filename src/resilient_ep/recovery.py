@@ -137,9 +137,10 @@ class RecoveryOrchestrator:
                    load=None, deaths: Mapping[str, int] | None = None) -> RecoveryPlan | None:
         """Plan recovery from ``ranks`` failing (``kind`` crash|hang). ``owners``: the running
         requests' current owner ranks; ``deaths``: how many rank deaths each had been in flight
-        at before (``recovery.max_request_failures``). The ranks may still be live in the membership (they are
-        failed here: one epoch bump) or already out of it (the instance's liveness authority
-        recorded the loss first). None when every one of them was planned for already."""
+        at before (``recovery.max_request_failures``). The ranks may still be live in the
+        membership (they are failed here: one epoch bump) or already out of it (the instance's
+        liveness authority recorded the loss first). None when every one of them was planned
+        for already."""
         if kind not in ("crash", "hang"):
             raise ValueError(f"kind must be 'crash' or 'hang', got {kind!r}")
         ranks = tuple(sorted(set(ranks) - self._planned))
@@ -147,9 +148,6 @@ class RecoveryOrchestrator:
             return None
         state = RankState.DEAD if kind == "crash" else RankState.FENCED
         view = self.membership.fail(ranks, state=state)
-        ranks = tuple(r for r in ranks if not view.is_live(r))
-        if not ranks:
-            return None
         self._planned |= set(ranks)
         out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
         if not view.live_ranks:

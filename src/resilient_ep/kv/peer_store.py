@@ -15,6 +15,7 @@ tensor frames; replies echo ``id`` (a late reply to a call that timed out is dis
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ class PeerStoreServer:
         self._error: Exception | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"kvstore-{location}", daemon=True)
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
         """Requests dropped (malformed), by reason."""
         self.restarts = 0
         """Times the loop raised and was started again (``transport/loops.py``)."""
@@ -74,21 +75,14 @@ class PeerStoreServer:
             self._thread.join(timeout)
 
     def _serve(self) -> None:
-        first = [True]
-
-        def body() -> None:
-            try:
-                self._serve_once(first[0])
-            finally:
-                first[0] = False
-
-        self._error = run_restarting(body, name=f"KV peer store {self.store.location}",
+        self._error = run_restarting(self._serve_once, name=f"KV peer store {self.store.location}",
                                      stop=self._stop, on_restart=self._restarted) or self._error
 
     def _restarted(self, _e: BaseException) -> None:
         self.restarts += 1
 
-    def _serve_once(self, first: bool) -> None:
+    def _serve_once(self) -> None:
+        first = not self._ready.is_set()
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -111,7 +105,7 @@ class PeerStoreServer:
                 try:
                     header, tensors = wire.decode(frames)
                 except wire.WireError as e:
-                    self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
+                    self.dropped[e.reason] += 1
                     continue  # not a client of ours: no reply
                 reply, out = {"id": header.get("id"), "ok": True}, []
                 try:
@@ -135,8 +129,8 @@ class PeerStoreServer:
                         raise StoreError(f"unknown op {op!r}")
                 except StoreError as e:
                     reply.update(ok=False, error=str(e))
-                except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-                    self.dropped["fields"] = self.dropped.get("fields", 0) + 1
+                except wire.BAD_CONTENT as e:
+                    self.dropped["fields"] += 1
                     reply.update(ok=False, error=f"malformed {header.get('op')!r} request: "
                                                  f"{type(e).__name__}: {e}"[:200])
                 sock.send_multipart([ident.bytes, *wire.encode(reply, out)], copy=False)

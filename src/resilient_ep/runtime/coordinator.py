@@ -20,6 +20,7 @@ is fenced (a hang; it may wake up and be taken back). Recovery on each loss:
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import logging
 import queue
 import signal
@@ -120,7 +121,7 @@ class Coordinator:
         self._error: BaseException | None = None
         self.key: bytes | None = None
         """This instance's key (``transport.authenticate``): every message is tagged with it."""
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.ctx = zmq.Context()
 
@@ -368,9 +369,9 @@ class Coordinator:
                 raise wire.WireError("header", "no message type")
             self._on_rank_message(rank, msg)
         except wire.WireError as e:
-            self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-            self.dropped["content"] = self.dropped.get("content", 0) + 1
+            self.dropped[e.reason] += 1
+        except wire.BAD_CONTENT:
+            self.dropped["content"] += 1
             log.warning("resilient-ep: a control message of rank %d was dropped", rank,
                         exc_info=True)
 

@@ -15,6 +15,7 @@ Started by the coordinator as ``python -m resilient_ep.runtime.rank SPEC_JSON``.
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
 import json
 import os
 import signal
@@ -102,7 +103,7 @@ class Rank:
         self.stop = False
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
-        self.dropped: dict[str, int] = {}  # control messages dropped, by reason
+        self.dropped: Counter[str] = Counter()  # control messages dropped, by reason
         self.repairing: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ control
@@ -138,7 +139,7 @@ class Rank:
         elif t == "repair":
             self._repair(msg["moves"])
         else:  # a newer coordinator's message, or garbage: dropped, counted
-            self.dropped["unknown"] = self.dropped.get("unknown", 0) + 1
+            self.dropped["unknown"] += 1
 
     def _apply_view(self, membership: dict, layout_rows) -> None:
         """Start from a running instance's membership and routing (joining: not live yet)."""
@@ -246,9 +247,9 @@ class Rank:
                     msg = wire.decode_header(raw)
                     self._on_control(msg)
                 except wire.WireError as e:
-                    self.dropped[e.reason] = self.dropped.get(e.reason, 0) + 1
-                except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-                    self.dropped["content"] = self.dropped.get("content", 0) + 1
+                    self.dropped[e.reason] += 1
+                except wire.BAD_CONTENT:
+                    self.dropped["content"] += 1
                     print(f"rank {self.rank}: control message dropped:", file=sys.stderr)
                     traceback.print_exc(file=sys.stderr)
         if self.transport.inbox in events or self.transport.has_released():

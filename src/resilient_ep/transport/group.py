@@ -73,6 +73,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -165,7 +166,7 @@ class LiveGroup:
         self._detector = FailureDetector([], self.config)
         self._heard: set[int] = set()
         self._causes: dict[int, str] = {}
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
         """Messages received and dropped, by reason (``wire.WireError.reason``, ``fields``)."""
         self._error: Exception | None = None
         self._aborted: GroupAborted | None = None
@@ -560,8 +561,7 @@ class LiveGroup:
         return header, tensors
 
     def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        return None
+        self.dropped[reason] += 1
 
     def _heartbeat_loop(self) -> None:
         socks = {}

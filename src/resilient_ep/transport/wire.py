@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 __all__ = ["encode", "decode", "encode_header", "decode_header", "WireError", "MAGIC",
-           "VERSION", "set_key", "load_key", "new_key_file", "TAG_BYTES"]
+           "VERSION", "set_key", "load_key", "new_key_file", "TAG_BYTES", "BAD_CONTENT"]
 
 MAGIC = b"REP"
 VERSION = 1
@@ -97,6 +97,11 @@ def load_key(path: str | Path) -> bytes:
 
 def _tag(key: bytes, data: bytes) -> bytes:
     return hmac.digest(key, data, "sha256")[:TAG_BYTES]
+
+
+BAD_CONTENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+"""What a handler raises on a well-formed message whose fields are wrong: receive loops catch
+these, drop the message and count it, and go on."""
 
 
 class WireError(ValueError):

@@ -15,6 +15,8 @@ Addresses: ``ipc://<dir>/data-<rank>`` (Unix sockets in a private directory) or
 
 from __future__ import annotations
 
+from collections import Counter
+
 import time
 from typing import Iterable
 
@@ -39,7 +41,7 @@ class ZmqTransport:
         self.rank = rank
         self.endpoints = list(endpoints)
         self.ctx = ctx or zmq.Context.instance()
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()
         """Messages received and dropped, by reason (``wire.WireError.reason``, ``fields``)."""
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -143,9 +145,6 @@ class ZmqTransport:
                 if msg is not None:
                     return msg
 
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
     def recv_nowait(self) -> tuple[dict, list] | None:
         if self._released:
             return self._released.pop(0)
@@ -156,11 +155,11 @@ class ZmqTransport:
         try:
             header, tensors = wire.decode(frames)
         except wire.WireError as e:
-            self._drop(e.reason)
+            self.dropped[e.reason] += 1
             return None
         if type(header.get("src")) is not int or not isinstance(header.get("t"), str) \
                 or type(header.get("epoch", 0)) is not int:
-            self._drop("fields")
+            self.dropped["fields"] += 1
             return None
         if header.get("src") not in self.members:
             if header.get("epoch", 0) > self.epoch and len(self._early) < 10_000:
