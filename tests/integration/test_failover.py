@@ -261,7 +261,7 @@ def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference):
         recs = [c.submit(p, MAX_TOKENS) for p in prompts]
         for r in recs:
             r.wait(TIMEOUT)
-        assert c.liveness.dropped >= 200, c.liveness.dropped
+        assert sum(c.liveness.dropped.values()) >= 200, c.liveness.dropped
         status = c.status()
         assert status["epoch"] == 0 and all(r["state"] == "live" for r in status["ranks"])
     _assert_nothing_lost(recs, reference)

@@ -1,5 +1,6 @@
-"""``resilient-ep serve``: the OpenAI-compatible API, a stream that survives a killed rank, and
-Ctrl-C stopping every process."""
+"""``resilient-ep serve``: the OpenAI-compatible API (FastAPI + uvicorn), a stream that
+survives a killed rank (read by the ``openai`` client too), a client that goes away cancelling
+its request, the API key, ``/metrics``, and Ctrl-C stopping every process."""
 
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from resilient_ep.config import ResilienceConfig
 from resilient_ep.runtime.coordinator import Coordinator
-from resilient_ep.apps.server import make_server
+from resilient_ep.apps.server import serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +42,9 @@ def api(model_dir):
     cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=2",
                                              "detector.heartbeat_timeout_ms=3000"])
     coord = Coordinator(model_dir, num_ranks=4, config=cfg).start()
-    server = make_server(coord, model_dir, "tiny", "127.0.0.1", 0)
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    t.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}", coord
-    server.shutdown()
-    server.server_close()
+    server = serve_in_thread(coord, model_dir, "tiny")
+    yield server.url, coord
+    server.stop()
     coord.shutdown()
 
 
@@ -93,8 +90,11 @@ def test_bad_framing_is_a_clean_error_and_the_server_serves_on(api):
         conn.putheader("Content-Length", length)
         conn.endheaders()
         r = conn.getresponse()
-        assert r.status in (400, 413), (length, r.status)
-        assert "Content-Length" in json.loads(r.read())["error"]["message"] or r.status == 413
+        body = r.read()
+        if length.isdigit():  # well-framed but too large: the app's OpenAI error
+            assert r.status == 413 and "Content-Length" in json.loads(body)["error"]["message"]
+        else:  # malformed framing: uvicorn answers 400 before the app sees the request
+            assert r.status == 400, (length, r.status, body)
         conn.close()
     status, raw = _post(base + "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 2})
     assert status == 200 and len(json.loads(raw)["choices"][0]["token_ids"]) == 2
@@ -123,7 +123,18 @@ def test_completion_and_stream_survive_a_killed_rank(api, reference, prompts):
                     chunks.append(json.loads(line[6:]))
         results[i] = chunks
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(1, 9)]
+    def stream_openai(i):  # the real client, as users run it
+        import openai
+
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        results[i] = [{"choices": [{"text": c.choices[0].text,
+                                    "finish_reason": c.choices[0].finish_reason}]}
+                      for c in client.completions.create(model="tiny", prompt=prompts[i],
+                                                         max_tokens=24, stream=True)]
+
+    threads = [threading.Thread(target=stream if i % 2 else stream_openai, args=(i,))
+               for i in range(1, 9)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
@@ -143,6 +154,103 @@ def test_completion_and_stream_survive_a_killed_rank(api, reference, prompts):
         assert chunks[-1]["choices"][0]["finish_reason"] == ("stop" if eos in ref else "length")
         text = "".join(c["choices"][0]["text"] for c in chunks)
         assert text == tok.decode(ref)
+
+
+def test_metrics_after_the_failover(api):
+    base, coord = api
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    eng = ("engine", "reference")
+    assert got[("resilient_ep_live_ranks", (eng,))] == 3
+    assert got[("resilient_ep_membership_epoch", (eng,))] == coord.status()["epoch"] >= 1
+    assert got[("resilient_ep_failovers_total", (eng, ("kind", "crash")))] == 1
+    assert got[("resilient_ep_requests_migrated_total", (eng,))] >= 1
+    assert got[("resilient_ep_stall_seconds_count", (eng,))] == 1
+    assert got[("resilient_ep_detection_seconds_count", (eng,))] == 1
+    assert 0 < got[("resilient_ep_stall_seconds_sum", (eng,))] < 30
+
+
+def _pending(coord, prompt):
+    recs = [r for r in list(coord.requests.values()) if r.prompt == prompt and not r.finished]
+    return recs[0] if recs else None
+
+
+def _wait_until(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "blocking"])
+def test_a_client_that_goes_away_cancels_its_request(api, stream):
+    import http.client
+    from urllib.parse import urlparse
+
+    base, coord = api
+    u = urlparse(base)
+    prompt = [11, 12, 13, 14, 15 + int(stream)]
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": prompt, "max_tokens": 400, "stream": stream}),
+        {"Content-Type": "application/json"})
+    _wait_until(lambda: (r := _pending(coord, prompt)) is not None and len(r.generated) >= 3)
+    rec = _pending(coord, prompt)
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    _wait_until(lambda: rec.finished)
+    assert rec.error == "cancelled" and len(rec.generated) < 400
+    # The rank stopped working on it: no step of any rank after a short grace period.
+    time.sleep(0.3)
+    steps = len(coord.steps)
+    time.sleep(0.5)
+    assert len(coord.steps) == steps
+
+
+def test_api_key_and_openai_error_bodies(api, model_dir):
+    _, coord = api
+    server = serve_in_thread(coord, model_dir, "tiny", api_key="sekrit")
+    try:
+        for path in ("/v1/models", "/resilience/status"):
+            try:
+                urllib.request.urlopen(server.url + path, timeout=30)
+                pytest.fail(f"{path} answered without the API key")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401 and "API key" in json.loads(e.read())["error"]["message"]
+        req = urllib.request.Request(server.url + "/v1/models",
+                                     headers={"Authorization": "Bearer sekrit"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        assert _get(server.url + "/health")[0] == 200  # probes need no key
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            assert r.status == 200
+        import openai
+
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="sekrit", max_retries=0)
+        out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3)
+        assert out.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong",
+                          max_retries=0).models.list()
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0.5)
+        assert e.value.body["param"] == "temperature"
+    finally:
+        server.stop()
+    status, raw = _post(_base_of(api) + "/v2/nothing", {})
+    assert status == 404 and json.loads(raw)["error"]["code"] == 404
+
+
+def _base_of(api):
+    return api[0]
 
 
 def test_cli_serve_ctrl_c_stops_every_process(model_dir):

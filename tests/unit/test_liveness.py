@@ -87,7 +87,7 @@ def test_exit_hang_report_and_subscriber(ranks):
         for junk in (b"", b"garbage", b"dead 1 0", alive_message(99, 1), dead_message(99, 0),
                      b"\x00" * 64):
             push.send(junk)
-        _wait(lambda: mon.dropped >= 6)
+        _wait(lambda: sum(mon.dropped.values()) >= 6)
         assert membership.epoch == 0 and not seen
 
         os.kill(procs[0].pid, signal.SIGKILL)                       # a crash
@@ -139,7 +139,7 @@ def test_subscriber_keeps_the_authoritys_epochs(tmp_path):
         assert [(x.rank, x.epoch) for x in followed] == [(2, 3), (0, 5)]
         assert replica.epoch == 5
         assert replica.state(2) is RankState.DEAD and replica.state(0) is RankState.FENCED
-        assert sub.dropped >= 2
+        assert sum(sub.dropped.values()) >= 2
     finally:
         sub.stop()
         pub.close(linger=0)
@@ -163,7 +163,7 @@ def test_tracker_decisions_without_threads():
         assert t.poll(now) == []
     for junk in (alive_message(9, 1), b"x", dead_message(7, 0)):
         assert t.beacon(junk, 0.3) is None
-    assert t.dropped == 3
+    assert sum(t.dropped.values()) == 3
     [hang] = t.poll(0.45)  # 450 ms since rank 3 was last heard: past the 400 ms timeout
     assert (hang.rank, hang.cause, hang.kind, hang.epoch) == (3, "hang", "hang", 1)
     assert fenced == [3] and m.state(3) is RankState.FENCED

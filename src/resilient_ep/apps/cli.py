@@ -48,7 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 EXTRAS = {"tokenizers": "runtime", "safetensors": "runtime", "transformers": "runtime",
-          "matplotlib": "runtime", "simpy": "sim", "vllm": "vllm"}
+          "matplotlib": "runtime", "fastapi": "runtime", "uvicorn": "runtime",
+          "starlette": "runtime", "simpy": "sim", "vllm": "vllm"}
 """Optional imports -> the extra of ``pyproject.toml`` that brings them."""
 
 

@@ -22,7 +22,7 @@ import zmq
 
 from ..transport import wire
 
-__all__ = ["Beacon", "LossReporter", "parse_beacon", "alive_message", "dead_message"]
+__all__ = ["Beacon", "LossReporter", "parse_beacon", "read_beacon", "alive_message", "dead_message"]
 
 
 def alive_message(rank: int, pid: int) -> bytes:
@@ -37,14 +37,23 @@ def parse_beacon(msg: bytes, **key) -> tuple[str, int, int] | None:
     """``("alive", rank, pid)`` or ``("dead", rank, reporter)``; None when malformed or not
     from this instance (``key``: as :func:`~resilient_ep.transport.wire.decode_header`)."""
     try:
-        h = wire.decode_header(msg, **key)
-    except (wire.WireError, TypeError):
+        return read_beacon(msg, **key)
+    except wire.WireError:
         return None
+
+
+def read_beacon(msg: bytes, **key) -> tuple[str, int, int]:
+    """As :func:`parse_beacon`, but a message that is not a beacon raises
+    :class:`~resilient_ep.transport.wire.WireError` with the reason."""
+    try:
+        h = wire.decode_header(msg, **key)
+    except TypeError:
+        raise wire.WireError("header", "not bytes") from None
     kind = h.get("t")
     other = h.get("pid") if kind == "alive" else h.get("reporter") if kind == "dead" else None
     rank = h.get("rank")
     if type(rank) is not int or type(other) is not int or rank < 0:
-        return None
+        raise wire.WireError("fields", "not a beacon")
     return kind, rank, other
 
 

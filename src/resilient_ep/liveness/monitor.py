@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -74,8 +75,8 @@ class LivenessMonitor:
         return self.tracker.losses
 
     @property
-    def dropped(self) -> int:
-        """Malformed or foreign messages on the liveness socket, dropped."""
+    def dropped(self) -> "Counter[str]":
+        """Malformed or foreign messages on the liveness socket, dropped, by reason."""
         return self.tracker.dropped
 
     def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
@@ -216,7 +217,8 @@ class MembershipSubscriber:
         self.on_loss = on_loss
         self.poll_ms = poll_ms
         self.seen = 0
-        self.dropped = 0
+        self.dropped: Counter[str] = Counter()
+        """Publications dropped (malformed, or not signed with this instance's key)."""
         self.restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -252,7 +254,7 @@ class MembershipSubscriber:
                 except zmq.Again:
                     continue
                 if items is None:
-                    self.dropped += 1
+                    self.dropped["malformed"] += 1
                     continue
                 for loss in items[self.seen:]:
                     state = RankState.DEAD if loss.cause == "exit" else RankState.FENCED

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..config import DetectorConfig
 from ..membership import Membership, RankState
-from .beacons import parse_beacon
+from ..transport import wire
+from .beacons import read_beacon
 from .detector import FailureDetector
 
 __all__ = ["RankLoss", "LivenessTracker"]
@@ -77,8 +79,8 @@ class LivenessTracker:
         self._heard: set[int] = set()
         self.losses: list[RankLoss] = []
         self._listeners: list[Callable[[RankLoss], None]] = []
-        self.dropped = 0
-        """Malformed or foreign liveness messages, dropped."""
+        self.dropped: Counter[str] = Counter()
+        """Malformed or foreign liveness messages, dropped, by reason."""
 
     def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
         self._listeners.append(fn)
@@ -94,9 +96,13 @@ class LivenessTracker:
         """One liveness frame. Returns it parsed (``("alive", rank, pid)`` or ``("dead",
         rank, reporter)``) so the host can act on an alive rank it had given up on; None when
         dropped (malformed, or a rank not of this instance)."""
-        got = parse_beacon(msg, **self._key)
-        if got is None or got[1] not in self.ranks:
-            self.dropped += 1
+        try:
+            got = read_beacon(msg, **self._key)
+        except wire.WireError as e:
+            self.dropped[e.reason] += 1
+            return None
+        if got[1] not in self.ranks:
+            self.dropped["non_member"] += 1
             return None
         kind, rank, _ = got
         if kind == "dead":

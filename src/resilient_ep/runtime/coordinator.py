@@ -35,6 +35,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import ResilienceConfig, refuse_unsupported
 from ..membership import Membership, RankState
+from ..metrics import InstanceMetrics
 from ..liveness import LivenessTracker, RankLoss
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
@@ -59,6 +60,7 @@ class FailureEvent:
     injected_at: float | None = None
     migrated: int = 0
     uncovered: list = field(default_factory=list)
+    stall_s: float | None = None  # Coordinator.recovery_stall, once known
 
 
 class Coordinator:
@@ -123,6 +125,8 @@ class Coordinator:
         """This instance's key (``transport.authenticate``): every message is tagged with it."""
         self.dropped: Counter[str] = Counter()
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
+        self.rank_dropped: dict[int, dict[str, int]] = {}
+        """What each rank reported dropping (``control/<reason>``, ``data/<reason>``)."""
         self.ctx = zmq.Context()
 
     @property
@@ -214,7 +218,10 @@ class Coordinator:
 
     # ================================================================== public calls
     def submit(self, prompt: list[int], max_tokens: int, *, eos: int | None = None,
-               rid: str | None = None) -> RequestRecord:
+               rid: str | None = None, on_event=None) -> RequestRecord:
+        """Queue a request; returns its record at once (``wait`` / ``stream`` on it, or
+        ``on_event(kind, value)`` called from the coordinator's thread per token and at the
+        end)."""
         if not prompt:
             raise ValueError("prompt must not be empty")
         bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
@@ -225,7 +232,7 @@ class Coordinator:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         rec = RequestRecord(rid or f"req-{next(self._ids)}", list(prompt), max_tokens, eos,
-                            submitted_at=time.time())
+                            submitted_at=time.time(), on_event=on_event)
         self._call(("submit", rec))
         return rec
 
@@ -272,6 +279,44 @@ class Coordinator:
                 "poisoned_requests": list(self.poisoned),
                 "kv_checkpoint": self.kv.status(live=set(view.live_ranks))}
 
+    def cancel(self, rid: str) -> None:
+        """Stop a request (its client went away): its rank drops it, its record finishes
+        with an error ``cancelled``. A finished or unknown request is left alone."""
+        self._call(("cancel", rid))
+
+    def metrics(self) -> InstanceMetrics:
+        """This instance's numbers for Prometheus (``resilient_ep.metrics``)."""
+        view = self.membership.view()
+        failovers: Counter[str] = Counter()
+        for f in list(self.failures):
+            failovers[f.kind] += 1
+            if f.stall_s is None:
+                f.stall_s = self.recovery_stall(f)
+        events = list(self.failures)
+        rejected: Counter[tuple[str, str]] = Counter()
+        for reason, n in self.dropped.items():
+            rejected["coordinator", reason] += n
+        for reason, n in self.liveness.dropped.items():
+            rejected["liveness", reason] += n
+        for per_rank in list(self.rank_dropped.values()):
+            for what, n in per_rank.items():
+                where, _, reason = what.partition("/")
+                rejected[f"rank-{where}", reason] += n
+        kv = self.kv.status(live=set(view.live_ranks))
+        with self._lock:
+            uncovered = len(self.uncovered)
+        return InstanceMetrics(
+            engine="reference", ranks=self.num_ranks, live_ranks=len(view.live_ranks),
+            epoch=view.epoch, uncovered_experts=uncovered, failovers=dict(failovers),
+            detection_s=[f.detected_at - f.injected_at for f in events
+                         if f.injected_at is not None],
+            stall_s=[f.stall_s for f in events if f.stall_s is not None],
+            rejected=dict(rejected), requests_migrated=sum(f.migrated for f in events),
+            poisoned_requests=len(self.poisoned), kv_restores=int(kv.get("restores", 0)),
+            restored_tokens=int(kv.get("restored_tokens", 0)),
+            recomputed_tokens=int(kv.get("recomputed_tokens", 0)),
+            kv_checkpoint_lag_tokens=float(kv.get("lag_tokens_max", 0)))
+
     def set_kv_checkpointing(self, enabled: bool) -> None:
         """Pause or resume KV checkpointing on every rank (benchmarks: on vs off in one run)."""
         self._call(("kv", enabled))
@@ -308,6 +353,8 @@ class Coordinator:
                         return
                     if call[0] == "submit":
                         self._admit(call[1])
+                    if call[0] == "cancel":
+                        self._cancel(call[1])
                     if call[0] == "kv":
                         self._broadcast({"t": "kv", "paused": not call[1]})
                 for r, s in enumerate(self.ctl):
@@ -386,6 +433,8 @@ class Coordinator:
             return
         if self.membership.state(rank) is not RankState.LIVE:
             return  # a fenced rank woke up: its results are not ours any more
+        if msg.get("dropped"):
+            self.rank_dropped[rank] = {str(k): int(v) for k, v in msg["dropped"].items()}
         if msg.get("kv"):
             self.kv.on_report(rank, msg["kv"], lambda rid: getattr(self.requests.get(rid), "owner", None))
         self.steps.append({k: msg[k] for k in ("rank", "step", "epoch", "epoch_start", "t0", "t1",
@@ -404,6 +453,14 @@ class Coordinator:
             rec.add_token(tok)
             if fin:
                 self._finish(rec)
+
+    def _cancel(self, rid: str) -> None:
+        rec = self.requests.get(rid)
+        if rec is None or rec.finished:
+            return
+        if rec.owner >= 0 and self.membership.state(rec.owner) is RankState.LIVE:
+            self._send(rec.owner, {"t": "drop", "rid": rid})
+        self._finish(rec, error="cancelled")
 
     def _finish(self, rec: RequestRecord, error: str | None = None) -> None:
         rec.finish(error)

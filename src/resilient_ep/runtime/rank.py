@@ -104,6 +104,7 @@ class Rank:
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
         self.dropped: Counter[str] = Counter()  # control messages dropped, by reason
+        self._dropped_sent: dict[str, int] = {}
         self.repairing: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ control
@@ -333,8 +334,19 @@ class Rank:
         self._send_control({"t": "tokens", "rank": self.rank, "step": self.step, "epoch": self.epoch,
                             "epoch_start": epoch0, "t0": t0, "t1": time.time(),
                             "num_tokens": int(plan.token_ids.numel()), "items": items,
-                            "uncovered": sorted(set(uncovered)), "kv": kv_report})
+                            "uncovered": sorted(set(uncovered)), "kv": kv_report,
+                            **self._drop_report()})
         self.step += 1
+
+    def _drop_report(self) -> dict:
+        """What this rank dropped since it started (control and data messages, by reason),
+        sent with a step's tokens when it changed: the coordinator's metrics show it."""
+        now = {f"control/{k}": v for k, v in self.dropped.items()}
+        now.update({f"data/{k}": v for k, v in self.transport.dropped.items()})
+        if now == self._dropped_sent:
+            return {}
+        self._dropped_sent = now
+        return {"dropped": now}
 
     # ------------------------------------------------------------------ main loop
     def serve(self) -> int:

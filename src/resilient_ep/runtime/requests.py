@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["RequestRecord"]
 
@@ -28,6 +29,9 @@ class RequestRecord:
     submitted_at: float = 0.0
     finished_at: float = 0.0
     events: "queue.Queue" = field(default_factory=queue.Queue, repr=False)
+    on_event: "Callable[[str, object], None] | None" = field(default=None, repr=False)
+    """Called with each event as it is queued (``("token", id)``, ``("done", error)``), from
+    the coordinator's thread: an asyncio server hands it to its loop."""
 
     def wait(self, timeout: float) -> "RequestRecord":
         """Block until finished (or raise TimeoutError)."""
@@ -62,11 +66,16 @@ class RequestRecord:
     def add_token(self, tok: int) -> None:
         """A token came from the rank that owns the request: record it and stream it."""
         self.generated.append(tok)
-        self.events.put(("token", tok))
+        self._event("token", tok)
 
     def finish(self, error: str | None = None) -> None:
         """The request is done (``error`` None: it completed); ends its stream."""
         self.error = error
         self.finished = True
         self.finished_at = time.time()
-        self.events.put(("done", error))
+        self._event("done", error)
+
+    def _event(self, kind: str, value) -> None:
+        self.events.put((kind, value))
+        if self.on_event is not None:
+            self.on_event(kind, value)

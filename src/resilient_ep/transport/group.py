@@ -520,7 +520,8 @@ class LiveGroup:
                 header, tensors = got
                 src = header["src"]
                 if src in self.dead:
-                    continue  # a dead or fenced member's late message
+                    self._drop("non_member")  # a dead or fenced member's late message
+                    continue
                 if src not in self._heard:
                     self._heard.add(src)
                     self._detector.reset(src, now)
@@ -535,6 +536,7 @@ class LiveGroup:
                     continue
                 key = tuple(header["key"])
                 if self._stale(key):
+                    self._drop("stale")
                     continue
                 self._held[(key, src)] = _Msg(src, key, tensors)
         for s in self._detector.poll(now):

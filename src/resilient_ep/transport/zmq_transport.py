@@ -164,5 +164,7 @@ class ZmqTransport:
         if header.get("src") not in self.members:
             if header.get("epoch", 0) > self.epoch and len(self._early) < 10_000:
                 self._early.append((header, tensors))  # we are behind: keep it for later
-            return None  # otherwise a fenced or dead rank's late message
+            else:  # a fenced or dead rank's late message, or a stranger's
+                self.dropped["non_member"] += 1
+            return None
         return header, tensors
