@@ -67,7 +67,8 @@ class InstanceMetrics:
     kv_restores: int = 0
     restored_tokens: int = 0
     recomputed_tokens: int = 0
-    kv_checkpoint_lag_tokens: float = 0.0
+    kv_checkpoint_lag_tokens: float | None = 0.0
+    """None where the engine does not know it (not exposed then)."""
 
 
 def _families(m: InstanceMetrics):
@@ -120,8 +121,9 @@ def _families(m: InstanceMetrics):
     yield counter("kv_restores", "Migrated requests resumed from a KV checkpoint", m.kv_restores)
     yield counter("restored_tokens", "Tokens whose KV came from a checkpoint", m.restored_tokens)
     yield counter("recomputed_tokens", "Tokens recomputed after a migration", m.recomputed_tokens)
-    yield gauge("kv_checkpoint_lag_tokens", "Largest KV-checkpoint lag of a live rank, tokens",
-                m.kv_checkpoint_lag_tokens)
+    if m.kv_checkpoint_lag_tokens is not None:
+        yield gauge("kv_checkpoint_lag_tokens", "Largest KV-checkpoint lag of a live rank, "
+                    "tokens", m.kv_checkpoint_lag_tokens)
 
 
 NAMES = ("ranks", "live_ranks", "membership_epoch", "uncovered_experts", "failovers",

@@ -43,3 +43,31 @@ def test_a_fresh_instance_reports_zero_not_nothing():
     assert got[("resilient_ep_failovers_total", (e, ("kind", "crash")))] == 0
     assert got[("resilient_ep_stall_seconds_count", (e,))] == 0
     assert got[("resilient_ep_poisoned_requests_total", (e,))] == 0
+
+
+def test_vllm_metrics_from_a_status_document():
+    from resilient_ep.engines.vllm.metrics import from_status
+
+    status = {"epoch": 1, "uncovered_experts": [[0, 3]],
+              "ranks": [{"state": "live"}, {"state": "dead"}],
+              "failovers": [{"dp_rank": 1, "cause": "exit", "injected_monotonic": 10.0,
+                             "detected_monotonic": 10.02, "first_output_monotonic": 10.3,
+                             "readmitted": 4, "readmitted_tokens": 500}],
+              "poisoned_requests": [{"request_id": "x"}],
+              "liveness": {"dropped": {"auth": 3}, "restarts": 1},
+              "counters": [{"dropped": {"stale": 2}, "workers": [
+                  {"dropped": {"fields": 1}, "kv": {"loads": 3, "external_hit_tokens": 448}}]}]}
+    m = from_status(status)
+    assert (m.ranks, m.live_ranks, m.epoch, m.uncovered_experts) == (2, 1, 1, 1)
+    assert m.failovers == {"crash": 1} and m.requests_migrated == 4 and m.poisoned_requests == 1
+    assert abs(m.detection_s[0] - 0.02) < 1e-9 and abs(m.stall_s[0] - 0.3) < 1e-9
+    assert m.rejected == {("liveness", "auth"): 3, ("engine-group", "stale"): 2,
+                          ("worker-group", "fields"): 1}
+    assert (m.kv_restores, m.restored_tokens, m.recomputed_tokens) == (3, 448, 52)
+    assert m.loop_restarts == {"liveness": 1}
+    assert b"kv_checkpoint_lag" not in render(m)  # unknown on vLLM: not exposed as 0
+    # A hang nobody injected: no detection observed, the stall counted from detection.
+    m = from_status({"ranks": [], "failovers": [{"cause": "hang", "detected_monotonic": 5.0,
+                                                 "injected_monotonic": None,
+                                                 "first_output_monotonic": 5.5}]})
+    assert m.failovers == {"hang": 1} and m.detection_s == [] and m.stall_s == [0.5]

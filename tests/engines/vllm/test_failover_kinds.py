@@ -145,6 +145,29 @@ def test_rank_death_kinds_fail_over_with_kv_kept_and_restored(case):
     assert kv["external_hit_tokens"] >= BLOCK * kv["loads"], kv
     assert kv["load_errors"] == 0, kv
 
+    # vLLM's own /metrics carries the resilience metrics beside its own. Each API server
+    # answers for itself (its own re-admissions and streams): a few scrapes reach both.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def value(fams, name):
+        return sum(s.value for s in fams[name].samples
+                   if (s.name.endswith(("_total", "_count")) or s.name == name)
+                   and s.labels.get("engine") == "vllm")
+
+    stalls = []
+    for _ in range(8):
+        code, raw = srv.get("/metrics")
+        assert code == 200, raw[:200]
+        fams = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+        assert any(n.startswith("vllm:") for n in fams), "vLLM's metrics are gone"
+        assert value(fams, "resilient_ep_live_ranks") == 1
+        assert value(fams, "resilient_ep_membership_epoch") == 1
+        assert value(fams, "resilient_ep_failovers") == 1
+        assert value(fams, "resilient_ep_detection_seconds") == 1  # the fault was injected
+        assert value(fams, "resilient_ep_kv_restores") == kv["loads"]
+        stalls.append(value(fams, "resilient_ep_stall_seconds"))
+    assert max(stalls) == 1, stalls  # a survivor's output ended the stall
+
     # The survivor goes on serving new requests.
     again, _ = stream_all(srv, 40)
     assert [o["tokens"] for o in again] == [o["tokens"][:40] for o in clean]

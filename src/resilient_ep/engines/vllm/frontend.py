@@ -180,11 +180,21 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             readmitted_tokens += len(new.prompt_token_ids)
         self.resilient_events.append({
             "dp_rank": rank, "exitcode": loss.exitcode, "cause": loss.cause,
+            "injected_monotonic": self._injected_at(rank),
             "detected_monotonic": loss.detected_monotonic,
+            "first_output_monotonic": None,
             "handled_monotonic": time.monotonic(), "readmitted": readmitted,
             "readmitted_tokens": readmitted_tokens, "epoch": loss.epoch})
         log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,
                     live)
+
+    def _injected_at(self, rank: int) -> float | None:
+        """When a fault armed by ``faults.py`` fired on ``rank`` (None: nobody injected it)."""
+        from .faults import fired_at
+        from .instance import instance_of
+
+        settings = instance_of(self.vllm_config)
+        return fired_at(settings[1], rank) if settings else None
 
     def _fail_poisoned(self, rids: list[str], rank: int) -> None:
         """End these requests with an error (``recovery.max_request_failures``): each was in
@@ -246,6 +256,12 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             outputs.finished_requests = None
             outputs.scheduler_stats = None
             return
+        if outputs.outputs and self.resilient_events and \
+                self.resilient_events[-1]["first_output_monotonic"] is None:
+            now = time.monotonic()  # the stall of each loss ends at a survivor's next output
+            for e in self.resilient_events:
+                if e["first_output_monotonic"] is None:
+                    e["first_output_monotonic"] = now
         for out in outputs.outputs:
             gen = self._re_generated.get(out.request_id)
             if gen is not None:

@@ -32,9 +32,10 @@ import json
 import os
 from typing import Any
 
-__all__ = ["ResilienceStatusMiddleware", "build_status", "PATH"]
+__all__ = ["ResilienceStatusMiddleware", "build_status", "PATH", "METRICS_PATH"]
 
 PATH = "/resilience/status"
+METRICS_PATH = "/metrics"
 RPC_TIMEOUT_S = 10.0
 RANK_INFO_METHOD = "resilient_ep_rank_info"
 COUNTERS_METHOD = "resilient_ep_counters"
@@ -123,7 +124,9 @@ def _lost_rank_infos(infos: list[dict], lost: set[int]) -> list[dict]:
 
 
 class ResilienceStatusMiddleware:
-    """Pure ASGI middleware answering ``GET /resilience/status``."""
+    """Pure ASGI middleware answering ``GET /resilience/status`` and adding the resilience
+    metrics (``resilient_ep.metrics``, :func:`.metrics.from_status`) to vLLM's own
+    ``GET /metrics``."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -131,21 +134,28 @@ class ResilienceStatusMiddleware:
         self._lock = asyncio.Lock()
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("path") != PATH:
+        path = scope.get("path") if scope.get("type") == "http" else None
+        if path == METRICS_PATH and scope.get("method") in ("GET", "HEAD"):
+            await self._metrics(scope, receive, send)
+            return
+        if path != PATH:
             await self.app(scope, receive, send)
             return
         if scope.get("method") not in ("GET", "HEAD"):
             await _respond(send, 405, {"error": "method not allowed"})
             return
-        starlette_app = scope.get("app")
-        state = getattr(starlette_app, "state", None)
+        state = getattr(scope.get("app"), "state", None)
         if not _authorized(scope, state):
             await _respond(send, 401, {"error": "Unauthorized"})
             return
+        code, body = await self.status(state)
+        await _respond(send, code, body)
+
+    async def status(self, state) -> tuple[int, dict]:
+        """(HTTP status, the status document) of the API server whose app state is ``state``."""
         engine_client = getattr(state, "engine_client", None)
         if engine_client is None:
-            await _respond(send, 503, {"error": "engine not ready"})
-            return
+            return 503, {"error": "engine not ready"}
         try:
             core = getattr(engine_client, "engine_core", None)
             async with self._lock:
@@ -162,12 +172,47 @@ class ResilienceStatusMiddleware:
             inflight = getattr(core, "engine_inflight", None)
             if inflight is not None:  # this API server's requests in flight, per DP rank
                 body["in_flight"] = [int(inflight[e]) for e in core.core_engines]
+            liveness = getattr(core, "resilient_liveness", None)
+            if liveness is not None:  # the monitor (or the subscription) of this process
+                body["liveness"] = {"dropped": dict(liveness.dropped),
+                                    "restarts": int(liveness.restarts)}
             if getattr(core, "resilient_events", None) is not None:
                 body["counters"] = await query_counters(core)
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
-            await _respond(send, 503, {"error": f"engine ranks did not answer: {e!r}"})
-            return
-        await _respond(send, 200, body)
+            return 503, {"error": f"engine ranks did not answer: {e!r}"}
+        return 200, body
+
+    async def _metrics(self, scope, receive, send) -> None:
+        """vLLM's ``/metrics`` answer with ours appended (uncompressed: the scrape asks vLLM
+        without ``Accept-Encoding``)."""
+        from ...metrics import render
+        from .metrics import from_status
+
+        inner = dict(scope, headers=[(k, v) for k, v in scope.get("headers") or []
+                                     if k.lower() != b"accept-encoding"])
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(inner, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status", 200) == 200:
+            code, status = await self.status(getattr(scope.get("app"), "state", None))
+            if code == 200:
+                body += render(from_status(status))
+            else:
+                body += f"# resilient-ep metrics unavailable: {status.get('error')}\n".encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.get("status", 200),
+                    "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope.get("method") == "HEAD" else body})
 
 
 def _authorized(scope, state) -> bool:

@@ -67,6 +67,7 @@ class ResilienceWorkerExtension:
         group = current_worker_group()
         if group is not None:  # the membership this worker's failover group runs by
             out["epoch"], out["live"] = group.epoch, group.live
+            out["dropped"] = dict(group.dropped)
         try:
             from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -208,7 +208,8 @@ def apply() -> None:
                 **_group_view(current_core_group()), "workers": workers}
 
     def _group_view(group):
-        return {} if group is None else {"epoch": group.epoch, "live": group.live}
+        return {} if group is None else {"epoch": group.epoch, "live": group.live,
+                                         "dropped": dict(group.dropped)}
 
     proc_cls._send_engine_dead = mark(_send_engine_dead, NAME, orig_dead)
     core.resilient_ep_counters = resilient_ep_counters
