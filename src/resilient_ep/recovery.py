@@ -90,7 +90,14 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
     ``owners``, to the live rank with the least work so far (ties: the lowest rank id), and
     counts there for the next. ``deaths``: request id -> rank deaths it was in flight at
     before this one; a request reaching ``max_request_failures`` (> 0) with this death is
-    ``exhausted`` instead of moved. Returns an :class:`Assignment`.
+    ``exhausted`` instead of moved.
+
+    Requests that were in flight at a death are *suspects* (one of them may be what kills
+    ranks): each moved request goes to the live rank holding the fewest suspects first, then
+    the least work, so that suspects are kept apart where there are ranks enough. A request
+    that kills every rank it runs on then meets ``max_request_failures`` alone, instead of
+    taking an innocent request that was moved beside it down too. Returns an
+    :class:`Assignment`.
     """
     failed = set(failed)
     work = {r: 0 for r in live}
@@ -104,6 +111,10 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
     abandoned: list[str] = []
     exhausted: list[str] = []
     deaths = deaths or {}
+    suspects = {r: 0 for r in work}
+    for rid, owner in owners.items():
+        if owner in suspects and deaths.get(rid, 0) >= 1:
+            suspects[owner] += 1
     for rid, owner in owners.items():
         if owner not in failed:
             continue
@@ -113,9 +124,10 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
         if not migrate or not work:
             abandoned.append(rid)
             continue
-        target = min(work, key=lambda r: (work[r], r))
+        target = min(work, key=lambda r: (suspects[r], work[r], r))
         migrations[rid] = target
         work[target] += 1
+        suspects[target] += 1
     return Assignment(migrations, abandoned, exhausted)
 
 

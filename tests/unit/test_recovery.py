@@ -109,3 +109,23 @@ def test_a_request_in_flight_at_max_request_failures_deaths_is_not_moved_again()
     o = _orch(ResilienceConfig().with_overrides(["recovery.max_request_failures=1"]))
     plan = o.on_failure([1], "crash", {"a": 1, "b": 0})
     assert plan.exhausted == ["a"] and plan.migrations == {}
+
+
+def test_moved_requests_are_kept_apart_so_a_poison_request_meets_its_limit_alone():
+    """A request that kills every rank it runs on (p) and an innocent one (q) are both moved
+    off rank 0; they go to different ranks, so when p kills its second rank, q was not there
+    and is not failed with it."""
+    from resilient_ep.recovery import assign_requests
+
+    owners = {"p": 0, "q": 0, "a": 1, "b": 2, "c": 3}
+    first = assign_requests(owners, [0], [1, 2, 3], max_request_failures=2)
+    assert first.migrations["p"] != first.migrations["q"]
+    owners.update(first.migrations)
+    dead = first.migrations["p"]
+    second = assign_requests(owners, [dead], [r for r in (1, 2, 3) if r != dead],
+                             deaths={"p": 1, "q": 1}, max_request_failures=2)
+    assert second.exhausted == ["p"], second
+    # A rank already holding a suspect is the last choice for the next one, load aside.
+    spread = assign_requests({"s": 1, "x": 2, "y": 2, "v": 0}, [0], [1, 2],
+                             deaths={"s": 1})
+    assert spread.migrations == {"v": 2}

@@ -35,6 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible server on the reference runtime "
                       "(--engine vllm: run vllm serve with the plugin)"))
 
+    from . import chaos
+    chaos.add_arguments(sub.add_parser(
+        "chaos", help="random failures under streaming OpenAI load; reports what was lost"))
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resilient-ep bench: error: --engine must be reference or vllm, "
               f"got {_engine(argv)!r}", file=sys.stderr)
         return 2
-    if not (argv and argv[0] == "bench"):  # bench failover takes --engine itself
+    if not (argv and argv[0] in ("bench", "chaos")):  # these take --engine themselves
         argv = _strip_engine(argv)
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from . import server
             return server.main(args)
+        if args.command == "chaos":
+            from . import chaos
+            return chaos.main(args)
         if args.command == "bench" and args.bench == "kv":
             from . import bench_kv
             return bench_kv.main(args)

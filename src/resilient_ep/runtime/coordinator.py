@@ -68,7 +68,7 @@ class Coordinator:
                  config: ResilienceConfig | None = None, resilience: bool = True,
                  kv_blocks: int = 512, block_size: int = 16, run_dir: str | Path | None = None,
                  start_timeout_s: float = 120.0, fail_at: dict[int, dict] | None = None,
-                 exact: bool = True):
+                 exact: bool = True, poison_token: int | None = None):
         self.model_dir = str(model_dir)
         self.num_ranks = num_ranks
         self.config = config or ResilienceConfig()
@@ -81,6 +81,9 @@ class Coordinator:
         migration. Off: faster batched attention, outputs equal only up to rounding."""
         self.fail_at = dict(fail_at or {})
         """Failure injection per rank: ``{rank: {"point", "step", "signal"}}`` (see rank.FAIL_POINTS)."""
+        self.poison_token = poison_token
+        """Failure injection: a request starting with this token id kills each rank it runs
+        on (a poison request, for ``recovery.max_request_failures``)."""
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="rep-"))
         mcfg = MoEConfig.from_dir(self.model_dir)
@@ -168,6 +171,7 @@ class Coordinator:
             "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
             "key_file": str(key_file) if self.key is not None else None,
+            "poison_token": self.poison_token,
         }
         for r in range(self.num_ranks):
             spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
@@ -508,7 +512,7 @@ class Coordinator:
             self._finish(self.requests[rid], error=f"rank {self.requests[rid].owner} failed "
                                                    "and the request could not be moved")
         for r in plan.failed:
-            self.failures.append(FailureEvent(r, kind, now, plan.view.epoch, self._inject.get(r),
+            self.failures.append(FailureEvent(r, kind, now, plan.view.epoch, self._inject.pop(r, None),
                                               len(plan.migrations), list(plan.replan.uncovered)))
 
     def _start_repair(self, moves, epoch: int) -> None:

@@ -103,6 +103,9 @@ class Rank:
         self.stop = False
         # Failure injection: {"point": one of FAIL_POINTS, "step": n, "signal": "KILL"|"STOP"}.
         self.fail_at = spec.get("fail_at")
+        # Fault injection (tests, ``resilient-ep chaos``): a request whose first token is
+        # this id kills the rank that computes it, like an input that crashes a kernel.
+        self.poison_token = spec.get("poison_token")
         self.dropped: Counter[str] = Counter()  # control messages dropped, by reason
         self._dropped_sent: dict[str, int] = {}
         self.repairing: set[tuple[int, int]] = set()
@@ -300,6 +303,9 @@ class Rank:
         plan = self.sched.plan()
         if plan is None:
             return
+        if self.poison_token is not None and any(
+                r.tokens[:1] == [self.poison_token] for r in plan.requests):
+            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.time()
         epoch0 = self.epoch
         model = self.model
