@@ -166,7 +166,7 @@ class RecoveryOrchestrator:
             return RecoveryPlan(view, ranks, kind, self.layout, self._last, sorted(self.uncovered),
                                 abandoned=[rid for rid, o in owners.items() if o in ranks])
         res = replan(self.physical, out, load)
-        self.layout, self._last = res.layout, res
+        self.layout, self._last = self._routing(res.layout), res
         self.uncovered = set(res.uncovered)
         max_failures = self.config.recovery.max_failures
         too_many = bool(max_failures and len(out) > max_failures)
@@ -174,7 +174,7 @@ class RecoveryOrchestrator:
         a = assign_requests(owners, ranks, view.live_ranks,
                             migrate=rc.migrate_requests and not too_many, deaths=deaths,
                             max_request_failures=rc.max_request_failures)
-        return RecoveryPlan(view, ranks, kind, res.layout, res, sorted(self.uncovered),
+        return RecoveryPlan(view, ranks, kind, self.layout, res, sorted(self.uncovered),
                             a.migrations, a.abandoned, a.exhausted)
 
     def on_join(self, ranks: Iterable[int], load=None) -> JoinPlan:
@@ -191,22 +191,43 @@ class RecoveryOrchestrator:
         self.physical = self._with_rows(rows)
         out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
         res = replan(self.physical, out, load)
-        self.layout, self._last = res.layout, res
+        self.layout, self._last = self._routing(res.layout), res
         self.uncovered = set(res.uncovered)
-        return JoinPlan(view, ranks, res.layout, sorted(self.uncovered))
+        return JoinPlan(view, ranks, self.layout, sorted(self.uncovered))
 
     # ------------------------------------------------------------------ weight repair
     def _with_rows(self, rows) -> ExpertLayout:
+        """What the slots hold (``self.physical``): repairs and a rank taken back can leave
+        more copies of an expert than the routing table is wide; they are all recorded."""
+        return ExpertLayout.from_mapping(rows, num_ranks=self.initial_layout.num_ranks,
+                                         num_experts=self.initial_layout.num_experts)
+
+    def _routing(self, layout: ExpertLayout) -> ExpertLayout:
+        """``layout`` as a routing layout: at most ``max_replicas`` copies of an expert routed
+        (the first ones by slot; a copy past that holds its weights but gets no tokens), in
+        the table width every rank was built with (fixed: CUDA graphs captured it)."""
+        k = self.initial_layout.max_replicas
+        rows = layout.physical_to_logical
+        if layout.max_replicas > k:
+            rows = rows.clone()
+            for layer in range(rows.shape[0]):
+                seen: dict[int, int] = {}
+                for slot, e in enumerate(rows[layer].tolist()):
+                    if e < 0:
+                        continue
+                    seen[e] = seen.get(e, 0) + 1
+                    if seen[e] > k:
+                        rows[layer, slot] = -1
         return ExpertLayout.from_mapping(rows, num_ranks=self.initial_layout.num_ranks,
                                          num_experts=self.initial_layout.num_experts,
-                                         max_replicas=self.initial_layout.max_replicas)
+                                         max_replicas=k)
 
     def _routing_layout(self) -> ExpertLayout:
         out = [r for r, s in enumerate(self.membership.view().states) if s is not RankState.LIVE]
         res = replan(self.physical, out)
         self._last = res
         self.uncovered = set(res.uncovered)
-        return res.layout
+        return self._routing(res.layout)
 
     def vacate(self, moves) -> ExpertLayout:
         """The current routing layout with the slots about to be overwritten taken out, so no
@@ -214,7 +235,7 @@ class RecoveryOrchestrator:
         rows = self._routing_layout().physical_to_logical.clone()
         for m in moves:
             rows[m.layer, m.slot] = -1
-        self.layout = self._with_rows(rows)
+        self.layout = self._routing(self._with_rows(rows))
         return self.layout
 
     def repaired(self, moves) -> ExpertLayout:

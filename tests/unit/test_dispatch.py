@@ -156,3 +156,28 @@ def test_uncovered_expert_waits_until_covered_again(world, model_dir):
         layout, torch.tensor([True, False, False])), bank=banks[0], layer=0, step=0, x=x,
         topk_ids=ids, topk_weights=w, on_uncovered="wait")
     assert ex3.complete and ex3.result().degraded.any()
+
+
+def test_a_table_that_disagrees_with_the_weights_degrades_instead_of_recursing(world, model_dir):
+    """Rank 0's table routes every expert to rank 0 itself, but rank 0 holds only some of
+    them: the choices it cannot serve are refused by its own bank each time. They degrade
+    after a bounded number of routings; the step completes (before: RecursionError)."""
+    layout, ts, _ = world
+    rows = layout.physical_to_logical.clone()
+    own = layout.slots_of_rank(0)
+    for layer in range(2):  # every slot of rank 0 claims expert 0..5, the rest empty
+        rows[layer] = -1
+        rows[layer, list(own)] = torch.arange(len(own)) % E
+    lying = type(layout).from_mapping(rows, num_ranks=R, num_experts=E,
+                                      max_replicas=layout.max_replicas)
+    bank = ExpertBank.load(model_dir, {l: [0, 1] for l in range(2)})  # holds 0 and 1 only
+    table = RoutingTable(lying)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 128, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 4], [1, 2], [3, 5]])
+    w = torch.full((6, 2), 0.5)
+    ex = MoEExchange(rank=0, transport=ts[0], table=table, bank=bank, layer=0, step=0,
+                     x=x, topk_ids=ids, topk_weights=w)
+    assert ex.complete
+    res = ex.result()
+    assert res.degraded.tolist() == [False, True, True, True, True, True]

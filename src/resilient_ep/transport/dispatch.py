@@ -65,6 +65,9 @@ class MoEResult:
 
 
 _seq = itertools.count()
+MAX_ROUTES = 8
+"""Routings of one expert choice within a step before it degrades (a membership change
+reroutes a choice once; a refusal by a rank that should hold the expert is a bug, bounded)."""
 
 
 class MoEExchange:
@@ -94,6 +97,10 @@ class MoEExchange:
         self.waiting = torch.empty(0, dtype=torch.int64)  # "wait": choices with no replica yet
         self.waited = False
         """Some choice waited for its expert to be repaired (``wait``)."""
+        self.routes = torch.zeros(T * k, dtype=torch.int64)
+        """Times each choice was routed: a choice whose owner keeps refusing it (a routing
+        table that disagrees with the weights a rank holds) degrades at ``MAX_ROUTES``
+        instead of bouncing for ever."""
         self._route(torch.arange(T * k))
 
     # ------------------------------------------------------------------ sending
@@ -101,6 +108,14 @@ class MoEExchange:
         """Select live replicas for the choices ``flat`` and send them out."""
         if flat.numel() == 0:
             return
+        self.routes[flat] += 1
+        over = self.routes[flat] > MAX_ROUTES
+        if over.any():
+            self.dropped[flat[over]] = True
+            self.done[flat[over]] = True
+            flat = flat[~over]
+            if flat.numel() == 0:
+                return
         tok, j = flat // self.k, flat % self.k
         ids = self.ids[tok, j]
         sel = self.table.select(self.layer, ids.view(-1, 1), token_offset=tok.view(-1, 1))
