@@ -53,13 +53,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "run_chaos", "Target", "ReferenceTarget"]
+__all__ = ["add_arguments", "main", "run_chaos", "Target", "ReferenceTarget", "forge_packets"]
 
 WORDS = ("the cat sat on a warm mat while rain fell over quiet hills and old roads "
          "wind carried songs from distant towns where people gathered near bright fires "
          "stories of rivers mountains ships and stars filled every long evening").split()
 
-BAD_INPUTS: list[tuple[dict, str]] = [
+BAD_INPUTS: list[tuple[dict, str | None]] = [
     ({"prompt": [10 ** 9]}, "prompt"),
     ({"prompt": [True, False]}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -75,7 +75,7 @@ BAD_INPUTS: list[tuple[dict, str]] = [
     ({"prompt": "the cat", "n": 2}, "n"),
     ({"prompt": "the cat", "frobnicate": 1}, "frobnicate"),
 ]
-"""Request bodies the API must refuse, and the field its 400 must name."""
+"""Request bodies the API must refuse, and the field its 400 must name (None: any 400)."""
 
 
 class Target:
@@ -88,12 +88,16 @@ class Target:
     api_key: str = "chaos"
     num_ranks: int = 0
     hang_timeout_s: float = 1.0
+    bad_inputs: list[tuple[dict, str | None]] = BAD_INPUTS
 
     def live(self) -> list[int]: ...
     def lost(self) -> list[int]: ...
     def epoch(self) -> int: ...
     def rejoinable(self) -> list[int]:
         return self.lost()
+    def victims(self) -> list[int]:
+        """Live ranks this run may take down now."""
+        return self.live()
     def signal_rank(self, rank: int, sig: int, worker: bool = False) -> None: ...
     def rejoin(self, rank: int) -> float: ...
     def forge(self, rng: random.Random, n: int) -> int: ...
@@ -181,7 +185,7 @@ class ReferenceTarget(Target):
         kind = self.coord.config.transport.address
         if kind == "ipc":
             targets += [data_endpoint("ipc", str(run), r) for r in live]
-        return _forge_packets(rng, n, targets, live=live, lost=lost)
+        return forge_packets(rng, n, [(t, "push") for t in targets], live=live, lost=lost)
 
     def status(self) -> dict:
         return self.coord.status()
@@ -206,18 +210,19 @@ class ReferenceTarget(Target):
         self.coord.shutdown()
 
 
-def _forge_packets(rng: random.Random, n: int, endpoints: list[str], *, live: list[int],
-                   lost: list[int]) -> int:
-    """Send ``n`` forged packets spread over ``endpoints`` (ZeroMQ PULL sockets) from a
-    process that does not hold the instance's key; returns how many were sent."""
+def forge_packets(rng: random.Random, n: int, endpoints: list[tuple[str, str]], *,
+                  live: list[int], lost: list[int]) -> int:
+    """Send ``n`` forged packets spread over ``endpoints`` (``(address, "push")`` for a
+    ZeroMQ PULL socket, ``(address, "dealer")`` for a ROUTER) from a process that does not
+    hold the instance's key; returns how many were sent."""
     import zmq
 
     from ..transport import wire
 
     ctx = zmq.Context.instance()
     socks = []
-    for ep in endpoints:
-        s = ctx.socket(zmq.PUSH)
+    for ep, kind in endpoints:
+        s = ctx.socket(zmq.DEALER if kind == "dealer" else zmq.PUSH)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(ep)
@@ -306,7 +311,8 @@ def ask(client, model: str, w: Workload, i: int, stream: bool) -> Answer:
         if stream:
             parts, last = [], time.monotonic()
             for chunk in client.completions.create(model=model, prompt=w.prompts[i],
-                                                   max_tokens=w.max_tokens[i], stream=True):
+                                                   max_tokens=w.max_tokens[i], stream=True,
+                                                   temperature=0):
                 now = time.monotonic()
                 a.max_gap_s = max(a.max_gap_s, now - last)
                 last = now
@@ -317,7 +323,7 @@ def ask(client, model: str, w: Workload, i: int, stream: bool) -> Answer:
             a.text = "".join(parts)
         else:
             out = client.completions.create(model=model, prompt=w.prompts[i],
-                                            max_tokens=w.max_tokens[i])
+                                            max_tokens=w.max_tokens[i], temperature=0)
             a.text = out.choices[0].text
     except Exception as e:  # every way a request can be lost
         a.error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -376,7 +382,7 @@ class Chaos:
         t, live = self.t, self.t.live()
         now = time.monotonic()
         can_die = (len(live) > self.min_live and now - self._last_death >= self.death_gap_s
-                   and not self._stopped)
+                   and not self._stopped and bool(t.victims()))
         w: dict[str, float] = {"forge": 2, "bad-input": 2}
         if can_die:
             w.update({"kill": 3, "stop": 2})
@@ -406,7 +412,7 @@ class Chaos:
         return ev
 
     def _victim(self) -> int:
-        return self.rng.choice(self.t.live())
+        return self.rng.choice(self.t.victims())
 
     def _kill(self, ev, worker: bool = False) -> None:
         ev["rank"] = r = self._victim()
@@ -472,7 +478,8 @@ class Chaos:
         client = _client(self.t, timeout=120)
         t0 = time.monotonic()
         try:
-            client.completions.create(model=self.t.model, prompt=prompt, max_tokens=8)
+            client.completions.create(model=self.t.model, prompt=prompt, max_tokens=8,
+                                      temperature=0)
             ev["outcome"], ok = "answered (the poison did not kill its rank)", False
         except Exception as e:
             msg = str(e)
@@ -483,7 +490,7 @@ class Chaos:
         self.poison.append(ev)
 
     def _bad_input(self, ev) -> None:
-        body, param = self.rng.choice(BAD_INPUTS)
+        body, param = self.rng.choice(self.t.bad_inputs)
         req = urllib.request.Request(self.t.url + "/v1/completions",
                                      data=json.dumps({"model": self.t.model, **body}).encode(),
                                      headers={"Content-Type": "application/json",
@@ -495,7 +502,8 @@ class Chaos:
             code, got = e.code, json.loads(e.read() or b"{}")
         err = got.get("error") or {}
         ev["body"], ev["status"], ev["param"] = body, code, err.get("param")
-        ev["ok"] = code == 400 and err.get("param") == param
+        ev["ok"] = code == 400 and bool(err.get("message")) and (
+            param is None or err.get("param") == param)
         self.bad.append(ev)
 
     def finish(self) -> None:
@@ -616,6 +624,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit-s", type=float, default=1800.0, help="stop drawing events after")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a resilience configuration field")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="vllm: pass --enforce-eager (default: vLLM's default, torch.compile)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -627,11 +637,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"events must be >= 0, got {args.events}")
     model = ensure_model(args.model, quiet=args.json)
     if args.engine == "vllm":
-        from ..engines.vllm.chaos import VllmTarget
+        from .chaos_vllm import VllmTarget
 
         work = Path(tempfile.mkdtemp(prefix="rep-chaos-"))
         target = VllmTarget(model, dp=args.ranks or 4, work=work, settings=args.set,
-                            hang_timeout_ms=args.hang_timeout_ms, log=log)
+                            hang_timeout_ms=args.hang_timeout_ms, log=log,
+                            compile=not args.enforce_eager)
     else:
         target = ReferenceTarget(model, ranks=args.ranks or 4, settings=args.set,
                                  hang_timeout_ms=args.hang_timeout_ms)
