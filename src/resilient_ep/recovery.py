@@ -177,15 +177,16 @@ class RecoveryOrchestrator:
         return RecoveryPlan(view, ranks, kind, self.layout, res, sorted(self.uncovered),
                             a.migrations, a.abandoned, a.exhausted)
 
-    def on_join(self, ranks: Iterable[int], load=None) -> JoinPlan:
+    def on_join(self, ranks: Iterable[int], load=None, *, reloaded: bool = True) -> JoinPlan:
         """Admit repaired ranks (already loaded and warm, state ``joining``): one epoch bump,
-        and the layout over the new live set, where each joined rank holds the slots it held
-        in the initial layout (what it loaded)."""
+        and the layout over the new live set. ``reloaded``: each joined rank is a fresh
+        process that loaded the slots it held in the initial layout; False: a fenced rank
+        taken back as it is (its weights, repaired copies included, are what it held)."""
         ranks = tuple(sorted(set(ranks)))
         view = self.membership.join(ranks)
         self._planned -= set(ranks)
         rows = self.physical.physical_to_logical.clone()
-        for r in ranks:  # a joined rank loaded its initial slots
+        for r in ranks if reloaded else ():  # a fresh process loaded its initial slots
             sl = list(self.initial_layout.slots_of_rank(r))
             rows[:, sl] = self.initial_layout.physical_to_logical[:, sl]
         self.physical = self._with_rows(rows)

@@ -132,42 +132,50 @@ def test_moved_requests_are_kept_apart_so_a_poison_request_meets_its_limit_alone
 
 
 def test_losses_repairs_and_rejoins_in_any_order_keep_routing_within_its_table():
-    """Seeded random sequences of losses, weight repairs and rejoins (what ``resilient-ep
-    chaos`` found: a repaired copy plus a rejoined rank's own copy made three replicas of an
-    expert, above the routing table's width of two, and the repair was lost). The routing
-    layout always has the table's width, routes only to live slots that really hold the
-    expert, and covers every expert that some live slot holds."""
+    """Seeded random sequences of losses, weight repairs, rejoins of fresh processes and
+    fenced ranks taken back as they are (what ``resilient-ep chaos`` found: a repaired copy
+    plus a rejoined rank's own copy made three replicas of an expert, above the routing
+    table's width of two; and a fenced rank taken back was routed as if it held its initial
+    experts, not the repaired copies it did hold). Against an independent model of what every
+    slot holds: the routing layout has the table's width, routes only to live slots that hold
+    the expert, and covers every expert some live slot holds."""
     import random
 
     from resilient_ep.placement import SlotMove, place
 
-    for seed in range(30):
+    for seed in range(40):
         rng = random.Random(seed)
         lay = place(num_layers=2, num_experts=8, num_ranks=4, slots_per_rank=4)
         o = RecoveryOrchestrator(Membership(4), lay, ResilienceConfig())
         k = lay.max_replicas
+        truth = lay.physical_to_logical.clone()  # what each slot's weights are
         for _ in range(40):
             view = o.membership.view()
             live, out = list(view.live_ranks), [r for r in range(4) if not view.is_live(r)]
             if out and (len(live) <= 2 or rng.random() < 0.4):
                 r = rng.choice(out)
+                fresh = view.states[r] is RankState.DEAD or rng.random() < 0.5
+                if fresh:  # a new process loads the rank's initial slots
+                    sl = list(lay.slots_of_rank(r))
+                    truth[:, sl] = lay.physical_to_logical[:, sl]
                 o.membership.begin_join([r])
-                layout = o.on_join([r]).layout
+                layout = o.on_join([r], reloaded=fresh).layout
             else:
                 plan = o.on_failure([rng.choice(live)], rng.choice(["crash", "hang"]), {})
                 layout = plan.layout
                 if plan.replan.moves:  # the repair copies land
                     o.vacate(plan.replan.moves)
+                    for m in plan.replan.moves:
+                        truth[m.layer, m.slot] = m.expert
                     layout = o.repaired([SlotMove(*m.__dict__.values())
                                          for m in plan.replan.moves])
             assert layout.max_replicas == k
             view = o.membership.view()
             routed = layout.physical_to_logical
-            held = o.physical.physical_to_logical
             for layer in range(2):
                 for slot, e in enumerate(routed[layer].tolist()):
                     if e >= 0:
-                        assert view.is_live(slot // 4) and held[layer, slot] == e
-                live_held = {e for slot, e in enumerate(held[layer].tolist())
+                        assert view.is_live(slot // 4) and truth[layer, slot] == e, (seed, layer, slot)
+                live_held = {e for slot, e in enumerate(truth[layer].tolist())
                              if e >= 0 and view.is_live(slot // 4)}
                 assert set(routed[layer].tolist()) - {-1} == live_held

@@ -114,6 +114,7 @@ class Coordinator:
         self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
         self.repairs: list[dict] = []        # {"epoch", "t0", "t1", "moves"} per weight repair
         self._repairs_pending: set[int] = set()
+        self._warm: set[int] = set()  # fenced ranks being taken back as they are
         self._layout_version = 0
         self.steps: list[dict] = []          # per-step timeline from every rank
         self.ranks = RankProcesses(num_ranks, self.run_dir)
@@ -257,6 +258,7 @@ class Coordinator:
         if state is RankState.JOINING:
             raise ValueError(f"rank {rank} is already joining")
         self.ranks.ensure_gone(rank)  # a fenced rank may still be around: make sure it is gone
+        self._warm.discard(rank)
         t0 = time.time()
         view = self.membership.begin_join([rank])
         self.ranks.spawn(rank, membership={"epoch": view.epoch,
@@ -478,6 +480,10 @@ class Coordinator:
                 self._on_failure(ranks, kind)
 
     def _on_failure(self, ranks: list[int], kind: str) -> None:
+        # A repair target lost mid-copy never reports: the replan below repairs again what
+        # it was bringing back, and the layout flip no longer waits for it.
+        self._repairs_pending -= set(ranks)
+        self._warm -= set(ranks)
         live = {rid: rec for rid, rec in self.requests.items() if not rec.finished}
         plan = self.recovery.on_failure(ranks, kind, {rid: r.owner for rid, r in live.items()},
                                         deaths={rid: r.migrations for rid, r in live.items()})
@@ -551,10 +557,15 @@ class Coordinator:
     def _readmit(self, rank: int) -> None:
         """A fenced rank is heartbeating again: take it back (weights still loaded)."""
         self.membership.begin_join([rank])
+        self._warm.add(rank)
         self._send(rank, {"t": "rejoin"})
 
     def _on_join(self, rank: int) -> None:
-        plan = self.recovery.on_join([rank])
+        # A fenced rank taken back holds what it held (repaired copies included); a fresh
+        # process for a rank (rejoin) loaded its initial slots.
+        warm = rank in self._warm
+        self._warm.discard(rank)
+        plan = self.recovery.on_join([rank], reloaded=not warm)
         with self._lock:
             self.uncovered = list(plan.uncovered)
         self.liveness.watch(rank)

@@ -1,0 +1,42 @@
+"""``resilient-ep chaos --engine vllm``: a real ``vllm serve`` with ``--enable-resilience``
+(DP=4 + EP, vLLM's defaults otherwise: torch.compile, one API server per DP rank) under seeded
+random engine-core and worker kills and pauses, forged packets and bad inputs, with streaming
+load from the openai client. One engine start; bounded. Nothing lost, every answer equal to
+the failure-free pass, no membership change from a forged packet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_harness import engine_env
+
+pytestmark = pytest.mark.engine
+
+EVENTS = int(os.environ.get("RESILIENT_EP_CHAOS_VLLM_EVENTS", "10"))
+SEED = int(os.environ.get("RESILIENT_EP_CHAOS_SEED", "3"))
+
+
+def test_vllm_chaos_loses_nothing_and_stays_exact(tiny_model, tmp_path):
+    out = tmp_path / "chaos-vllm.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "resilient_ep.apps.cli", "chaos", "--engine", "vllm",
+         "--events", str(EVENTS), "--seed", str(SEED), "--model", str(tiny_model),
+         "--ranks", "4", "--clients", "4", "--prompts", "12", "--hang-timeout-ms", "3000",
+         "--json", "--out", str(out), "--time-limit-s", "600"],
+        capture_output=True, text=True, timeout=1500, env=engine_env())
+    assert out.exists(), (proc.stdout[-2000:], proc.stderr[-4000:])
+    r = json.loads(out.read_text())
+    detail = json.dumps({k: v for k, v in r.items() if k != "event_log"}, indent=1)[:4000]
+    assert r["events"] == EVENTS, detail
+    assert r["requests"] > 20 and r["requests_lost"] == 0, detail
+    assert r["differing"] == 0, detail
+    assert r["membership_changes_by_forged"] == 0, detail
+    assert r["bad_inputs_refused"] == r["bad_inputs"], detail
+    assert sum(v for k, v in r["events_by_kind"].items()
+               if k in ("kill", "kill-worker", "stop", "stop-worker")) >= 2, detail
+    assert proc.returncode == 0, detail
