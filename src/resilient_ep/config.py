@@ -314,9 +314,14 @@ class ResilienceConfig:
                 raise ConfigError("override", item, "must look like key.sub=value")
             key, raw = item.split("=", 1)
             key = key.strip()
-            value = yaml.safe_load(raw) if raw.strip() else ""
-            node = data
             parts = key.split(".")
+            if not all(p.strip() for p in parts):
+                raise ConfigError("override", item, "must look like key.sub=value")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(key, raw, f"not a YAML value ({str(e).splitlines()[0]})") from None
+            node = data
             for depth, part in enumerate(parts[:-1]):
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(".".join(parts[: depth + 1]), item, "unknown section")

@@ -42,7 +42,8 @@ def build(cls: type, data: Any, *, prefix: str = "", root: str = "config",
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
+        name = key if isinstance(key, str) and key.strip() else repr(key)
+        dotted = f"{prefix}.{name}" if prefix else name
         if key not in fields:
             raise error(dotted, value, f"unknown key (known: {', '.join(sorted(fields))})")
         kwargs[key] = _coerce(hints[key], value, dotted, root, error)

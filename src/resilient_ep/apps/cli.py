@@ -53,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 EXTRAS = {"tokenizers": "runtime", "safetensors": "runtime", "transformers": "runtime",
           "matplotlib": "runtime", "fastapi": "runtime", "uvicorn": "runtime",
-          "starlette": "runtime", "simpy": "sim", "vllm": "vllm"}
+          "starlette": "runtime", "openai": "runtime", "simpy": "sim", "vllm": "vllm"}
 """Optional imports -> the extra of ``pyproject.toml`` that brings them."""
 
 
