@@ -16,7 +16,10 @@ One run:
    ``stop``        SIGSTOP a live rank, SIGCONT it after a random pause, shorter or longer than
                    the hang timeout (a pause that is waited out, or a hang that is fenced and
                    taken back)
-   ``kill-worker`` / ``stop-worker``  the same on one worker process (engines that have them)
+   ``pause``       SIGSTOP a live rank for well under the hang timeout (nobody is lost: the
+                   others wait), drawn even when no rank may die
+   ``kill-worker`` / ``stop-worker`` / ``pause-worker``  the same on one worker process
+                   (engines that have them)
    ``rejoin``      a lost rank comes back without a restart (engines that support it)
    ``forge``       a burst of forged packets at the instance's sockets (garbage, truncated
                    frames, well-formed messages signed with a wrong key that would declare a
@@ -384,6 +387,10 @@ class Chaos:
         can_die = (len(live) > self.min_live and now - self._last_death >= self.death_gap_s
                    and not self._stopped and bool(t.victims()))
         w: dict[str, float] = {"forge": 2, "bad-input": 2}
+        if live and not self._stopped:  # a pause well inside the hang timeout: nobody dies
+            w["pause"] = 1.5
+            if "kill-worker" in t.kinds:
+                w["pause-worker"] = 1
         if can_die:
             w.update({"kill": 3, "stop": 2})
             if "kill-worker" in t.kinds:
@@ -393,7 +400,8 @@ class Chaos:
         if ("poison" in t.kinds and can_die and len(live) == t.num_ranks
                 and t.num_ranks - 2 >= self.min_live):
             w["poison"] = 1.5
-        return {k: v for k, v in w.items() if k in t.kinds}
+        return {k: v for k, v in w.items()
+                if k in t.kinds or (k.startswith("pause") and "stop" in t.kinds)}
 
     def _rejoinable(self) -> list[int]:
         """Lost ranks a rejoin may replace: not one paused now (it may still wake up and be
@@ -422,11 +430,15 @@ class Chaos:
     def _kill_worker(self, ev) -> None:
         self._kill(ev, worker=True)
 
-    def _stop(self, ev, worker: bool = False) -> None:
-        ev["rank"] = r = self._victim()
-        pause = self.rng.uniform(0.2, 2.5) * self.t.hang_timeout_s
+    def _stop(self, ev, worker: bool = False, short: bool = False) -> None:
+        if short:  # any live rank; SIGCONT well before the hang timeout
+            ev["rank"] = r = self.rng.choice(self.t.live())
+            pause = self.rng.uniform(0.1, 0.5) * self.t.hang_timeout_s
+        else:  # may outlast the timeout: a hang, fenced
+            ev["rank"] = r = self._victim()
+            pause = self.rng.uniform(0.2, 2.5) * self.t.hang_timeout_s
+            self._last_death = time.monotonic()
         ev["pause_s"] = round(pause, 3)
-        self._last_death = time.monotonic()
         self.t.signal_rank(r, signal.SIGSTOP, worker=worker)
 
         def cont():
@@ -440,6 +452,12 @@ class Chaos:
 
     def _stop_worker(self, ev) -> None:
         self._stop(ev, worker=True)
+
+    def _pause(self, ev) -> None:
+        self._stop(ev, short=True)
+
+    def _pause_worker(self, ev) -> None:
+        self._stop(ev, worker=True, short=True)
 
     def _rejoin(self, ev) -> None:
         ev["rank"] = r = self.rng.choice(self._rejoinable())
