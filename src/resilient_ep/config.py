@@ -114,6 +114,12 @@ class TransportConfig:
     the key in a file only the owner can read) and drop what does not carry it: a process
     outside the instance can neither inject data nor change membership. False: untagged."""
 
+    curve: bool = True
+    """With ``authenticate``: every socket also uses ZeroMQ's CURVE (keys derived from the
+    instance key), so a process outside the instance cannot even connect, and every byte in
+    flight is encrypted and authenticated (what a TCP transport between hosts needs). Where
+    libzmq has no CURVE, the tag alone authenticates."""
+
     def validate(self, prefix: str) -> None:
         _check(self.step_timeout_ms > 0, f"{prefix}.step_timeout_ms", self.step_timeout_ms,
                "must be > 0")

@@ -236,16 +236,19 @@ def test_a_poison_request_is_failed_after_max_request_failures_deaths(model_dir,
     _assert_nothing_lost(recs, reference)
 
 
-def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference):
+@pytest.mark.parametrize("curve_on", [False, True], ids=["tag", "curve"])
+def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference, curve_on):
     """Anyone on the host can reach the coordinator's liveness socket: a well-formed loss
-    report ("rank 2 is dead") or beacon without the instance's key is dropped, counted, and
-    every rank stays in; the instance serves exactly."""
+    report ("rank 2 is dead") or beacon without the instance's key changes nothing, and the
+    instance serves exactly. With the tag alone it is dropped and counted; with CURVE (the
+    default) it never gets through the handshake."""
     import zmq
 
     from resilient_ep.liveness.beacons import alive_message, dead_message
     from resilient_ep.transport import wire
 
-    with Coordinator(model_dir, num_ranks=4, config=_config()) as c:
+    cfg = _config().with_overrides([f"transport.curve={str(curve_on).lower()}"])
+    with Coordinator(model_dir, num_ranks=4, config=cfg) as c:
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(f"ipc://{c.run_dir}/heartbeat")
@@ -261,7 +264,10 @@ def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference):
         recs = [c.submit(p, MAX_TOKENS) for p in prompts]
         for r in recs:
             r.wait(TIMEOUT)
-        assert sum(c.liveness.dropped.values()) >= 200, c.liveness.dropped
+        if curve_on:
+            assert sum(c.liveness.dropped.values()) == 0, c.liveness.dropped
+        else:
+            assert sum(c.liveness.dropped.values()) >= 200, c.liveness.dropped
         status = c.status()
         assert status["epoch"] == 0 and all(r["state"] == "live" for r in status["ranks"])
     _assert_nothing_lost(recs, reference)

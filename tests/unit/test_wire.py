@@ -3,6 +3,7 @@ of it is used, random bytes never raise anything but WireError, and no pickle is
 
 from __future__ import annotations
 
+import os
 import msgpack
 import pytest
 import torch
@@ -113,3 +114,46 @@ def test_key_files_are_private(tmp_path):
     os.chmod(tmp_path / "k", 0o644)
     with pytest.raises(PermissionError, match="0600"):
         wire.load_key(tmp_path / "k")
+
+
+def test_curve_keeps_a_process_without_the_key_out(tmp_path):
+    """Every socket of an instance is a CURVE server or client with keys derived from the
+    instance key: a member connects and is heard; a process without the key (plain socket,
+    or CURVE with keys of its own) never gets a byte through; a different instance's key
+    gives different keys."""
+    import time
+
+    import pytest
+    import zmq
+
+    from resilient_ep.transport import curve
+
+    if not curve.available():
+        pytest.skip("libzmq without CURVE")
+    key = os.urandom(32)
+    assert curve.keypairs(key) == curve.keypairs(key) != curve.keypairs(os.urandom(32))
+    ctx = zmq.Context()
+    ep = f"ipc://{tmp_path}/s"
+    inbox = curve.server(ctx.socket(zmq.PULL), key=key)
+    inbox.bind(ep)
+    member = curve.client(ctx.socket(zmq.PUSH), key=key)
+    plain = ctx.socket(zmq.PUSH)
+    stranger = curve.client(ctx.socket(zmq.PUSH), key=os.urandom(32))
+    for s in (member, plain, stranger):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(ep)
+    try:
+        for _ in range(20):
+            plain.send(b"forged", zmq.NOBLOCK)
+            stranger.send(b"forged too", zmq.NOBLOCK)
+        member.send(b"ours")
+        got = []
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            if inbox.poll(100):
+                got.append(inbox.recv())
+        assert got == [b"ours"]
+    finally:
+        for s in (inbox, member, plain, stranger):
+            s.close(linger=0)
+        ctx.term()

@@ -22,7 +22,7 @@ import time
 
 import zmq
 
-from ..transport import wire
+from ..transport import curve, wire
 from ..transport.loops import run_restarting
 from .meta import CheckpointMeta
 from .store import CheckpointStore, MemoryStore, StoreError
@@ -83,7 +83,7 @@ class PeerStoreServer:
 
     def _serve_once(self) -> None:
         first = not self._ready.is_set()
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock = curve.server(self.ctx.socket(zmq.ROUTER))
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(self.endpoint)
@@ -147,7 +147,7 @@ class PeerStore(CheckpointStore):
         self.location = location
         self.ctx = ctx or zmq.Context.instance()
         self._ids = itertools.count()
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = curve.client(self.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a server that is not connected
         self.sock.connect(endpoint)

@@ -20,7 +20,7 @@ import threading
 
 import zmq
 
-from ..transport import wire
+from ..transport import curve, wire
 
 __all__ = ["Beacon", "LossReporter", "parse_beacon", "read_beacon", "alive_message", "dead_message"]
 
@@ -69,7 +69,7 @@ class Beacon:
 
     def _run(self) -> None:
         ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.PUSH)
+        sock = curve.client(ctx.socket(zmq.PUSH))
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10)
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -102,7 +102,7 @@ class LossReporter:
 
     def __call__(self, dead, epoch: int) -> None:
         if self._sock is None:
-            self._sock = zmq.Context.instance().socket(zmq.PUSH)
+            self._sock = curve.client(zmq.Context.instance().socket(zmq.PUSH))
             self._sock.setsockopt(zmq.LINGER, 1000)
             self._sock.setsockopt(zmq.SNDHWM, 100)
             self._sock.connect(self.endpoint)

@@ -32,7 +32,7 @@ import zmq
 
 from ..config import DetectorConfig
 from ..membership import Membership, MembershipView, RankState
-from ..transport import wire
+from ..transport import curve, wire
 from ..transport.loops import run_restarting
 from .tracker import LivenessTracker, RankLoss
 
@@ -115,11 +115,11 @@ class LivenessMonitor:
         beacons = pub = None
         try:
             if self.beacon_endpoint:
-                beacons = ctx.socket(zmq.PULL)
+                beacons = curve.server(ctx.socket(zmq.PULL))
                 beacons.setsockopt(zmq.LINGER, 0)
                 beacons.bind(self.beacon_endpoint)
             if self.publish_endpoint:
-                pub = ctx.socket(zmq.PUB)
+                pub = curve.server(ctx.socket(zmq.PUB))
                 pub.setsockopt(zmq.LINGER, 500)
                 pub.bind(self.publish_endpoint)
             self._pub = pub
@@ -241,7 +241,7 @@ class MembershipSubscriber:
         self.restarts += 1
 
     def _serve(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock = curve.client(zmq.Context.instance().socket(zmq.SUB))
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(self.endpoint)

@@ -39,7 +39,7 @@ from ..metrics import InstanceMetrics
 from ..liveness import LivenessTracker, RankLoss
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
-from ..transport import wire
+from ..transport import curve, wire
 from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
@@ -152,7 +152,8 @@ class Coordinator:
         kind = self.config.transport.address
         where = str(self.run_dir) if kind == "ipc" else str(free_port_base(self.num_ranks))
         data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
-        self.hb = self.ctx.socket(zmq.PULL)
+        ckey = self.key if self.config.transport.curve else None
+        self.hb = curve.server(self.ctx.socket(zmq.PULL), key=ckey)
         self.hb.setsockopt(zmq.LINGER, 0)
         hb_ep = f"ipc://{self.run_dir}/heartbeat"
         self.hb.bind(hb_ep)
@@ -172,11 +173,11 @@ class Coordinator:
             "kv_blocks": self.kv_blocks, "block_size": self.block_size, "threads": 1,
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
             "key_file": str(key_file) if self.key is not None else None,
-            "poison_token": self.poison_token,
+            "poison_token": self.poison_token, "curve": self.config.transport.curve,
         }
         for r in range(self.num_ranks):
             spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
-            s = self.ctx.socket(zmq.PAIR)
+            s = curve.client(self.ctx.socket(zmq.PAIR), key=ckey)
             s.setsockopt(zmq.LINGER, 0)
             self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
             s.connect(spec["control"])

@@ -30,7 +30,7 @@ from ..layout import ExpertLayout
 from ..liveness import Beacon
 from ..membership import MembershipView, RankState
 from ..routing import RoutingTable
-from ..transport import wire
+from ..transport import curve, wire
 from ..transport.dispatch import MoEExchange, serve_dispatch
 from ..transport.zmq_transport import ZmqTransport
 from . import batch_invariant
@@ -62,7 +62,7 @@ class Rank:
         self.on_uncovered = spec.get("on_uncovered", "wait")
         torch.set_num_threads(spec.get("threads", 1))
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.PAIR)
+        self.control = curve.server(self.ctx.socket(zmq.PAIR))
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(spec["control"])
 
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(argv[0])
     if spec.get("key_file"):  # every socket of this process speaks for this instance only
         wire.set_key(wire.load_key(spec["key_file"]))
+        curve.set_enabled(spec.get("curve", True))
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
     return Rank(spec).serve()

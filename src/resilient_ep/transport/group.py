@@ -84,7 +84,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..config import DetectorConfig
 from ..liveness.detector import FailureDetector
 from ..membership import Membership, MembershipView, RankState
-from . import wire
+from . import curve, wire
 
 __all__ = ["LiveGroup", "PeerLost", "GroupAborted", "PEER_LOST_MARK"]
 
@@ -176,7 +176,7 @@ class LiveGroup:
         self._pending_lock = threading.Lock()
         self._wake_lock = threading.Lock()  # the wake pipe's sending end, from any thread
 
-        self._inbox = self.ctx.socket(zmq.PULL)
+        self._inbox = curve.server(self.ctx.socket(zmq.PULL))
         self._inbox.setsockopt(zmq.LINGER, 0)
         self._inbox.setsockopt(zmq.RCVHWM, 0)
         self._inbox.bind(self.endpoints[rank])
@@ -184,7 +184,7 @@ class LiveGroup:
         self._monitors: dict[zmq.Socket, int] = {}
         self._connected: set[int] = set()
         for peer in self.peers:
-            s = self.ctx.socket(zmq.PUSH)
+            s = curve.client(self.ctx.socket(zmq.PUSH))
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 0)
             mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -569,7 +569,7 @@ class LiveGroup:
         socks = {}
         try:
             for peer in self.peers:
-                s = self.ctx.socket(zmq.PUSH)
+                s = curve.client(self.ctx.socket(zmq.PUSH))
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.SNDHWM, 100)
                 s.setsockopt(zmq.IMMEDIATE, 1)

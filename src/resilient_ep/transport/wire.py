@@ -112,7 +112,12 @@ class WireError(ValueError):
         super().__init__(f"malformed message ({reason}): {detail}")
 
 
-_PROCESS = object()
+_PROCESS = PROCESS = object()
+"""The default of every ``key`` parameter: this process's key (:func:`set_key`)."""
+
+
+def process_key() -> bytes | None:
+    return _key
 
 
 def encode_header(header: dict[str, Any], *, key=_PROCESS) -> bytes:

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import zmq
 
-from . import wire
+from . import curve, wire
 
 __all__ = ["ZmqTransport", "data_endpoint"]
 
@@ -43,7 +43,7 @@ class ZmqTransport:
         self.ctx = ctx or zmq.Context.instance()
         self.dropped: Counter[str] = Counter()
         """Messages received and dropped, by reason (``wire.WireError.reason``, ``fields``)."""
-        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox = curve.server(self.ctx.socket(zmq.PULL))
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
         self.inbox.bind(self.endpoints[rank])
@@ -51,7 +51,7 @@ class ZmqTransport:
         for peer, ep in enumerate(self.endpoints):
             if peer == rank:
                 continue
-            s = self.ctx.socket(zmq.PUSH)
+            s = curve.client(self.ctx.socket(zmq.PUSH))
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected

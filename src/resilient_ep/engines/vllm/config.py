@@ -87,6 +87,8 @@ UNSUPPORTED: dict[str, str] = {
     "recovery.migrate_requests": "vLLM always re-admits a lost rank's requests on the survivors",
     "recovery.max_failures": "vLLM serves on until one engine rank is left",
     "recovery.readmit_fenced": "vLLM never re-admits a fenced rank (it is killed)",
+    "transport.authenticate": "vLLM's instance always authenticates its sockets",
+    "transport.curve": "vLLM's instance always uses CURVE where libzmq has it",
 }
 """``ResilienceConfig`` keys the vLLM adapter does not read: set away from their default,
 they are refused at start (``config.refuse_unsupported``), never silently ignored."""
