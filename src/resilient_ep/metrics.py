@@ -106,7 +106,7 @@ def _families(m: InstanceMetrics):
     yield gauge("membership_epoch", "Membership epoch (one bump per change)", m.epoch)
     yield gauge("uncovered_experts", "(layer, expert) pairs without a live replica",
                 m.uncovered_experts)
-    failovers = {"crash": 0, "hang": 0, **m.failovers}
+    failovers = {"crash": 0, "hang": 0, **m.failovers}  # vLLM also: "reported"
     yield by("failovers", "Ranks lost and recovered from, by kind", ["kind"], failovers)
     yield histogram("detection_seconds", "Failure to detection, seconds", m.detection_s)
     yield histogram("stall_seconds", "Failure until every survivor has stepped again, seconds",

@@ -19,6 +19,7 @@ is fenced (a hang; it may wake up and be taken back). Recovery on each loss:
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections import Counter
 import logging
@@ -47,6 +48,11 @@ from .rank_processes import RankProcesses, RuntimeStartError, free_port_base
 from .requests import RequestRecord
 
 log = logging.getLogger(__name__)
+
+KEEP_STEPS = 100_000
+"""Steps of the timeline kept (``Coordinator.steps``; the oldest go past twice that)."""
+KEEP_FINISHED = 10_000
+"""Finished requests kept in ``Coordinator.requests`` (the oldest are forgotten)."""
 
 __all__ = ["Coordinator", "RequestRecord", "FailureEvent", "RuntimeStartError"]
 
@@ -116,7 +122,8 @@ class Coordinator:
         self._repairs_pending: set[int] = set()
         self._warm: set[int] = set()  # fenced ranks being taken back as they are
         self._layout_version = 0
-        self.steps: list[dict] = []          # per-step timeline from every rank
+        self.steps: list[dict] = []          # per-step timeline from every rank (recent)
+        self._finished: collections.deque[str] = collections.deque()
         self.ranks = RankProcesses(num_ranks, self.run_dir)
         self._ids = itertools.count()
         self._inject: dict[int, float] = {}
@@ -439,13 +446,16 @@ class Coordinator:
         if msg["t"] != "tokens":
             return
         if self.membership.state(rank) is not RankState.LIVE:
-            return  # a fenced rank woke up: its results are not ours any more
+            self.dropped["non_member"] += 1  # a fenced rank woke up: not ours any more
+            return
         if msg.get("dropped"):
             self.rank_dropped[rank] = {str(k): int(v) for k, v in msg["dropped"].items()}
         if msg.get("kv"):
             self.kv.on_report(rank, msg["kv"], lambda rid: getattr(self.requests.get(rid), "owner", None))
         self.steps.append({k: msg[k] for k in ("rank", "step", "epoch", "epoch_start", "t0", "t1",
                                                  "num_tokens")})
+        if len(self.steps) > 2 * KEEP_STEPS:  # a server runs for days: keep the recent ones
+            del self.steps[:-KEEP_STEPS]
         for rid, tok, fin, note in msg["items"]:
             rec = self.requests.get(rid)
             if rec is None or rec.finished or rec.owner != rank:
@@ -471,6 +481,9 @@ class Coordinator:
 
     def _finish(self, rec: RequestRecord, error: str | None = None) -> None:
         rec.finish(error)
+        self._finished.append(rec.rid)
+        while len(self._finished) > KEEP_FINISHED:  # forget the oldest finished requests
+            self.requests.pop(self._finished.popleft(), None)
 
     # ------------------------------------------------------------------ recovery
     def _on_losses(self, losses: list[RankLoss]) -> None:

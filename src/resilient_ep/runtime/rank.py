@@ -140,6 +140,8 @@ class Rank:
                 self.table.update(self._layout_from(msg["layout"]))
                 if self.exchange is not None:
                     self.exchange.reroute(self.live, self._wait_for(self.exchange.layer))
+            else:  # overtaken by a newer membership or layout
+                self.dropped["stale"] += 1
         elif t == "repair":
             self._repair(msg["moves"])
         else:  # a newer coordinator's message, or garbage: dropped, counted
@@ -164,6 +166,7 @@ class Rank:
     def _on_membership(self, msg: dict) -> None:
         view = MembershipView(msg["epoch"], tuple(RankState(s) for s in msg["states"]))
         if view.epoch <= self.epoch:
+            self.dropped["stale"] += 1  # an epoch this rank has already moved past
             return
         if not view.is_live(self.rank):
             # Fenced: we were declared hung (and may have been only slow). Drop our requests

@@ -38,5 +38,5 @@ def test_vllm_chaos_loses_nothing_and_stays_exact(tiny_model, tmp_path):
     assert r["membership_changes_by_forged"] == 0, detail
     assert r["bad_inputs_refused"] == r["bad_inputs"], detail
     assert sum(v for k, v in r["events_by_kind"].items()
-               if k in ("kill", "kill-worker", "stop", "stop-worker")) >= 2, detail
+               if k in ("kill", "kill-worker", "stop", "stop-worker")) >= 1, detail
     assert proc.returncode == 0, detail

@@ -2,8 +2,9 @@
 from its ``/resilience/status`` document (``status.py``): what the front end, its liveness
 monitor and every live engine and worker already count, read at scrape time.
 
-- failovers: one per DP rank lost (``failovers``), ``crash`` when its process exited, ``hang``
-  when it was fenced;
+- failovers: one per DP rank lost (``failovers``), ``crash`` when its engine core exited,
+  ``hang`` when it went silent and was fenced, ``reported`` when its peers' failover group
+  lost it first (its worker died under a live engine core, most often);
 - detection: from an injected fault (``faults.py``: when it fired) to the front end's
   detection; failures nobody injected have no known start and are not observed;
 - stall: from the failure (injected, else detected) to the first output of a survivor after
@@ -23,12 +24,15 @@ from ...metrics import InstanceMetrics
 
 __all__ = ["from_status"]
 
+_KIND = {"exit": "crash", "hang": "hang", "reported": "reported"}
+"""A loss's cause -> the ``kind`` label: the process exited, it went silent, or a failover
+group of its peers lost it (a worker killed under a live engine core, most often)."""
+
 
 def from_status(status: dict[str, Any]) -> InstanceMetrics:
     ranks = status.get("ranks", [])
     events = status.get("failovers", [])
-    failovers: Counter[str] = Counter(
-        "crash" if e.get("cause") == "exit" else "hang" for e in events)
+    failovers: Counter[str] = Counter(_KIND.get(e.get("cause"), "hang") for e in events)
     detection, stall = [], []
     for e in events:
         detected, injected = e.get("detected_monotonic"), e.get("injected_monotonic")

@@ -1,4 +1,4 @@
-"""``resilient-ep chaos --engine vllm``: the chaos run (``chaos.py``) against a real
+"""``resilient-ep chaos --engine vllm``: the chaos run (``apps/chaos``) against a real
 ``vllm serve`` with ``--enable-resilience`` (DP ranks + EP, TP=1, the tiny model in fp32).
 
 What it does to vLLM:
@@ -35,7 +35,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .chaos import Target, forge_packets
+from .target import Target, forge_packets
 
 __all__ = ["VllmTarget", "BAD_INPUTS_VLLM"]
 
