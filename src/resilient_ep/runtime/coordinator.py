@@ -133,7 +133,10 @@ class Coordinator:
         self._stopping = False
         self._error: BaseException | None = None
         self.key: bytes | None = None
-        """This instance's key (``transport.authenticate``): every message is tagged with it."""
+        """This instance's key (``transport.authenticate``): CURVE derives every socket's keys
+        from it (``transport.curve``), or every message is tagged with it."""
+        self._curve_key: bytes | None = None
+        self._tag_key: bytes | None = None
         self.dropped: Counter[str] = Counter()
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.rank_dropped: dict[int, dict[str, int]] = {}
@@ -156,10 +159,15 @@ class Coordinator:
         if self.config.transport.authenticate:
             key_file.unlink(missing_ok=True)  # a run dir given twice: a fresh key each start
             self.key = wire.new_key_file(key_file)
+        # CURVE (keys derived from the instance key) or, without it, an HMAC tag per message.
+        curve_on = (self.key is not None and self.config.transport.curve
+                    and curve.available())
+        self._curve_key = self.key if curve_on else None
+        self._tag_key = None if curve_on else self.key
         kind = self.config.transport.address
         where = str(self.run_dir) if kind == "ipc" else str(free_port_base(self.num_ranks))
         data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
-        ckey = self.key if self.config.transport.curve else None
+        ckey = self._curve_key
         self.hb = curve.server(self.ctx.socket(zmq.PULL), key=ckey)
         self.hb.setsockopt(zmq.LINGER, 0)
         hb_ep = f"ipc://{self.run_dir}/heartbeat"
@@ -189,10 +197,10 @@ class Coordinator:
             self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
             s.connect(spec["control"])
             self.ctl.append(s)
-        self.ranks.await_ready(self.ctl, self.start_timeout_s, key=self.key)
+        self.ranks.await_ready(self.ctl, self.start_timeout_s, key=self._tag_key)
         self.liveness = LivenessTracker(self.membership, range(self.num_ranks),
                                         detector=self.config.detector, out_at_fence=True,
-                                        key=self.key)
+                                        key=self._tag_key)
         for r in range(self.num_ranks):  # each rank is watched from its "ready" on
             self.liveness.watch(r)
         self._thread = threading.Thread(target=self._loop, name="rep-coordinator", daemon=True)
@@ -425,7 +433,7 @@ class Coordinator:
         counted by reason (``self.dropped``); a message that breaks its handler is dropped
         too (``content``), never the loop."""
         try:
-            msg = wire.decode_header(raw, key=self.key)
+            msg = wire.decode_header(raw, key=self._tag_key)
             if not isinstance(msg.get("t"), str):
                 raise wire.WireError("header", "no message type")
             self._on_rank_message(rank, msg)
@@ -591,7 +599,7 @@ class Coordinator:
 
     def _send(self, rank: int, msg: dict) -> None:
         try:
-            self.ctl[rank].send(wire.encode_header(msg, key=self.key), zmq.NOBLOCK)
+            self.ctl[rank].send(wire.encode_header(msg, key=self._tag_key), zmq.NOBLOCK)
         except zmq.Again:
             pass
 

@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(argv[0])
     if spec.get("key_file"):  # every socket of this process speaks for this instance only
-        wire.set_key(wire.load_key(spec["key_file"]))
         curve.set_enabled(spec.get("curve", True))
+        wire.set_key(wire.load_key(spec["key_file"]), tag=not curve.enabled())
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
     return Rank(spec).serve()

@@ -28,7 +28,10 @@ cannot make a frame 0 that passes, and it cannot read or alter the instance's me
 flight (Unix sockets in a 0700 directory, or loopback), so the tensor frames are not hashed:
 hashing them costs about 6 us per 8 KiB here, a few percent of a step. Between hosts (TCP)
 that assumption does not hold; there the answer is CURVE (encryption and integrity of every
-byte). A process without a key sends and accepts untagged messages (in-process unit tests).
+byte, :mod:`.curve`). Where CURVE carries the instance's sockets (``transport.curve``, the
+default), the tag is not added: CURVE has authenticated every byte before a receive loop sees
+it, and a second check would only cost time. A process without a key sends and accepts
+untagged messages (in-process unit tests).
 """
 
 from __future__ import annotations
@@ -57,14 +60,18 @@ _ITEMSIZE = {name: torch.empty((), dtype=d).element_size() for name, d in _DTYPE
 _PREFIX = MAGIC + bytes([VERSION])
 TAG_BYTES = 16
 _key: bytes | None = None
+_tag_key: bytes | None = None
 
 
-def set_key(key: bytes | None) -> None:
-    """This process's instance key (None: messages are neither tagged nor checked)."""
-    global _key
+def set_key(key: bytes | None, *, tag: bool = True) -> None:
+    """This process's instance key (None: messages are neither tagged nor checked).
+    ``tag=False``: the key is held (CURVE derives this process's socket keys from it,
+    :mod:`.curve`) but messages are not tagged: CURVE already authenticates every byte."""
+    global _key, _tag_key
     if key is not None and len(key) < 16:
         raise ValueError(f"an instance key needs at least 16 bytes, got {len(key)}")
     _key = key
+    _tag_key = key if tag else None
 
 
 def new_key_file(path: str | Path) -> bytes:
@@ -113,7 +120,8 @@ class WireError(ValueError):
 
 
 _PROCESS = PROCESS = object()
-"""The default of every ``key`` parameter: this process's key (:func:`set_key`)."""
+"""The default of every ``key`` parameter: this process's key (:func:`set_key`; for tags, the
+key unless it was set with ``tag=False``)."""
 
 
 def process_key() -> bytes | None:
@@ -123,7 +131,7 @@ def process_key() -> bytes | None:
 def encode_header(header: dict[str, Any], *, key=_PROCESS) -> bytes:
     """Frame 0 of a message (the whole message when it has no tensors). ``key``: this
     process's instance key unless given (a host of several instances passes each its own)."""
-    key = _key if key is _PROCESS else key
+    key = _tag_key if key is _PROCESS else key
     body = _PREFIX + msgpack.packb(header, use_bin_type=True)
     if key is None:
         return body
@@ -131,7 +139,7 @@ def encode_header(header: dict[str, Any], *, key=_PROCESS) -> bytes:
 
 
 def decode_header(frame, *, key=_PROCESS) -> dict[str, Any]:
-    key = _key if key is _PROCESS else key
+    key = _tag_key if key is _PROCESS else key
     raw = _bytes(frame)
     if key is not None:
         if len(raw) < len(_PREFIX) + TAG_BYTES:

@@ -89,13 +89,13 @@ def _private_dir(d: Path) -> None:
 
 
 def _use_key(path: Path) -> None:
-    from resilient_ep.transport import wire
+    from resilient_ep.transport import curve, wire
 
     try:
         key = wire.new_key_file(path)
     except FileExistsError:
         key = wire.load_key(path)
-    wire.set_key(key)
+    wire.set_key(key, tag=not curve.enabled())  # CURVE authenticates every byte, or the tag
 
 
 def endpoints(instance: str, kind: str, size: int) -> list[str]:
