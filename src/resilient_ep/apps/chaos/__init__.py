@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..runtime.workload import ensure_model
+    from ...runtime.workload import ensure_model
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, flush=True)) if args.json else \
         (lambda *a, **k: print(*a, flush=True))

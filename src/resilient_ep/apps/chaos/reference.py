@@ -17,9 +17,9 @@ class ReferenceTarget(Target):
     kinds = ("kill", "stop", "rejoin", "forge", "poison", "bad-input")
 
     def __init__(self, model_dir: Path, *, ranks: int, settings: list[str], hang_timeout_ms: float):
-        from ..config import ResilienceConfig
-        from ..runtime.coordinator import Coordinator
-        from .server import serve_in_thread
+        from ...config import ResilienceConfig
+        from ...runtime.coordinator import Coordinator
+        from ..server import serve_in_thread
 
         # Two spare slots a rank: with half the ranks lost, every expert still fits, so a
         # repair can always bring back what a loss uncovered (outputs stay exact).
@@ -52,7 +52,7 @@ class ReferenceTarget(Target):
         return list(self.coord.membership.view().live_ranks)
 
     def lost(self) -> list[int]:
-        from ..membership import RankState
+        from ...membership import RankState
 
         return [r for r in range(self.num_ranks)
                 if self.coord.membership.state(r) in (RankState.DEAD, RankState.FENCED)]
@@ -62,7 +62,7 @@ class ReferenceTarget(Target):
 
     def rejoinable(self) -> list[int]:
         """Dead ranks (a fenced one wakes up and is taken back by the coordinator itself)."""
-        from ..membership import RankState
+        from ...membership import RankState
 
         return [r for r in range(self.num_ranks)
                 if self.coord.membership.state(r) is RankState.DEAD]
@@ -80,7 +80,7 @@ class ReferenceTarget(Target):
         return [self._poison, 5, 6, 7]
 
     def forge(self, rng: random.Random, n: int) -> int:
-        from ..transport.zmq_transport import data_endpoint
+        from ...transport.zmq_transport import data_endpoint
 
         run = self.coord.run_dir
         live, lost = self.live(), self.lost() or [0]

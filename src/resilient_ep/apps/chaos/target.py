@@ -66,7 +66,7 @@ def forge_packets(rng: random.Random, n: int, endpoints: list[tuple[str, str]], 
     hold the instance's key; returns how many were sent."""
     import zmq
 
-    from ..transport import wire
+    from ...transport import wire
 
     ctx = zmq.Context.instance()
     socks = []

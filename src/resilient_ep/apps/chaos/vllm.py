@@ -65,7 +65,7 @@ class VllmTarget(Target):
     def __init__(self, model_dir: Path, *, dp: int, work: Path, settings: list[str],
                  hang_timeout_ms: float, log=print, compile: bool = False,
                  start_timeout_s: float = 900.0):
-        from ..engines.vllm.liveness import membership_replica
+        from ...engines.vllm.liveness import membership_replica
 
         if dp < 2:
             raise ValueError(f"ranks: the vLLM chaos run needs >= 2 DP ranks, got {dp}")
@@ -168,15 +168,15 @@ class VllmTarget(Target):
                 pass
 
     def forge(self, rng: random.Random, n: int) -> int:
-        from ..engines.vllm.instance import endpoints
-        from ..engines.vllm.liveness import beacon_endpoint
+        from ...engines.vllm.instance import endpoints
+        from ...engines.vllm.liveness import beacon_endpoint
 
         live = self.live()
         targets = [(beacon_endpoint(self.instance), "push")]
         core = endpoints(self.instance, "core", self.num_ranks)
         workers = endpoints(self.instance, "w0", self.num_ranks)
         targets += [(core[r], "push") for r in live] + [(workers[r], "push") for r in live]
-        from ..engines.vllm.instance import instance_dir
+        from ...engines.vllm.instance import instance_dir
 
         root = instance_dir(self.instance)
         targets += [(f"ipc://{root}/kvstore-{r}", "dealer") for r in live]
