@@ -78,15 +78,6 @@ def test_config_overrides_take_anything(items):
         _field_error(e, ConfigError)
 
 
-@FUZZ
-@given(values)
-def test_config_loader_takes_any_top_level(doc):
-    try:
-        ResilienceConfig.from_dict(doc)
-    except Exception as e:  # noqa: BLE001
-        _field_error(e, ConfigError)
-
-
 SCENARIO = yaml.safe_load(next((ROOT / "examples" / "sim").glob("*.yaml")).read_text())
 
 
@@ -103,9 +94,10 @@ def test_scenario_loader_takes_anything(data):
 
 
 @FUZZ
-@given(values)
-def test_scenario_loader_takes_any_top_level(doc):
+@given(values, st.sampled_from([(ResilienceConfig, ConfigError), (Scenario, ScenarioError)]))
+def test_loaders_take_any_top_level(doc, loader):
+    cls, error = loader
     try:
-        Scenario.from_dict(doc)
+        cls.from_dict(doc)
     except Exception as e:  # noqa: BLE001
-        _field_error(e, ScenarioError)
+        _field_error(e, error)
