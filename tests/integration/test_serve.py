@@ -169,7 +169,9 @@ def test_metrics_after_the_failover(api):
     assert got[("resilient_ep_live_ranks", (eng,))] == 3
     assert got[("resilient_ep_membership_epoch", (eng,))] == coord.status()["epoch"] >= 1
     assert got[("resilient_ep_failovers_total", (eng, ("kind", "crash")))] == 1
-    assert got[("resilient_ep_requests_migrated_total", (eng,))] >= 1
+    # (the victim may have owned no request at that moment: compare with the records)
+    assert got[("resilient_ep_requests_migrated_total", (eng,))] == sum(
+        f.migrated for f in coord.failures)
     assert got[("resilient_ep_stall_seconds_count", (eng,))] == 1
     assert got[("resilient_ep_detection_seconds_count", (eng,))] == 1
     assert 0 < got[("resilient_ep_stall_seconds_sum", (eng,))] < 30
