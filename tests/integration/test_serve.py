@@ -172,9 +172,11 @@ def test_metrics_after_the_failover(api):
     # (the victim may have owned no request at that moment: compare with the records)
     assert got[("resilient_ep_requests_migrated_total", (eng,))] == sum(
         f.migrated for f in coord.failures)
-    assert got[("resilient_ep_stall_seconds_count", (eng,))] == 1
+    # The stall is known once every survivor that was serving has stepped again.
+    known = coord.recovery_stall(coord.failures[0]) is not None
+    assert got[("resilient_ep_stall_seconds_count", (eng,))] == int(known)
     assert got[("resilient_ep_detection_seconds_count", (eng,))] == 1
-    assert 0 < got[("resilient_ep_stall_seconds_sum", (eng,))] < 30
+    assert (0 < got[("resilient_ep_stall_seconds_sum", (eng,))] < 30) == known
 
 
 def _pending(coord, prompt):
