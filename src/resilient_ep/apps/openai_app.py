@@ -192,31 +192,32 @@ def make_app(coord, model_dir: str | Path, model_name: str, *, api_key: str | No
                 "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids),
                           "total_tokens": len(req.prompt_ids) + len(ids)}}
 
-    class _CancellingStream(StreamingResponse):
-        """Server-sent events that cancel their request when the client goes away, whether
-        a token was being sent (the send fails) or none was flowing (a disconnect event)."""
-
-        def __init__(self, body, coord, rec):
-            super().__init__(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-            self._coord, self._rec = coord, rec
-
-        async def __call__(self, scope, receive, send):
-            stream = asyncio.ensure_future(super().__call__(scope, receive, send))
-            watch = asyncio.ensure_future(_disconnected(receive))
-            try:
-                await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if not stream.done():
-                    stream.cancel()
-                    await asyncio.gather(stream, return_exceptions=True)
-                elif stream.exception() is not None:
-                    raise stream.exception()
-            finally:
-                watch.cancel()
-                if not self._rec.finished:
-                    self._coord.cancel(self._rec.rid)
-
     return app
+
+
+class _CancellingStream(StreamingResponse):
+    """Server-sent events that cancel their request when the client goes away, whether
+    a token was being sent (the send fails) or none was flowing (a disconnect event)."""
+
+    def __init__(self, body, coord, rec):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._coord, self._rec = coord, rec
+
+    async def __call__(self, scope, receive, send):
+        stream = asyncio.ensure_future(super().__call__(scope, receive, send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not stream.done():
+                stream.cancel()
+                await asyncio.gather(stream, return_exceptions=True)
+            elif stream.exception() is not None:
+                raise stream.exception()
+        finally:
+            watch.cancel()
+            if not self._rec.finished:
+                self._coord.cancel(self._rec.rid)
 
 
 async def _until_done(events: _Events) -> None:

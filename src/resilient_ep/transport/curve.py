@@ -19,6 +19,7 @@ CURVE (:func:`available`), they do nothing and the HMAC tag alone authenticates.
 
 from __future__ import annotations
 
+import functools
 import hmac
 
 import zmq
@@ -46,25 +47,15 @@ def enabled() -> bool:
     return _enabled and available()
 
 
+@functools.lru_cache(maxsize=16)
 def keypairs(key: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
     """``((server public, server secret), (client public, client secret))``, Z85-encoded,
-    derived from the instance key."""
-    return _pairs(bytes(key))
+    derived from the instance key (once per key: every socket of a process asks)."""
+    def pair(label: bytes) -> tuple[bytes, bytes]:
+        secret = z85.encode(hmac.digest(key, label, "sha256"))
+        return zmq.curve_public(secret), secret
 
-
-_cache: dict[bytes, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
-
-
-def _pairs(key: bytes):
-    got = _cache.get(key)
-    if got is None:
-        def pair(label: bytes) -> tuple[bytes, bytes]:
-            secret = z85.encode(hmac.digest(key, label, "sha256"))
-            return zmq.curve_public(secret), secret
-
-        got = _cache[key] = (pair(b"resilient-ep curve server v1"),
-                             pair(b"resilient-ep curve client v1"))
-    return got
+    return pair(b"resilient-ep curve server v1"), pair(b"resilient-ep curve client v1")
 
 
 def _key_of(key):
@@ -77,7 +68,7 @@ def server(sock: zmq.Socket, *, key=wire.PROCESS) -> zmq.Socket:
     (default: this process's)."""
     key = _key_of(key)
     if key is not None:
-        (spub, ssec), _ = _pairs(key)
+        (spub, ssec), _ = keypairs(bytes(key))
         sock.curve_server = True
         sock.curve_secretkey = ssec
         sock.curve_publickey = spub
@@ -88,7 +79,7 @@ def client(sock: zmq.Socket, *, key=wire.PROCESS) -> zmq.Socket:
     """Make ``sock`` (not connected yet) a CURVE client of the instance whose key is ``key``."""
     key = _key_of(key)
     if key is not None:
-        (spub, _), (cpub, csec) = _pairs(key)
+        (spub, _), (cpub, csec) = keypairs(bytes(key))
         sock.curve_serverkey = spub
         sock.curve_publickey = cpub
         sock.curve_secretkey = csec

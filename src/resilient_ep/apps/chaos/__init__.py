@@ -73,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ...runtime.model import MoEConfig
     from ...runtime.workload import ensure_model
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, flush=True)) if args.json else \
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
         target = ReferenceTarget(model, ranks=args.ranks or 4, settings=args.set,
                                  hang_timeout_ms=args.hang_timeout_ms)
-    vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    vocab = MoEConfig.from_dir(model).vocab_size
     from .run import run_chaos, summary
 
     try:

@@ -3,7 +3,6 @@ and its OpenAI server in this process, with every event ``resilient-ep chaos`` d
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 from pathlib import Path
@@ -19,6 +18,7 @@ class ReferenceTarget(Target):
     def __init__(self, model_dir: Path, *, ranks: int, settings: list[str], hang_timeout_ms: float):
         from ...config import ResilienceConfig
         from ...runtime.coordinator import Coordinator
+        from ...runtime.model import MoEConfig
         from ..server import serve_in_thread
 
         # Two spare slots a rank: with half the ranks lost, every expert still fits, so a
@@ -27,7 +27,7 @@ class ReferenceTarget(Target):
             [f"detector.heartbeat_timeout_ms={hang_timeout_ms}",
              "placement.redundant_slots_per_rank=2", *settings])
         self.model_dir = Path(model_dir)
-        self.vocab = int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
+        self.vocab = MoEConfig.from_dir(model_dir).vocab_size
         self._poison = self.vocab - 1
         self.coord = Coordinator(model_dir, num_ranks=ranks, config=cfg,
                                  poison_token=self._poison).start()
