@@ -75,8 +75,12 @@ class DetectorConfig:
 class PlacementConfig:
     """Where logical experts and their replicas live."""
 
-    redundant_slots_per_rank: int = 1
-    """Extra physical expert slots on each rank, filled with replicas of hot or exposed experts."""
+    redundant_slots_per_rank: int | None = None
+    """Extra physical expert slots on each rank, filled with replicas of hot or exposed
+    experts. None: the engine's default (the reference runtime: 1; vLLM: the full mirror,
+    ``ceil(experts / ranks)``, so that every expert has two replicas). Fewer slots cost less
+    memory; a death may then leave experts without a live replica until weight repair brings
+    them back (``recovery.on_uncovered``)."""
 
     fault_aware: bool = True
     """Spread replicas of one expert over distinct ranks and nodes to maximise the chance that
@@ -90,8 +94,9 @@ class PlacementConfig:
     """Ranks that share a node (and fail together when the node does)."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.redundant_slots_per_rank >= 0, f"{prefix}.redundant_slots_per_rank",
-               self.redundant_slots_per_rank, "must be >= 0")
+        _check(self.redundant_slots_per_rank is None or self.redundant_slots_per_rank >= 0,
+               f"{prefix}.redundant_slots_per_rank", self.redundant_slots_per_rank,
+               "must be >= 0 (or null: the engine's default)")
         _check(0.0 <= self.max_balancedness_loss < 1.0, f"{prefix}.max_balancedness_loss",
                self.max_balancedness_loss, "must be in [0, 1)")
         _check(self.ranks_per_node >= 1, f"{prefix}.ranks_per_node", self.ranks_per_node,
@@ -168,15 +173,23 @@ class ShadowConfig:
     """Shadow experts: copies of other ranks' experts kept in residual memory."""
 
     enabled: bool = False
-    """Keep shadow copies of experts that would otherwise lose their last replica (not built
-    yet: refused)."""
+    """Keep shadow copies of experts in extra slots of residual memory: never routed while
+    the expert has a live regular replica; when it loses the last one, the shadow is taken
+    into the routing tables (a table flip, no weight copy)."""
 
     memory_fraction: float = 0.1
-    """Fraction of free device memory shadows may use."""
+    """Fraction of the residual memory per rank (device memory the engine leaves unused; on
+    a CPU, the memory available to the process) that shadows may use."""
+
+    max_slots_per_rank: int = 0
+    """At most this many shadow slots per rank (0: as many as ``memory_fraction`` allows,
+    never more than the experts a rank does not hold)."""
 
     def validate(self, prefix: str) -> None:
         _check(0.0 <= self.memory_fraction <= 1.0, f"{prefix}.memory_fraction",
                self.memory_fraction, "must be in [0, 1]")
+        _check(self.max_slots_per_rank >= 0, f"{prefix}.max_slots_per_rank",
+               self.max_slots_per_rank, "must be >= 0")
 
 
 RepairSource = Literal["shadow", "peer", "host", "remote", "disk"]
@@ -190,7 +203,10 @@ class RepairConfig:
     """Weight sources, cheapest first; the first that holds the expert is used."""
 
     host_backup: bool = False
-    """Keep a host-memory copy of this rank's experts for repair (not built yet: refused)."""
+    """Keep a host-memory copy of every expert, once per node (shared memory, filled when the
+    weights are loaded), so that a dead rank's experts are repaired from memory instead of
+    the model files on disk. Costs one copy of the routed-expert weights in host memory per
+    node."""
 
     def validate(self, prefix: str) -> None:
         allowed = typing.get_args(RepairSource)
@@ -220,6 +236,11 @@ class RecoveryConfig:
     readmit_fenced: bool = True
     """A rank fenced as hung that heartbeats again (it was only slow, or was resumed) is
     re-admitted with one table flip; its weights are still loaded. False: it stays out."""
+
+    respawn: bool = False
+    """Start a replacement for every lost rank as soon as it is lost; it rejoins without a
+    restart of the others (vLLM: the front end starts a new engine core; see docs/vllm.md).
+    Off: a lost rank stays out until ``POST /resilience/ranks/{rank}/rejoin``."""
 
     max_request_failures: int = 2
     """A request in flight at this many rank deaths is failed with an error instead of being
@@ -341,8 +362,6 @@ class ResilienceConfig:
 
 
 NOT_BUILT: dict[str, str] = {
-    "shadow": "shadow experts are not built yet",
-    "repair.host_backup": "the host-memory backup of experts is not built yet",
     "metrics": "metrics settings are not built yet (timings are recorded in memory)",
 }
 """Keys no engine implements yet; any value but the default is refused, on every engine."""

@@ -31,6 +31,13 @@ name                                       type       what
 ``resilient_ep_restored_tokens_total``     counter    tokens whose KV came from a checkpoint
 ``resilient_ep_recomputed_tokens_total``   counter    tokens recomputed after a migration
 ``resilient_ep_kv_checkpoint_lag_tokens``  gauge      largest checkpoint lag of a live rank, tokens
+``resilient_ep_repair_copies_total``       counter    expert weight copies that restored coverage,
+                                                      by ``source`` (``host``, ``disk``, ...)
+``resilient_ep_repair_bytes_total``        counter    bytes those copies moved, by ``source``
+``resilient_ep_repairing_experts``         gauge      experts whose copy is on its way
+``resilient_ep_active_shadows``            gauge      shadow slots serving an expert now
+``resilient_ep_expert_waits_total``        counter    MoE passes that waited for a copy
+                                                      (``recovery.on_uncovered: wait``)
 =========================================  =========  ===============================================
 
 Every metric carries an ``engine`` label (``reference`` or ``vllm``).
@@ -69,6 +76,11 @@ class InstanceMetrics:
     recomputed_tokens: int = 0
     kv_checkpoint_lag_tokens: float | None = 0.0
     """None where the engine does not know it (not exposed then)."""
+    repair_copies: dict[str, int] = field(default_factory=dict)
+    repair_bytes: dict[str, int] = field(default_factory=dict)
+    repairing_experts: int = 0
+    active_shadows: int = 0
+    expert_waits: int = 0
 
 
 def _families(m: InstanceMetrics):
@@ -121,6 +133,14 @@ def _families(m: InstanceMetrics):
     yield counter("kv_restores", "Migrated requests resumed from a KV checkpoint", m.kv_restores)
     yield counter("restored_tokens", "Tokens whose KV came from a checkpoint", m.restored_tokens)
     yield counter("recomputed_tokens", "Tokens recomputed after a migration", m.recomputed_tokens)
+    yield by("repair_copies", "Expert weight copies that restored coverage, by source",
+             ["source"], {"host": 0, "disk": 0, **m.repair_copies})
+    yield by("repair_bytes", "Bytes the repair copies moved, by source", ["source"],
+             {"host": 0, "disk": 0, **m.repair_bytes})
+    yield gauge("repairing_experts", "Experts whose repair copy is on its way",
+                m.repairing_experts)
+    yield gauge("active_shadows", "Shadow slots serving an expert now", m.active_shadows)
+    yield counter("expert_waits", "MoE passes that waited for a repair copy", m.expert_waits)
     if m.kv_checkpoint_lag_tokens is not None:
         yield gauge("kv_checkpoint_lag_tokens", "Largest KV-checkpoint lag of a live rank, "
                     "tokens", m.kv_checkpoint_lag_tokens)
@@ -129,7 +149,8 @@ def _families(m: InstanceMetrics):
 NAMES = ("ranks", "live_ranks", "membership_epoch", "uncovered_experts", "failovers",
          "detection_seconds", "stall_seconds", "rejected_messages", "loop_restarts",
          "requests_migrated", "poisoned_requests", "kv_restores", "restored_tokens",
-         "recomputed_tokens", "kv_checkpoint_lag_tokens")
+         "recomputed_tokens", "kv_checkpoint_lag_tokens", "repair_copies", "repair_bytes",
+         "repairing_experts", "active_shadows", "expert_waits")
 """The metric names without the ``resilient_ep_`` prefix (counters also without ``_total``)."""
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
+import torch
+
 from .config import ResilienceConfig
 from .layout import ExpertLayout
 from .membership import Membership, MembershipView, RankState
@@ -133,12 +135,15 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
 
 class RecoveryOrchestrator:
     def __init__(self, membership: Membership, layout: ExpertLayout,
-                 config: ResilienceConfig | None = None):
+                 config: ResilienceConfig | None = None, *, shadow_mask=None):
         self.membership = membership
         self.initial_layout = layout
         self.physical = layout
         """What every slot holds now (dead ranks: what they held)."""
-        self.layout = layout
+        self.shadow_mask = shadow_mask
+        """[P] bool, the shadow slots (``shadow.ShadowLayout``): routed only for an expert
+        that has no live regular copy. None: no shadows."""
+        self.layout = self._routing(layout)
         self._last = replan(layout, [])
         self.config = config or ResilienceConfig()
         self.uncovered: set[tuple[int, int]] = set()
@@ -209,7 +214,19 @@ class RecoveryOrchestrator:
         the table width every rank was built with (fixed: CUDA graphs captured it)."""
         k = self.initial_layout.max_replicas
         rows = layout.physical_to_logical
-        if layout.max_replicas > k:
+        if self.shadow_mask is not None and bool(self.shadow_mask.any()):
+            # A shadow takes tokens only for an expert that lost every regular copy (a table
+            # flip: its weights are there already).
+            rows = rows.clone()
+            shadow = self.shadow_mask.to(torch.bool)
+            for layer in range(rows.shape[0]):
+                regular = set(rows[layer][~shadow].tolist()) - {-1}
+                row = rows[layer]
+                for slot in shadow.nonzero().flatten().tolist():
+                    if int(row[slot]) in regular:
+                        row[slot] = -1
+        if ExpertLayout.from_mapping(rows, num_ranks=layout.num_ranks,
+                                     num_experts=layout.num_experts).max_replicas > k:
             rows = rows.clone()
             for layer in range(rows.shape[0]):
                 seen: dict[int, int] = {}

@@ -127,19 +127,33 @@ def test_subscriber_keeps_the_authoritys_epochs(tmp_path):
     replica = Membership(4)
     followed = []
     sub = MembershipSubscriber(ep, replica, followed.append).start()
-    losses = [{"rank": 2, "cause": "exit", "exitcode": -9, "detected_monotonic": 1.0, "epoch": 3},
-              {"rank": 0, "cause": "hang", "exitcode": -9, "detected_monotonic": 2.0, "epoch": 5}]
+    joined = []
+    sub.on_join = joined.append
+    losses = [{"kind": "loss", "rank": 2, "cause": "exit", "exitcode": -9,
+               "detected_monotonic": 1.0, "epoch": 3},
+              {"kind": "loss", "rank": 0, "cause": "hang", "exitcode": -9,
+               "detected_monotonic": 2.0, "epoch": 5}]
+    join = {"kind": "join", "rank": 2, "joined_monotonic": 3.0, "epoch": 7}
+    backwards = [join, losses[0]]  # epochs never go back within one log
     try:
         deadline = time.monotonic() + 10
         while len(followed) < 2 and time.monotonic() < deadline:
             pub.send(b"not ours")
-            pub.send(wire.encode_header({"t": "losses", "losses": [{"rank": "x"}]}))
-            pub.send(wire.encode_header({"t": "losses", "losses": losses}))
+            pub.send(wire.encode_header({"t": "membership", "events": [{"rank": "x"}]}))
+            pub.send(wire.encode_header({"t": "membership", "events": backwards}))
+            pub.send(wire.encode_header({"t": "membership", "events": losses}))
             time.sleep(0.05)
         assert [(x.rank, x.epoch) for x in followed] == [(2, 3), (0, 5)]
         assert replica.epoch == 5
         assert replica.state(2) is RankState.DEAD and replica.state(0) is RankState.FENCED
-        assert sum(sub.dropped.values()) >= 2
+        assert sum(sub.dropped.values()) >= 3
+        assert joined == []
+        while not joined and time.monotonic() < deadline:  # the log grows by a join
+            pub.send(wire.encode_header({"t": "membership", "events": [*losses, join]}))
+            time.sleep(0.05)
+        assert [(x.rank, x.epoch) for x in joined] == [(2, 7)] and len(followed) == 2
+        assert replica.epoch == 7 and replica.state(2) is RankState.LIVE
+        assert [x.epoch for x in sub.events] == [3, 5, 7]
     finally:
         sub.stop()
         pub.close(linger=0)
@@ -210,3 +224,67 @@ def test_a_monitor_loop_that_raises_is_restarted_and_counted(ranks):
         assert mon.alive and mon.errored() is None
     finally:
         mon.stop()
+
+
+def test_a_replacement_joins_and_its_loss_while_joining_is_a_loss(ranks):
+    """The authority takes a lost rank back: a replacement process is watched from its start
+    (``begin_join``: state joining, no epoch), ``admit`` makes it live with one epoch bump,
+    published in order after the loss; a replacement that dies while it warms up is a loss of
+    its own and cannot be admitted."""
+    procs, beacons, tmp = ranks
+    ctx = mp.get_context("spawn")
+    membership = Membership(4)
+    mon = LivenessMonitor(membership, procs, detector=DET, beacon_endpoint=beacons,
+                          publish_endpoint=f"ipc://{tmp}/membership",
+                          fence=lambda r, why: os.kill(procs[r].pid, signal.SIGKILL))
+    joins, losses = [], []
+    mon.add_join_listener(joins.append)
+    mon.add_listener(losses.append)
+    mon.start()
+    replica = Membership(4)
+    followed, sub_joins = [], []
+    sub = MembershipSubscriber(f"ipc://{tmp}/membership", replica, followed.append,
+                               on_join=sub_joins.append).start()
+    spare = []
+    try:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        _wait(lambda: len(losses) == 1)
+        with pytest.raises(ValueError, match="only a lost rank"):
+            mon.begin_join(2, procs[2])
+        new = ctx.Process(target=_rank_main, args=(beacons, 1), daemon=True)
+        new.start()
+        spare.append(new)
+        mon.begin_join(1, new)
+        assert membership.state(1) is RankState.JOINING and membership.epoch == 1
+        join = mon.admit(1)
+        assert (join.rank, join.epoch) == (1, 2) and joins == [join]
+        assert membership.state(1) is RankState.LIVE
+        _wait(lambda: sub_joins)
+        assert replica.view() == membership.view() and [x.epoch for x in sub.events] == [1, 2]
+        # the replacement is watched like any rank: its death is a loss at the next epoch
+        os.kill(new.pid, signal.SIGKILL)
+        _wait(lambda: len(losses) == 2)  # (the listeners hear of it after the state changed)
+        assert (losses[-1].rank, losses[-1].epoch) == (1, 3)
+        assert membership.state(1) is RankState.DEAD
+        # a second replacement dies before it is admitted: a loss, and admit refuses
+        doomed = ctx.Process(target=_rank_main, args=(beacons, 1), daemon=True)
+        doomed.start()
+        spare.append(doomed)
+        mon.begin_join(1, doomed)
+        os.kill(doomed.pid, signal.SIGKILL)
+        _wait(lambda: len(losses) == 3)
+        assert (losses[-1].rank, losses[-1].epoch) == (1, 4)
+        with pytest.raises(RuntimeError, match="lost while it warmed up"):
+            mon.admit(1)
+        _wait(lambda: len(sub.events) == 4)
+        assert [type(x).__name__ for x in mon.events] == ["RankLoss", "RankJoin", "RankLoss",
+                                                          "RankLoss"]
+        assert replica.view() == membership.view()
+    finally:
+        sub.stop()
+        mon.stop()
+        for p in spare:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(5)
+    assert mon.errored() is None

@@ -18,7 +18,9 @@ def test_every_metric_is_exposed_and_parses():
                                                        ("group", "stale"): 2},
                         loop_restarts={"monitor": 1}, requests_migrated=7,
                         poisoned_requests=1, kv_restores=3, restored_tokens=300,
-                        recomputed_tokens=12, kv_checkpoint_lag_tokens=4.0)
+                        recomputed_tokens=12, kv_checkpoint_lag_tokens=4.0,
+                        repair_copies={"host": 2}, repair_bytes={"host": 4096},
+                        repairing_experts=1, active_shadows=3, expert_waits=5)
     got = _samples(render(m))
     names = {n for n, _ in got}
     for n in NAMES:
@@ -34,6 +36,10 @@ def test_every_metric_is_exposed_and_parses():
     assert got[("resilient_ep_detection_seconds_count", (e,))] == 2
     assert abs(got[("resilient_ep_stall_seconds_sum", (e,))] - 0.29) < 1e-9
     assert got[("resilient_ep_restored_tokens_total", (e,))] == 300
+    assert got[("resilient_ep_repair_copies_total", (e, ("source", "host")))] == 2
+    assert got[("resilient_ep_repair_copies_total", (e, ("source", "disk")))] == 0
+    assert got[("resilient_ep_active_shadows", (e,))] == 3
+    assert got[("resilient_ep_expert_waits_total", (e,))] == 5
 
 
 def test_a_fresh_instance_reports_zero_not_nothing():
@@ -56,8 +62,12 @@ def test_vllm_metrics_from_a_status_document():
               "poisoned_requests": [{"request_id": "x"}],
               "liveness": {"dropped": {"auth": 3}, "restarts": 1},
               "counters": [{"dropped": {"stale": 2}, "workers": [
-                  {"dropped": {"fields": 1}, "kv": {"loads": 3, "external_hit_tokens": 448}}]}]}
+                  {"dropped": {"fields": 1}, "kv": {"loads": 3, "external_hit_tokens": 448}}]}],
+              "experts": {"repair": {"disk": {"copies": 4, "bytes": 786432}},
+                          "repairing": [6], "active_shadows": 2, "counters": {"waits": 3}}}
     m = from_status(status)
+    assert m.repair_copies == {"disk": 4} and m.repair_bytes == {"disk": 786432}
+    assert (m.repairing_experts, m.active_shadows, m.expert_waits) == (1, 2, 3)
     assert (m.ranks, m.live_ranks, m.epoch, m.uncovered_experts) == (2, 1, 1, 1)
     assert m.failovers == {"crash": 1} and m.requests_migrated == 4 and m.poisoned_requests == 1
     assert abs(m.detection_s[0] - 0.02) < 1e-9 and abs(m.stall_s[0] - 0.3) < 1e-9

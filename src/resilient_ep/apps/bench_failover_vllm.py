@@ -64,7 +64,8 @@ def _free_port() -> int:
 
 class _Server:
     def __init__(self, model: Path, workdir: Path, resilience: bool, tag: str, timeout_s: float,
-                 hang_timeout_ms: float = 1000.0, extra_args: list[str] | None = None):
+                 hang_timeout_ms: float = 1000.0, extra_args: list[str] | None = None,
+                 base_args: list[str] | None = None):
         self.model, self.port = str(model), _free_port()
         cfg = workdir / "resilience.yaml"
         cfg.write_text("resilience:\n  detector:\n    heartbeat_interval_ms: 50\n"
@@ -76,7 +77,8 @@ class _Server:
         # DP + EP on the CPU without them); "off" turns the failover datapath off.
         env["RESILIENT_EP_VLLM_FAILOVER"] = "1" if resilience else "0"
         cmd = [sys.executable, "-m", "resilient_ep.cli", "serve", self.model, "--engine", "vllm",
-               "--port", str(self.port), *SERVER_ARGS, *(extra_args or []),
+               "--port", str(self.port), *(SERVER_ARGS if base_args is None else base_args),
+               *(extra_args or []),
                "--enable-resilience", "--resilience-config", str(cfg),
                "--api-server-count", "1"]
         self.log = open(workdir / f"serve-{tag}.log", "w")
@@ -121,11 +123,16 @@ class _Server:
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())["choices"][0]["token_ids"]
 
-    def stream(self, prompt: str, max_tokens: int, out: dict) -> None:
+    def stream(self, prompt: str, max_tokens: int, out: dict, dp_rank: int | None = None) -> None:
+        """One streaming completion into ``out`` (tokens, their arrival times, finish);
+        ``dp_rank`` pins it to one engine rank (vLLM's ``X-data-parallel-rank`` header)."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        headers = {"content-type": "application/json"}
+        if dp_rank is not None:
+            headers["X-data-parallel-rank"] = str(dp_rank)
         req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+                                     headers=headers)
         out["tokens"], out["times"] = [], []
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
@@ -468,12 +475,19 @@ def _context_lengths(raw) -> list[int]:
     return out
 
 
-def main(args: argparse.Namespace) -> int:
+def run_logged(run_fn, args: argparse.Namespace) -> dict:
+    """``run_fn(args, log=...)`` with progress on stderr under ``--json`` (stdout then carries
+    one JSON object, printed here) and on stdout otherwise."""
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    res = run(args, log=log)
+    res = run_fn(args, log=log)
     if args.json:
         print(json.dumps(res))
-    else:
+    return res
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run_logged(run, args)
+    if not args.json:
         print(f"throughput ratio on/off   {res['overhead_ratio']:.3f}")
         print(f"crash stall               median {res['crash_stall_ms_median']:.0f} ms, "
               f"p99 {res['crash_stall_ms_p99']:.0f} ms (failed over in "

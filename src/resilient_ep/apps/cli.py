@@ -48,6 +48,13 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import bench_kv
     bench_kv.add_arguments(bsub.add_parser(
         "kv", help="KV checkpoints: throughput on/off, restore vs recompute, recomputed tokens"))
+    from . import bench_repair
+    bench_repair.add_arguments(bsub.add_parser(
+        "repair", help="expert coverage repair on vLLM: time and MiB/s per source, memory"))
+    from . import bench_rejoin
+    bench_rejoin.add_arguments(bsub.add_parser(
+        "rejoin", help="a lost vLLM engine rank respawns and rejoins: survivors' pause, time "
+                       "to full size"))
     return p
 
 
@@ -98,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chaos":
             from . import chaos
             return chaos.main(args)
+        if args.command == "bench" and args.bench == "rejoin":
+            from . import bench_rejoin
+            return bench_rejoin.main(args)
+        if args.command == "bench" and args.bench == "repair":
+            from . import bench_repair
+            return bench_repair.main(args)
         if args.command == "bench" and args.bench == "kv":
             from . import bench_kv
             return bench_kv.main(args)

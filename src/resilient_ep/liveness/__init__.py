@@ -17,7 +17,7 @@
 
 from .beacons import Beacon, LossReporter, parse_beacon
 from .monitor import LivenessMonitor, MembershipSubscriber
-from .tracker import LivenessTracker, RankLoss
+from .tracker import LivenessTracker, RankJoin, RankLoss
 
 __all__ = ["Beacon", "LossReporter", "parse_beacon", "LivenessMonitor", "LivenessTracker",
-           "MembershipSubscriber", "RankLoss"]
+           "MembershipSubscriber", "RankJoin", "RankLoss"]

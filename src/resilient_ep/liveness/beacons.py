@@ -25,12 +25,15 @@ from ..transport import curve, wire
 __all__ = ["Beacon", "LossReporter", "parse_beacon", "read_beacon", "alive_message", "dead_message"]
 
 
-def alive_message(rank: int, pid: int) -> bytes:
-    return wire.encode_header({"t": "alive", "rank": int(rank), "pid": int(pid)})
+def alive_message(rank: int, pid: int, **key) -> bytes:
+    """``key``: as :func:`~resilient_ep.transport.wire.encode_header` (default: this
+    process's key)."""
+    return wire.encode_header({"t": "alive", "rank": int(rank), "pid": int(pid)}, **key)
 
 
-def dead_message(rank: int, reporter: int) -> bytes:
-    return wire.encode_header({"t": "dead", "rank": int(rank), "reporter": int(reporter)})
+def dead_message(rank: int, reporter: int, **key) -> bytes:
+    return wire.encode_header({"t": "dead", "rank": int(rank), "reporter": int(reporter)},
+                              **key)
 
 
 def parse_beacon(msg: bytes, **key) -> tuple[str, int, int] | None:
@@ -92,13 +95,14 @@ class Beacon:
 
 class LossReporter:
     """A :class:`~resilient_ep.transport.group.LiveGroup` listener (``fn(dead, epoch)``) that
-    reports every rank the group lost to the instance's liveness socket, once each."""
+    reports every rank the group lost to the instance's liveness socket, once each
+    (``known_dead``: ranks out before the group was made, nobody's news)."""
 
-    def __init__(self, endpoint: str, reporter: int):
+    def __init__(self, endpoint: str, reporter: int, known_dead=()):
         self.endpoint = endpoint
         self.reporter = reporter
         self._sock: zmq.Socket | None = None
-        self._sent: set[int] = set()
+        self._sent: set[int] = set(int(r) for r in known_dead)
 
     def __call__(self, dead, epoch: int) -> None:
         if self._sock is None:

@@ -34,9 +34,9 @@ from ..config import DetectorConfig
 from ..membership import Membership, MembershipView, RankState
 from ..transport import curve, wire
 from ..transport.loops import run_restarting
-from .tracker import LivenessTracker, RankLoss
+from .tracker import LivenessTracker, RankJoin, RankLoss
 
-__all__ = ["RankLoss", "LivenessMonitor", "MembershipSubscriber"]  # RankLoss: from .tracker
+__all__ = ["RankLoss", "RankJoin", "LivenessMonitor", "MembershipSubscriber"]  # from .tracker
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class LivenessMonitor:
         self.restarts = 0
         """Times the loop raised and was started again (``transport/loops.py``)."""
         self.tracker.add_listener(self._publish_loss)
+        self.tracker.add_join_listener(self._publish_loss)
+        self._admissions: list[tuple[str, int, object]] = []
+        self._admissions_lock = threading.Lock()
 
     @property
     def detector(self):
@@ -79,8 +82,40 @@ class LivenessMonitor:
         """Malformed or foreign messages on the liveness socket, dropped, by reason."""
         return self.tracker.dropped
 
+    @property
+    def events(self) -> list[RankLoss | RankJoin]:
+        return self.tracker.events
+
     def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
         self.tracker.add_listener(fn)
+
+    def add_join_listener(self, fn: Callable[[RankJoin], None]) -> None:
+        self.tracker.add_join_listener(fn)
+
+    # ------------------------------------------------------------------ joins
+    def begin_join(self, rank: int, proc) -> None:
+        """A replacement process ``proc`` for the lost ``rank`` has started: watch it (its
+        exit while it warms up is a loss like any other; state ``joining``, no epoch bump).
+        Taken into the live set by :meth:`admit`."""
+        state = self.membership.state(rank)
+        if state not in (RankState.DEAD, RankState.FENCED):
+            raise ValueError(f"rank {rank} is {state.value}: only a lost rank can rejoin")
+        self.membership.begin_join([rank])
+        with self._admissions_lock:
+            self._admissions.append(("watch", rank, proc))
+
+    def admit(self, rank: int, timeout_s: float = 10.0) -> RankJoin:
+        """Take the joining ``rank`` into the live set (one epoch bump, published), in the
+        monitor's thread; returns the join once decided."""
+        done = threading.Event()
+        box: list = []
+        with self._admissions_lock:
+            self._admissions.append(("admit", rank, (done, box)))
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"liveness monitor did not admit rank {rank} within {timeout_s} s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def start(self) -> "LivenessMonitor":
         self._thread.start()
@@ -157,6 +192,7 @@ class LivenessMonitor:
                     except zmq.Again:
                         break
             tracker.poll(now)
+            self._take_admissions(alive, poller, now)
             for sentinel in [s for s in alive if s in ready]:
                 rank, proc = alive.pop(sentinel)
                 poller.unregister(sentinel)
@@ -168,55 +204,89 @@ class LivenessMonitor:
                 next_publish = now + REPUBLISH_S
                 self._publish(pub)
 
+    def _take_admissions(self, alive: dict, poller, now: float) -> None:
+        with self._admissions_lock:
+            todo, self._admissions = self._admissions, []
+        for what, rank, arg in todo:
+            if what == "watch":
+                self.procs[rank] = arg
+                alive[arg.sentinel] = (rank, arg)
+                poller.register(arg.sentinel, zmq.POLLIN)
+                continue
+            done, box = arg
+            try:
+                if self.membership.state(rank) is not RankState.JOINING:
+                    raise RuntimeError(f"rank {rank} is {self.membership.state(rank).value}, "
+                                       "not joining: it was lost while it warmed up")
+                box.append(self.tracker.admit(rank, now))
+            except BaseException as e:  # handed to the caller of admit()
+                box.append(e)
+            done.set()
+
     def _publish(self, pub) -> None:
         try:
-            pub.send(membership_message(self.losses), flags=zmq.NOBLOCK)
+            pub.send(membership_message(self.events), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
 
-def membership_message(losses: list[RankLoss]) -> bytes:
-    """Every loss so far, in order: what the monitor publishes (wire format, no tensors)."""
-    return wire.encode_header({"t": "losses", "losses": [asdict(x) for x in losses]})
+def membership_message(events: list[RankLoss | RankJoin]) -> bytes:
+    """Every loss and join so far, in order: what the monitor publishes (wire format, no
+    tensors)."""
+    return wire.encode_header({"t": "membership", "events": [
+        {"kind": x.kind if isinstance(x, RankJoin) else "loss", **asdict(x)} for x in events]})
 
 
 _LOSS_FIELDS = {"rank": (int,), "cause": (str,), "exitcode": (int, type(None)),
                 "detected_monotonic": (float, int), "epoch": (int,)}
+_JOIN_FIELDS = {"rank": (int,), "joined_monotonic": (float, int), "epoch": (int,)}
 
 
-def parse_membership(msg: bytes) -> list[RankLoss] | None:
-    """The losses of a :func:`membership_message`; None when malformed."""
+def parse_membership(msg: bytes) -> list[RankLoss | RankJoin] | None:
+    """The events of a :func:`membership_message`; None when malformed."""
     try:
         h = wire.decode_header(msg)
     except wire.WireError:
         return None
-    losses = h.get("losses")
-    if h.get("t") != "losses" or not isinstance(losses, list):
+    events = h.get("events")
+    if h.get("t") != "membership" or not isinstance(events, list):
         return None
-    out = []
-    for x in losses:
-        if not isinstance(x, dict) or not all(
-                type(x.get(k)) in ts for k, ts in _LOSS_FIELDS.items()):
+    out: list[RankLoss | RankJoin] = []
+    last_epoch = 0
+    for x in events:
+        if not isinstance(x, dict):
             return None
-        if x["rank"] < 0 or x["epoch"] < 1 or x["cause"] not in ("exit", "hang", "reported"):
+        kind = x.get("kind")
+        fields = _LOSS_FIELDS if kind == "loss" else _JOIN_FIELDS if kind == "join" else None
+        if fields is None or not all(type(x.get(k)) in ts for k, ts in fields.items()):
             return None
-        out.append(RankLoss(**{k: x[k] for k in _LOSS_FIELDS}))
+        if x["rank"] < 0 or x["epoch"] < 1 or x["epoch"] < last_epoch:
+            return None
+        if kind == "loss" and x["cause"] not in ("exit", "hang", "reported"):
+            return None
+        last_epoch = x["epoch"]
+        cls = RankLoss if kind == "loss" else RankJoin
+        out.append(cls(**{k: x[k] for k in fields}))
     return out
 
 
 class MembershipSubscriber:
     """Follows a :class:`LivenessMonitor` of another process (``endpoint``): applies each
-    loss to this process's ``membership`` with the monitor's epoch (a replica: every process
-    of the instance reports the same epoch for the same losses) and calls
-    ``on_loss(RankLoss)``, in order, once each."""
+    loss and join to this process's ``membership`` with the monitor's epoch (a replica: every
+    process of the instance reports the same epoch for the same events) and calls
+    ``on_loss(RankLoss)`` / ``on_join(RankJoin)``, in order, once each. ``events``: every
+    event applied so far."""
 
     def __init__(self, endpoint: str, membership: Membership,
-                 on_loss: Callable[[RankLoss], None], *, poll_ms: int = 50):
+                 on_loss: Callable[[RankLoss], None], *, poll_ms: int = 50,
+                 on_join: Callable[[RankJoin], None] | None = None):
         self.endpoint = endpoint
         self.membership = membership
         self.on_loss = on_loss
+        self.on_join = on_join
         self.poll_ms = poll_ms
         self.seen = 0
+        self.events: list[RankLoss | RankJoin] = []
         self.dropped: Counter[str] = Counter()
         """Publications dropped (malformed, or not signed with this instance's key)."""
         self.restarts = 0
@@ -256,15 +326,22 @@ class MembershipSubscriber:
                 if items is None:
                     self.dropped["malformed"] += 1
                     continue
-                for loss in items[self.seen:]:
-                    state = RankState.DEAD if loss.cause == "exit" else RankState.FENCED
-                    self.membership.fail([loss.rank], state=state)
-                    if loss.epoch > self.membership.epoch:
-                        self.membership.adopt(MembershipView(loss.epoch,
+                for event in items[self.seen:]:
+                    if isinstance(event, RankJoin):
+                        self.membership.join([event.rank])
+                    else:
+                        state = RankState.DEAD if event.cause == "exit" else RankState.FENCED
+                        self.membership.fail([event.rank], state=state)
+                    if event.epoch > self.membership.epoch:
+                        self.membership.adopt(MembershipView(event.epoch,
                                                              self.membership.view().states))
                     self.seen += 1
+                    self.events.append(event)
+                    fn = self.on_join if isinstance(event, RankJoin) else self.on_loss
+                    if fn is None:
+                        continue
                     try:
-                        self.on_loss(loss)
+                        fn(event)
                     except Exception:
                         log.exception("resilient-ep: a membership listener failed")
         finally:

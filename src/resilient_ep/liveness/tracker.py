@@ -24,6 +24,11 @@ fence is for the host (``out_at_fence``):
 Each call returns the :class:`RankLoss` es it recorded (one epoch bump for every rank lost in
 that call) and hands each to the listeners. A rank taken back (``watch`` after a join) is
 watched afresh.
+
+Joins are decided by the host too (a replacement process loaded, warmed up and verified
+itself): ``admit(rank)`` takes the rank back into the live set with one epoch bump and
+records a :class:`RankJoin`. ``events`` is every loss and join in the order decided: what a
+process that follows the authority replays.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ..transport import wire
 from .beacons import read_beacon
 from .detector import FailureDetector
 
-__all__ = ["RankLoss", "LivenessTracker"]
+__all__ = ["RankLoss", "RankJoin", "LivenessTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,18 @@ class RankLoss:
         return "crash" if self.cause == "exit" else "hang"
 
 
+@dataclass(frozen=True)
+class RankJoin:
+    """One rank taken back into the live set (a replacement process, or a fenced rank that
+    answers again): when (``time.monotonic()``) and the epoch it started."""
+
+    rank: int
+    joined_monotonic: float
+    epoch: int
+
+    kind = "join"
+
+
 class LivenessTracker:
     def __init__(self, membership: Membership, ranks: Iterable[int], *,
                  detector: DetectorConfig | None = None,
@@ -78,12 +95,33 @@ class LivenessTracker:
         self._fenced: dict[int, str] = {}
         self._heard: set[int] = set()
         self.losses: list[RankLoss] = []
+        self.events: list[RankLoss | RankJoin] = []
+        """Every loss and join, in the order decided."""
         self._listeners: list[Callable[[RankLoss], None]] = []
+        self._join_listeners: list[Callable[[RankJoin], None]] = []
         self.dropped: Counter[str] = Counter()
         """Malformed or foreign liveness messages, dropped, by reason."""
 
     def add_listener(self, fn: Callable[[RankLoss], None]) -> None:
         self._listeners.append(fn)
+
+    def add_join_listener(self, fn: Callable[[RankJoin], None]) -> None:
+        self._join_listeners.append(fn)
+
+    def admit(self, rank: int, now: float | None = None) -> RankJoin | None:
+        """Take ``rank`` back into the live set (it was out, or joining): one epoch bump,
+        watched afresh from now on. None when it is live already."""
+        if rank not in self.ranks:
+            raise ValueError(f"rank {rank} is not a rank of this instance ({sorted(self.ranks)})")
+        if self.membership.state(rank) is RankState.LIVE:
+            return None
+        view = self.membership.join([rank])
+        now = time.monotonic() if now is None else now
+        self.watch(rank, now)
+        join = RankJoin(rank, now, view.epoch)
+        self.events.append(join)
+        _tell(self._join_listeners, join)
+        return join
 
     def watch(self, rank: int, now: float | None = None) -> None:
         """Watch ``rank`` for silence from now on (at start, or when it has been taken back)."""
@@ -106,6 +144,11 @@ class LivenessTracker:
             return None
         kind, rank, _ = got
         if kind == "dead":
+            if self.membership.state(rank) is RankState.JOINING:
+                # No group holds a joining rank (it joins them at its admission): a group's
+                # report of it is about the process it replaces.
+                self.dropped["joining"] += 1
+                return got
             self.fence(rank, "reported", "was lost by its peers", now)
         elif self.membership.state(rank) in _IN:
             if rank not in self._heard:  # watched from its first beacon on
@@ -163,10 +206,15 @@ class LivenessTracker:
         for r in ranks:
             self.detector.forget(r)
         self.losses += out
+        self.events += out
         for loss in out:
-            for fn in self._listeners:
-                try:
-                    fn(loss)
-                except Exception:  # one listener must not stop the authority
-                    log.exception("resilient-ep: a liveness listener failed")
+            _tell(self._listeners, loss)
         return out
+
+
+def _tell(listeners, event) -> None:
+    for fn in listeners:
+        try:
+            fn(event)
+        except Exception:  # one listener must not stop the authority
+            log.exception("resilient-ep: a liveness listener failed")

@@ -80,6 +80,8 @@ def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None, *,
     moves: list[SlotMove] = []
     unrepairable: list[tuple[int, int]] = []
     live_slot = ~dead_slots.numpy()
+    S = layout.slots_per_rank
+    copies_to = np.zeros(R, dtype=np.int64)  # copies planned per target rank (all layers)
     for layer in sorted({l for l, _ in uncovered}):
         row = repaired[layer]
         counts = np.bincount(row[row >= 0], minlength=E)
@@ -87,20 +89,28 @@ def replan(layout: ExpertLayout, dead_ranks: Iterable[int], load=None, *,
         # Hottest lost experts first: they matter most for throughput.
         lost.sort(key=lambda e: -arr[layer, e])
         for e in lost:
-            empty = np.nonzero((row < 0) & live_slot)[0]
+            # Among equally good slots, the rank with the fewest copies planned so far (the
+            # copies then run in parallel on several ranks); never a rank holding ``e``.
+            holds = np.zeros(R, dtype=bool)
+            holds[np.unique(np.nonzero(row == e)[0] // S)] = True
+            ok = live_slot & ~holds[np.arange(row.shape[0]) // S]
+            empty = np.nonzero((row < 0) & ok)[0]
             if empty.size:
-                slot, evicted = int(empty[0]), -1
+                slot = int(empty[np.argmin(copies_to[empty // S])])
+                evicted = -1
             else:
                 # Evict a replica of the expert that keeps the most replicas per unit of load.
-                cand = np.nonzero(live_slot & (row >= 0))[0]
+                cand = np.nonzero(ok & (row >= 0))[0]
                 cand = cand[counts[row[cand]] >= 2]
                 if cand.size == 0:
                     unrepairable.append((layer, e))
                     continue
                 score = counts[row[cand]] / np.maximum(arr[layer, row[cand]], 1e-12)
-                slot = int(cand[np.argmax(score)])
+                best = cand[score >= score.max() * (1 - 1e-12)]
+                slot = int(best[np.argmin(copies_to[best // S])])
                 evicted = int(row[slot])
                 counts[evicted] -= 1
+            copies_to[slot // S] += 1
             row[slot] = e
             counts[e] += 1
             moves.append(SlotMove(layer, slot, e, evicted))

@@ -40,6 +40,9 @@ from ..metrics import InstanceMetrics
 from ..liveness import LivenessTracker, RankLoss
 from ..placement import place
 from ..recovery import RecoveryOrchestrator
+from ..repair import HostBackup, candidates
+from ..repair.host_backup import default_root
+from ..shadow import plan_shadows, residual_bytes, shadow_slots_for_memory
 from ..transport import curve, wire
 from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
@@ -48,6 +51,14 @@ from .rank_processes import RankProcesses, RuntimeStartError, free_port_base
 from .requests import RequestRecord
 
 log = logging.getLogger(__name__)
+
+DEFAULT_REDUNDANT_SLOTS = 1
+"""``placement.redundant_slots_per_rank`` when the config leaves it to the engine (null)."""
+
+UNSUPPORTED: dict[str, str] = {
+    "recovery.respawn": "the reference runtime rejoins a rank on Coordinator.rejoin(rank)",
+}
+"""Settings the reference runtime does not read: refused at start, never ignored."""
 
 KEEP_STEPS = 100_000
 """Steps of the timeline kept (``Coordinator.steps``; the oldest go past twice that)."""
@@ -78,7 +89,8 @@ class Coordinator:
         self.model_dir = str(model_dir)
         self.num_ranks = num_ranks
         self.config = config or ResilienceConfig()
-        refuse_unsupported(self.config, "the reference runtime")  # no setting ignored
+        refuse_unsupported(self.config, "the reference runtime",  # no setting ignored
+                           UNSUPPORTED)
         self.resilience = resilience and self.config.enabled
         self.kv_blocks, self.block_size = kv_blocks, block_size
         self.start_timeout_s = start_timeout_s
@@ -98,7 +110,8 @@ class Coordinator:
         if num_ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {num_ranks}")
         base = -(-self.num_experts // num_ranks)
-        self.slots_per_rank = base + self.config.placement.redundant_slots_per_rank
+        redundant = self.config.placement.redundant_slots_per_rank
+        self.slots_per_rank = base + (DEFAULT_REDUNDANT_SLOTS if redundant is None else redundant)
         nodes = max(1, num_ranks // self.config.placement.ranks_per_node)
         if num_ranks % nodes:
             nodes = 1
@@ -106,11 +119,26 @@ class Coordinator:
                             num_ranks=num_ranks, slots_per_rank=self.slots_per_rank,
                             num_nodes=nodes, fault_aware=self.config.placement.fault_aware,
                             max_balancedness_loss=self.config.placement.max_balancedness_loss)
+        self.shadow_slots = 0
+        """Shadow slots per rank (``shadow.*``), after the regular ones."""
+        shadow_mask = None
+        if self.config.shadow.enabled:
+            sc = self.config.shadow
+            per_expert = (3 * mcfg.hidden_size * mcfg.moe_intermediate_size * 4
+                          * self.num_layers)  # fp32 gate, up, down over every layer
+            self.shadow_slots = shadow_slots_for_memory(
+                residual_bytes() / num_ranks, sc.memory_fraction, per_expert,
+                max_slots=sc.max_slots_per_rank,
+                free_experts=self.num_experts - min(self.slots_per_rank, self.num_experts))
+            shadows = plan_shadows(self.layout, self.shadow_slots)
+            self.layout, shadow_mask = shadows.layout, shadows.shadow_mask()
+            self.slots_per_rank += self.shadow_slots
         self.membership = Membership(num_ranks)
         self.kv = KVTracker(self.config.kv_checkpoint, num_ranks, self.run_dir,
                             enabled=self.resilience and self.config.kv_checkpoint.enabled)
         """KV checkpoints: per-request records (``kv.requests``) and metrics."""
-        self.recovery = RecoveryOrchestrator(self.membership, self.layout, self.config)
+        self.recovery = RecoveryOrchestrator(self.membership, self.layout, self.config,
+                                             shadow_mask=shadow_mask)
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
@@ -120,6 +148,11 @@ class Coordinator:
         self.joins: list[dict] = []          # {"rank", "t", "epoch"} per admitted rank
         self.repairs: list[dict] = []        # {"epoch", "t0", "t1", "moves"} per weight repair
         self._repairs_pending: set[int] = set()
+        self.host_backup: HostBackup | None = None
+        """Every expert once in shared memory (``repair.host_backup``), written by the ranks
+        after they load; the first repair source after a rank's own memory."""
+        if self.config.repair.host_backup:
+            self.host_backup = HostBackup(default_root(f"ref-{self.run_dir.name}"))
         self._warm: set[int] = set()  # fenced ranks being taken back as they are
         self._layout_version = 0
         self.steps: list[dict] = []          # per-step timeline from every rank (recent)
@@ -181,6 +214,7 @@ class Coordinator:
         self.ranks.spec_base = {
             "num_ranks": self.num_ranks, "model_dir": self.model_dir, "heartbeat": hb_ep,
             "data": data, "layout": self.layout.physical_to_logical.tolist(),
+            "route_layout": self.recovery.layout.physical_to_logical.tolist(),
             "num_experts": self.num_experts, "max_replicas": self.layout.max_replicas,
             "resilience": self.resilience, "heartbeat_interval_ms": det.heartbeat_interval_ms,
             "step_timeout_s": max(self.config.transport.step_timeout_ms / 1000.0, 1.0) * 30,
@@ -189,6 +223,7 @@ class Coordinator:
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
             "key_file": str(key_file) if self.key is not None else None,
             "poison_token": self.poison_token, "curve": self.config.transport.curve,
+            "host_backup": str(self.host_backup.root) if self.host_backup else None,
         }
         for r in range(self.num_ranks):
             spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
@@ -223,6 +258,8 @@ class Coordinator:
                 s.close(linger=0)
         self.ctx.term()
         self.kv.cleanup()
+        if self.host_backup is not None:
+            self.host_backup.remove()
         if self._own_dir:
             for f in self.run_dir.glob("*"):
                 f.unlink(missing_ok=True)
@@ -299,7 +336,21 @@ class Coordinator:
                           for r, s in enumerate(view.states)],
                 "uncovered_experts": uncovered,
                 "poisoned_requests": list(self.poisoned),
-                "kv_checkpoint": self.kv.status(live=set(view.live_ranks))}
+                "kv_checkpoint": self.kv.status(live=set(view.live_ranks)),
+                "experts": self._experts_status()}
+
+    def _experts_status(self) -> dict:
+        """Slots, shadows (held, and serving now), repairs by source."""
+        mask = self.recovery.shadow_mask
+        routed = self.recovery.layout.physical_to_logical
+        active_shadows = int(((routed >= 0) & mask).sum()) if mask is not None else 0
+        sources: Counter[str] = Counter()
+        for r in self.repairs:
+            sources.update(r.get("sources", {}))
+        return {"slots_per_rank": self.slots_per_rank, "shadow_slots_per_rank": self.shadow_slots,
+                "active_shadows": active_shadows, "repairs": len(self.repairs),
+                "copies_by_source": dict(sources),
+                "host_backup": str(self.host_backup.root) if self.host_backup else None}
 
     def cancel(self, rid: str) -> None:
         """Stop a request (its client went away): its rank drops it, its record finishes
@@ -327,6 +378,7 @@ class Coordinator:
         kv = self.kv.status(live=set(view.live_ranks))
         with self._lock:
             uncovered = len(self.uncovered)
+        experts = self._experts_status()
         return InstanceMetrics(
             engine="reference", ranks=self.num_ranks, live_ranks=len(view.live_ranks),
             epoch=view.epoch, uncovered_experts=uncovered, failovers=dict(failovers),
@@ -337,7 +389,10 @@ class Coordinator:
             poisoned_requests=len(self.poisoned), kv_restores=int(kv.get("restores", 0)),
             restored_tokens=int(kv.get("restored_tokens", 0)),
             recomputed_tokens=int(kv.get("recomputed_tokens", 0)),
-            kv_checkpoint_lag_tokens=float(kv.get("lag_tokens_max", 0)))
+            kv_checkpoint_lag_tokens=float(kv.get("lag_tokens_max", 0)),
+            repair_copies=dict(experts["copies_by_source"]),
+            repairing_experts=len(self._repairing),
+            active_shadows=int(experts["active_shadows"]))
 
     def set_kv_checkpointing(self, enabled: bool) -> None:
         """Pause or resume KV checkpointing on every rank (benchmarks: on vs off in one run)."""
@@ -447,6 +502,8 @@ class Coordinator:
     def _on_rank_message(self, rank: int, msg: dict) -> None:
         if msg["t"] == "ready" and self.membership.state(rank) is RankState.JOINING:
             self._on_join(rank)
+            if self.joins and self.joins[-1].get("rank") == rank and "loaded_from" in msg:
+                self.joins[-1]["loaded_from"] = msg["loaded_from"]  # host backup or disk
             return
         if msg["t"] == "repaired":
             self._on_repaired(rank, msg)
@@ -515,7 +572,7 @@ class Coordinator:
         with self._lock:
             self.uncovered = list(plan.uncovered)
         self._layout_version += 1
-        repair = bool(plan.replan.moves) and "disk" in self.config.repair.sources
+        repair = bool(plan.replan.moves)
         self._repairing = [[m.layer, m.expert] for m in plan.replan.moves] if repair else []
         msg = {"t": "membership", "epoch": plan.view.epoch, "version": self._layout_version,
                "states": [s.value for s in plan.view.states],
@@ -548,18 +605,33 @@ class Coordinator:
         lost experts from the checkpoint on disk, then route by the repaired layout."""
         self._flip_layout(self.recovery.vacate(moves), epoch)
         by_rank: dict[int, list] = {}
+        live = self.membership.view().live_ranks
+        backup = self.host_backup
         for m in moves:
-            by_rank.setdefault(m.slot // self.slots_per_rank, []).append(
-                (m.layer, m.slot, m.expert, m.evicted))
+            target = m.slot // self.slots_per_rank
+            # Where the rank may read it, cheapest first (the core's order, repair.sources):
+            # its own memory, the host backup, the model files. A peer never holds an expert
+            # that lost every copy.
+            srcs = [c.kind for c in candidates(
+                self.recovery.physical, m.layer, m.expert, target, live_ranks=live,
+                sources=self.config.repair.sources, exclude_slots=[m.slot],
+                host_has=(lambda l, e: backup.has(str(l), e)) if backup else None)
+                if c.kind in ("shadow", "host", "disk")]
+            by_rank.setdefault(target, []).append((m.layer, m.slot, m.expert, m.evicted, srcs))
         for r, ms in by_rank.items():
             self._send(r, {"t": "repair", "moves": ms})
         self._repairs_pending |= set(by_rank)
         self.repairs.append({"epoch": epoch, "t0": time.time(), "moves": len(moves),
-                             "t1": None})
+                             "t1": None, "sources": {}})
 
     def _on_repaired(self, rank: int, msg: dict) -> None:
         from ..placement import SlotMove
-        moves = [SlotMove(*m) for m in msg["moves"]]
+        moves = [SlotMove(*m[:4]) for m in msg["moves"]]
+        if self.repairs:
+            used = self.repairs[-1].setdefault("sources", {})
+            for m in msg["moves"]:
+                src = m[4] if len(m) > 4 else "disk"
+                used[src] = used.get(src, 0) + 1
         layout = self.recovery.repaired(moves)
         self._repairs_pending.discard(rank)
         if not self._repairs_pending:

@@ -34,7 +34,9 @@ from ..transport import curve, wire
 from ..transport.dispatch import MoEExchange, serve_dispatch
 from ..transport.zmq_transport import ZmqTransport
 from . import batch_invariant
+from ..repair import HostBackup
 from .model import ExpertBank, MoEModel
+from .model.weights import ExpertWeights
 from .scheduler import RankRequest, RankScheduler
 
 
@@ -76,10 +78,13 @@ class Rank:
         self.model = MoEModel.load(spec["model_dir"], experts=False, linear=linear,
                                    attention_mode="per_row" if exact else "batched")
         slots = {l: layout.experts_on_rank(l, self.rank) for l in range(layout.num_layers)}
-        self.bank = ExpertBank.load(spec["model_dir"], slots)
+        self.backup = HostBackup(spec["host_backup"]) if spec.get("host_backup") else None
+        self.bank = self._load_bank(spec["model_dir"], slots)
         if linear is not None:
             self.bank.linear = linear
-        self.table = RoutingTable(layout)
+        # What the slots hold (``layout``) and what takes tokens (shadows only once their
+        # expert lost every regular copy) can differ.
+        self.table = RoutingTable(self._route_layout(spec.get("route_layout"), layout))
         self.live = frozenset(range(self.num_ranks))
         self.epoch = 0
         self.kv = self.model.make_kv_cache(spec["kv_blocks"], spec["block_size"])
@@ -205,23 +210,83 @@ class Rank:
             return frozenset()
         return frozenset(e for l, e in self.repairing if l == layer)
 
+    def _route_layout(self, rows, default: ExpertLayout) -> ExpertLayout:
+        if rows is None:
+            return default
+        return ExpertLayout.from_mapping(torch.tensor(rows), num_ranks=self.num_ranks,
+                                         num_experts=default.num_experts,
+                                         max_replicas=default.max_replicas)
+
     def _layout_from(self, rows) -> ExpertLayout:
         return ExpertLayout.from_mapping(torch.tensor(rows), num_ranks=self.num_ranks,
                                          num_experts=self.table.num_experts,
                                          max_replicas=self.table.max_replicas)
 
+    def _load_bank(self, model_dir: str, slots: dict) -> ExpertBank:
+        """This rank's experts: from the host backup where it holds them all (a rank started
+        again loads from memory), else from the model files; then the backup gets what it
+        lacks (the first rank to write an expert wins)."""
+        bank = None
+        if self.backup is not None:
+            got = {}
+            for layer, experts in slots.items():
+                for e in experts:
+                    if e >= 0 and (layer, e) not in got:
+                        got[(layer, e)] = self.backup.get(str(layer), e)
+            if got and all(v is not None for v in got.values()):
+                bank = ExpertBank.load(model_dir, {l: [-1] * len(x) for l, x in slots.items()})
+                for layer, experts in slots.items():
+                    for i, e in enumerate(experts):
+                        if e >= 0:
+                            w = got[(layer, e)]
+                            bank.set_slot(layer, i, ExpertWeights(w["gate_up"], w["down"]), e)
+                self.loaded_from = "host"
+        if bank is None:
+            bank = ExpertBank.load(model_dir, slots)
+            self.loaded_from = "disk"
+        if self.backup is not None:
+            for layer, experts in slots.items():
+                for i, e in enumerate(experts):
+                    if e >= 0 and not self.backup.has(str(layer), e):
+                        w = bank.get_slot(layer, i)
+                        self.backup.put(str(layer), e, {"gate_up": w.gate_up, "down": w.down})
+        return bank
+
+    def _read_expert(self, layer: int, expert: int, source: str) -> ExpertWeights | None:
+        """One expert's weights from ``source`` (``shadow``: a slot of ours, ``host``: the
+        host backup, ``disk``: the model files); None when it lacks them."""
+        if source == "shadow":
+            slot = self.bank.expert_to_slot(layer).get(expert)
+            if slot is None:
+                return None
+            w = self.bank.get_slot(layer, slot)
+            return ExpertWeights(w.gate_up.clone(), w.down.clone())
+        if source == "host":
+            got = self.backup.get(str(layer), expert) if self.backup is not None else None
+            return None if got is None else ExpertWeights(got["gate_up"], got["down"])
+        if source == "disk":
+            return ExpertBank.read_expert(self.spec["model_dir"], layer, expert)
+        return None
+
     def _repair(self, moves: list) -> None:
-        """Load experts that lost every replica into our slots, from the checkpoint on disk
-        (the routing tables no longer point at these slots while we write them)."""
+        """Load experts that lost every replica into our slots, from the first source that
+        has them (the coordinator's list, cheapest first; the routing tables no longer point
+        at these slots while we write them)."""
         t0 = time.time()
         S = self.table.slots_per_rank
         done = []
-        for layer, slot, expert, evicted in moves:
+        for layer, slot, expert, evicted, *rest in moves:
             if slot // S != self.rank:
                 continue
-            weights = ExpertBank.read_expert(self.spec["model_dir"], layer, expert)
-            self.bank.set_slot(layer, slot % S, weights, expert)
-            done.append((layer, slot, expert, evicted))
+            for source in (rest[0] if rest else ["disk"]):
+                try:
+                    weights = self._read_expert(layer, expert, source)
+                except Exception:  # a source that fails: the next one
+                    weights = None
+                if weights is not None:
+                    self.bank.set_slot(layer, slot % S, weights, expert)
+                    done.append((layer, slot, expert, evicted, source))
+                    break
         self._send_control({"t": "repaired", "rank": self.rank, "epoch": self.epoch,
                             "moves": done, "seconds": time.time() - t0})
 
@@ -368,7 +433,8 @@ class Rank:
         if self.resilience:
             beacon = Beacon(self.spec["heartbeat"], self.rank,
                             self.spec["heartbeat_interval_ms"] / 1000.0)
-        self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid()})
+        self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid(),
+                            "loaded_from": self.loaded_from})
         try:
             while not self.stop:
                 self.pump(0 if self.sched.running else (1 if self.kvc and self.kvc.pending else 5))

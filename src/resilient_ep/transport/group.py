@@ -332,6 +332,16 @@ class LiveGroup:
             if self.rank not in members:
                 self._fence(f"is fenced: not a member at epoch {epoch}")
 
+    def settle(self) -> None:
+        """A group made between two passes (its owner runs none of its collectives yet):
+        adopt the attached membership and pending ``configure`` calls now, and let the first
+        strict collective start in that generation instead of raising :class:`PeerLost` for
+        a change no pass of it saw."""
+        with self._busy:
+            self._apply_pending()
+            self._sync_membership()
+            self._strict_gen = self.generation
+
     def abort(self) -> None:
         """Make a collective blocked in another thread (and every later one, until
         ``configure``) raise :class:`GroupAborted`."""

@@ -4,8 +4,11 @@ completes with its failure-free tokens; after the survivors went idle, new reque
 still answered (without DP0, another rank must wake the idle ones for the dummy passes a busy
 rank's collectives need) and equal the failure-free run. One engine start.
 
-DP0 and DP2 are not neighbours in the ring mirror of expert replicas, so every expert keeps a
-live replica (DP3 holds DP0's block, DP1 holds DP2's).
+The default placement on vLLM is the full mirror, in pairs (DP0, DP2) and (DP1, DP3): the first
+death uncovers nothing, the second takes both copies of four experts. The survivors repair
+them from the model files (no host backup here) while they serve, the copies spread over
+both survivors, and the MoE passes that need them wait for them (``on_uncovered=wait``): the
+outputs stay exact.
 """
 
 from __future__ import annotations
@@ -87,7 +90,15 @@ def test_wave_leader_and_a_second_rank_die_during_the_first_failover(server):
     assert sorted(e["dp_rank"] for e in after["failovers"]) == [0, 2]
     assert {r["dp_rank"]: r["state"] for r in after["ranks"]} == {
         0: "dead", 1: "live", 2: "dead", 3: "live"}
+    deadline = time.monotonic() + 30
+    while after["experts"]["repairing"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = json.loads(server.get("/resilience/status")[1])
     assert after["uncovered_experts"] == []
+    ex = after["experts"]
+    assert ex["plan"]["replicas"] == [2] * 8 and len(ex["moves"]) == 4, ex["moves"]
+    assert ex["repair"]["disk"]["copies"] == 4, ex["repair"]
+    assert {m["rank"] for m in ex["moves"]} == {1, 3}  # in parallel on both survivors
     for engine in after["counters"]:  # survivors kept their KV
         assert engine["fallback_recoveries"] == 0, engine
         # one epoch everywhere: each survivor's engine-core and worker groups run by the
@@ -99,3 +110,89 @@ def test_wave_leader_and_a_second_rank_die_during_the_first_failover(server):
     time.sleep(3.0)  # every survivor idle: a new wave has to be started without DP0
     again = _streams(server, [None, None, None, None])
     assert [o.get("tokens") for o in again] == [o["tokens"] for o in clean]
+
+
+REJOIN_TOKENS = 64
+JOIN_TIMEOUT_S = 300
+
+
+def _short(server, pinned):
+    outs = [dict() for _ in pinned]
+    threads = [threading.Thread(target=stream_completion,
+                                args=(server, PROMPTS[i % len(PROMPTS)], REJOIN_TOKENS, o, rank))
+               for i, (o, rank) in enumerate(zip(outs, pinned))]
+    for t in threads:
+        t.start()
+    return outs, threads
+
+
+def _wait_rejoin(server, rank: int, state: str) -> dict:
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        st = json.loads(server.get("/resilience/status")[1])
+        recs = [r for r in st.get("rejoins", []) if r["rank"] == rank]
+        if recs and recs[-1]["state"] in (state, "failed", "live"):
+            return recs[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"DP{rank} not {state} within {JOIN_TIMEOUT_S} s:\n{server.tail()}")
+
+
+def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
+    """After the test above (DP0 and DP2 lost, their experts repaired onto DP1 and DP3): DP2
+    rejoins; then DP0 rejoins and, while it warms up, DP1's engine core is SIGKILLed under
+    load: DP0's join completes over the survivors left, DP1's requests resume on them, and
+    DP1 rejoins last. The instance is back to full size, every replacement verified, and
+    every stream (across the death, pinned to each rank afterwards) equals the failure-free
+    run."""
+    ref_outs, ref_threads = _short(server, [None, None, None, None])
+    for t in ref_threads:
+        t.join(timeout=300)
+    ref = [o["tokens"] for o in ref_outs]  # exact: the same tokens on any membership
+    assert all(len(r) == REJOIN_TOKENS for r in ref)
+
+    assert server.post_empty("/resilience/ranks/2/rejoin")[0] == 202
+    assert _wait_rejoin(server, 2, "live")["state"] == "live"
+
+    code, rec = server.post_empty("/resilience/ranks/0/rejoin")
+    assert code == 202 and rec["state"] == "queued", rec
+    assert _wait_rejoin(server, 0, "warming")["state"] == "warming"
+    st = json.loads(server.get("/resilience/status")[1])
+    assert {r["dp_rank"]: r["state"] for r in st["ranks"]}[0] == "warming"
+    dp1 = next(r for r in st["ranks"] if r["dp_rank"] == 1)
+    outs, threads = _short(server, [1, 3, 2, 1])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and min(len(o.get("tokens", ())) for o in outs) < 4:
+        time.sleep(0.005)
+    os.kill(dp1["engine_pid"], signal.SIGKILL)  # a rank dies while DP0 joins
+    for t in threads:
+        t.join(timeout=300)
+    for i, o in enumerate(outs):
+        assert "error" not in o and o["tokens"] == ref[i], o.get("error")
+    rec0 = _wait_rejoin(server, 0, "live")
+    assert rec0["state"] == "live", rec0
+
+    assert server.post_empty("/resilience/ranks/1/rejoin")[0] == 202
+    rec1 = _wait_rejoin(server, 1, "live")
+    assert rec1["state"] == "live", rec1
+
+    after = json.loads(server.get("/resilience/status")[1])
+    assert {r["dp_rank"]: r["state"] for r in after["ranks"]} == {
+        0: "live", 1: "live", 2: "live", 3: "live"}
+    assert [j["dp_rank"] for j in after["joins"]] == [2, 0, 1]
+    assert after["epoch"] == rec1["epoch"] == after["joins"][-1]["epoch"]
+    for r in after["rejoins"]:
+        assert r["state"] == "live" and r["verified"]["experts_checked"] > 0, r
+    for engine in after["counters"]:
+        assert (engine["epoch"], engine["live"]) == (after["epoch"], [0, 1, 2, 3]), engine
+        for worker in engine["workers"]:
+            assert worker["incarnation"] == rec1["epoch"] and not worker["solo"], worker
+    deadline = time.monotonic() + 30
+    while after["experts"]["repairing"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = json.loads(server.get("/resilience/status")[1])
+    assert after["uncovered_experts"] == []
+    outs, threads = _short(server, [0, 1, 2, 3])
+    for t in threads:
+        t.join(timeout=300)
+    for i, o in enumerate(outs):
+        assert "error" not in o and o["tokens"] == ref[i], o.get("error")

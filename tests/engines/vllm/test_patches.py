@@ -240,16 +240,29 @@ def test_readmission_request_continues_after_generated_tokens():
     assert req.prompt_token_ids == [5, 6, 7] and req.sampling_params.max_tokens == 10
 
 
-def test_expert_replicas_fall_back_to_vllm_when_not_applicable(monkeypatch):
+def test_expert_maps_come_from_the_cores_placement(monkeypatch):
+    from resilient_ep.config import ResilienceConfig
+    from resilient_ep.engines.vllm import experts
     from resilient_ep.engines.vllm.patches import expert_replicas
 
     expert_replicas.apply()
     emm, _ = expert_replicas._targets()
+    cfg = ResilienceConfig().with_overrides(["placement.redundant_slots_per_rank=1"])
     monkeypatch.setattr(expert_replicas, "_wanted", lambda: True)
-    n, held, _ = emm.determine_expert_map(2, 1, 8)
-    assert n == 8 and held.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]  # own block first, then rank 0's
-    n, held, _ = emm.determine_expert_map(2, 1, 7)  # uneven: vLLM's own placement
-    assert n == 3 and held.tolist() == [-1, -1, -1, -1, 0, 1, 2]
+    monkeypatch.setattr(expert_replicas, "_state",
+                        lambda e, n, r: experts.state_for(e, n, r, config=cfg))
+    try:
+        for E, N, rank in ((8, 4, 1), (7, 2, 1), (10, 4, 3)):  # any expert count
+            n, held, _ = emm.determine_expert_map(N, rank, E)
+            plan = experts.current().plan
+            assert n == plan.slots_per_rank == -(-E // N) + 1
+            assert held.tolist() == plan.held_map(rank).tolist()
+            assert sorted(held[held >= 0].tolist()) == list(range(n))
+        # not ours (round robin): vLLM's own map
+        n, held, _ = emm.determine_expert_map(2, 1, 8, "round_robin")
+        assert n == 4 and held.tolist() == [-1, 0, -1, 1, -1, 2, -1, 3]
+    finally:
+        experts.reset()
 
 
 def test_subclass_overrides_are_signature_checked():

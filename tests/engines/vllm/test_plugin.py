@@ -150,13 +150,41 @@ def test_bad_value_fails_at_config_time_naming_the_field(tiny_model):
 def test_a_setting_vllm_does_not_implement_is_refused_naming_key_and_engine(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
 
-    for key, value in (("recovery.max_failures", 2), ("placement.redundant_slots_per_rank", 3),
-                       ("shadow.enabled", True)):
+    for key, value in (("recovery.max_failures", 2), ("transport.address", "tcp"),
+                       ("kv_checkpoint.max_stall_ms", 5)):
         ea = EngineArgs(str(tiny_model), dtype="float32", max_model_len=512,
                         additional_config={"resilience": {"overrides": [f"{key}={value}"]}})
         with pytest.raises(ConfigError) as e:
             ea.create_engine_config()
         assert e.value.field == key and "not supported on vllm" in str(e.value), e.value
+
+
+def test_eplb_redundant_experts_become_the_cores_budget(monkeypatch):
+    """``--eplb-config '{"num_redundant_experts": N}'`` without ``--enable-eplb`` (refused by
+    vLLM off CUDA) is placed by the core: ceil(N / EP size) slots per rank, vLLM's field 0."""
+    from types import SimpleNamespace
+
+    from vllm.config import EPLBConfig
+
+    from resilient_ep.engines.vllm import cli_args
+
+    def args(n, placement=None):
+        return SimpleNamespace(eplb_config=EPLBConfig(num_redundant_experts=n), enable_eplb=False,
+                               data_parallel_size=4, tensor_parallel_size=1,
+                               enable_expert_parallel=True,
+                               additional_config={"resilience": {"placement": placement or {}}})
+
+    ea = args(6)
+    cli_args._translate_redundant_experts(ea)
+    assert ea.additional_config["resilience"]["placement"]["redundant_slots_per_rank"] == 2
+    assert ea.eplb_config.num_redundant_experts == 0
+    ea = args(4, {"redundant_slots_per_rank": 1})
+    with pytest.raises(ConfigError) as e:
+        cli_args._translate_redundant_experts(ea)
+    assert e.value.field == "placement.redundant_slots_per_rank"
+    ea = args(0)
+    cli_args._translate_redundant_experts(ea)
+    assert ea.additional_config["resilience"]["placement"] == {}
 
 
 def test_without_flags_nothing_changes(tiny_model):

@@ -131,6 +131,15 @@ class Server:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
 
+    def post_empty(self, path: str, timeout_s: float = 30) -> tuple[int, dict]:
+        """POST with no body (``/resilience/ranks/{rank}/rejoin``): (HTTP status, JSON)."""
+        req = urllib.request.Request(self.url + path, data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     def complete(self, prompt: str) -> list[int]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_TOKENS,
                 "temperature": 0, "ignore_eos": True, "return_token_ids": True}

@@ -14,7 +14,8 @@ What it does to vLLM:
 Not done here, and why: ``rejoin`` (vLLM takes no rank back yet: issue 12) and ``poison``
 (its two rank deaths land where the request policy puts the request, and vLLM's two-copy ring
 of experts loses an expert when two neighbouring ranks are lost: the outputs would degrade by
-design). Victims are drawn among the ranks whose loss keeps every expert covered.
+design). Victims are drawn while the survivors' slots can still hold every expert (the
+placement's ``repairable_deaths``): a loss that uncovers experts is repaired while serving.
 
 The operator's view of the membership comes from the instance's own publication (a replica,
 ``engines/vllm/liveness.membership_replica``), which a stopped engine does not delay.
@@ -100,6 +101,10 @@ class VllmTarget(Target):
             self._wait_ready(start_timeout_s)
             st = self.status()
             self.pids = {r["dp_rank"]: (r["engine_pid"], r["pid"]) for r in st["ranks"]}
+            # How many rank deaths the placement repairs (the survivors' slots hold every
+            # expert): victims are drawn within that.
+            self.repairable = int(st.get("experts", {}).get("plan", {}).get(
+                "repairable_deaths", 1))
             self.replica = membership_replica(self.instance, dp)
         except BaseException:
             self.close()
@@ -148,12 +153,12 @@ class VllmTarget(Target):
         return []
 
     def victims(self) -> list[int]:
-        """Live ranks whose loss keeps every expert covered: vLLM's ring holds each block of
-        experts on two neighbouring ranks (``engines/vllm/replicas.py``)."""
-        out = set(self.lost())
-        n = self.num_ranks
-        return [r for r in self.live()
-                if n > 2 and (r - 1) % n not in out and (r + 1) % n not in out]
+        """Live ranks whose loss the instance can cover again: while fewer ranks than the
+        placement's ``repairable_deaths`` are lost, any (an expert that loses every copy is
+        repaired into the survivors' slots, and tokens that need it wait for it)."""
+        if len(self.lost()) + 1 > self.repairable:
+            return []
+        return self.live()
 
     def signal_rank(self, rank: int, sig: int, worker: bool = False) -> None:
         engine, wpid = self.pids[rank]

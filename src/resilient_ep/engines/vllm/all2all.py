@@ -24,7 +24,14 @@ __all__ = ["ResilientAll2AllManager"]
 class ResilientAll2AllManager(AgRsAll2AllManager):
     def __init__(self, cpu_group, group: LiveGroup, tcp_store_group=None):
         super().__init__(cpu_group, tcp_store_group)
-        self.group = group
+        self._group = group
+
+    @property
+    def group(self) -> LiveGroup:
+        """The worker's failover group now (a rejoin switches it between two steps)."""
+        from .groups import current_worker_group
+
+        return current_worker_group() or self._group
 
     def _sizes(self, is_sequence_parallel: bool) -> list[int]:
         return list(self._get_sizes(0, self._get_comm_group(is_sequence_parallel)))

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 from typing import Any
 
 from .config import KEY, is_enabled, new_instance_id, normalize
 
 __all__ = ["install", "is_installed", "STATUS_MIDDLEWARE", "WORKER_EXTENSION"]
+
+log = logging.getLogger("vllm." + __name__)
 
 NAME = "vllm-engine-args-hooks"
 STATUS_MIDDLEWARE = "resilient_ep.engines.vllm.status.ResilienceStatusMiddleware"
@@ -86,6 +89,70 @@ def _enable_kv_checkpoints(engine_args: Any) -> None:
     instance = str(resilience_settings(engine_args.additional_config)["instance"])
     engine_args.kv_transfer_config = kv_transfer_settings(cfg, instance,
                                                           engine_args.kv_transfer_config)
+
+
+def _failover_applies(engine_args: Any) -> bool:
+    return (os.environ.get("RESILIENT_EP_VLLM_FAILOVER", "1") != "0"
+            and int(engine_args.data_parallel_size or 1) > 1
+            and bool(engine_args.enable_expert_parallel))
+
+
+def _translate_redundant_experts(engine_args: Any) -> None:
+    """``--eplb-config '{"num_redundant_experts": N}'`` without ``--enable-eplb`` (which
+    vLLM refuses off CUDA/ROCm/XPU, and whose replicas follow load, not survival) becomes
+    ``placement.redundant_slots_per_rank = ceil(N / EP size)``: the core places them."""
+    from resilient_ep.config import ConfigError
+    from resilient_ep.placement.budget import redundancy_from_total
+
+    eplb = getattr(engine_args, "eplb_config", None)
+    if isinstance(eplb, dict):
+        n = int(eplb.get("num_redundant_experts", 0) or 0)
+    else:
+        n = int(getattr(eplb, "num_redundant_experts", 0) or 0)
+    if not n or getattr(engine_args, "enable_eplb", False) or not _failover_applies(engine_args):
+        return
+    section = engine_args.additional_config[KEY]
+    placement = section.setdefault("placement", {})
+    if placement.get("redundant_slots_per_rank") is not None:
+        raise ConfigError("placement.redundant_slots_per_rank",
+                          placement["redundant_slots_per_rank"],
+                          f"is set, and so is --eplb-config num_redundant_experts={n}: "
+                          f"give the budget once")
+    ep = int(engine_args.data_parallel_size) * int(engine_args.tensor_parallel_size or 1)
+    placement["redundant_slots_per_rank"] = redundancy_from_total(n, ep)
+    if isinstance(eplb, dict):
+        eplb["num_redundant_experts"] = 0
+    else:
+        eplb.num_redundant_experts = 0
+    log.info("resilient-ep: --eplb-config num_redundant_experts=%d is placed by the core: "
+             "%d redundant slot(s) per rank", n, placement["redundant_slots_per_rank"])
+
+
+def _decide_shadow_slots(vllm_config: Any) -> None:
+    """With ``shadow.enabled``: how many shadow slots each rank gets, decided once here (the
+    engine processes must agree on the placement) from this machine's residual memory."""
+    from .config import resilience_config
+    from .experts import shadow_slots
+
+    section = (vllm_config.additional_config or {}).get(KEY)
+    if not isinstance(section, dict):
+        return
+    cfg = resilience_config(vllm_config.additional_config)
+    if cfg is None or not cfg.shadow.enabled or "shadow_slots" in section:
+        return
+    pc = vllm_config.parallel_config
+    if int(pc.data_parallel_size) < 2 or not pc.enable_expert_parallel:
+        return
+    hf = vllm_config.model_config.hf_config
+    text = getattr(hf, "text_config", None) or hf
+    experts = int(getattr(text, "num_experts", 0) or getattr(text, "n_routed_experts", 0) or 0)
+    if not experts:
+        return
+    ep = int(pc.data_parallel_size) * int(pc.tensor_parallel_size)
+    local = int(getattr(pc, "data_parallel_size_local", None) or pc.data_parallel_size)
+    dtype_bytes = vllm_config.model_config.dtype.itemsize
+    section["shadow_slots"] = shadow_slots(cfg, hf, dtype_bytes, experts, ep, local)
+    log.info("resilient-ep: %d shadow expert slot(s) per rank", section["shadow_slots"])
 
 
 def _engine_args_cls():
@@ -166,9 +233,12 @@ def install() -> None:
                     f"{self.worker_extension_cls} is set already (subclass ours to combine them)"
                 )
             _enable_kv_checkpoints(self)
+            _translate_redundant_experts(self)
             plugin.activate()
-        else:
-            plugin.deactivate_children()
+            vllm_config = orig_create(self, usage_context, headless)
+            _decide_shadow_slots(vllm_config)
+            return vllm_config
+        plugin.deactivate_children()
         return orig_create(self, usage_context, headless)
 
     cls.add_cli_args = staticmethod(mark(add_cli_args, NAME, orig_add))

@@ -28,7 +28,7 @@ __all__ = ["KEY", "UNSUPPORTED", "VllmTopology", "resilience_settings", "is_enab
            "resilience_config", "topology"]
 
 KEY = "resilience"
-_ADAPTER_KEYS = ("config_file", "overrides", "instance")
+_ADAPTER_KEYS = ("config_file", "overrides", "instance", "shadow_slots")
 
 
 def resilience_settings(additional_config: Any) -> dict[str, Any] | None:
@@ -79,11 +79,8 @@ def resilience_config(additional_config: Any) -> ResilienceConfig | None:
 log = logging.getLogger("vllm." + __name__)
 
 UNSUPPORTED: dict[str, str] = {
-    "placement": "vLLM's replicas are a ring mirror of the next rank's experts "
-                 "(engines/vllm/replicas.py); placement by budget is not wired into vLLM yet",
-    "transport": "vLLM's failover groups use Unix sockets and the detector.* deadlines",
+    "transport.address": "vLLM's failover groups use Unix sockets within one host",
     "kv_checkpoint.max_stall_ms": "the vLLM connector never holds decoding back for a save",
-    "repair": "vLLM has no weight repair yet",
     "recovery.migrate_requests": "vLLM always re-admits a lost rank's requests on the survivors",
     "recovery.max_failures": "vLLM serves on until one engine rank is left",
     "recovery.readmit_fenced": "vLLM never re-admits a fenced rank (it is killed)",
@@ -104,18 +101,16 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
     if cfg.recovery.on_uncovered == "fail":
         raise ConfigError("recovery.on_uncovered", "fail",
                           "is not supported on vllm (a token routed to an expert with no live "
-                          "replica is dropped from its top-k there); use wait or degrade")
-    if cfg.recovery.on_uncovered == "wait":
-        log.info("resilient-ep: vLLM has no weight repair yet: recovery.on_uncovered=wait "
-                 "cannot wait for one; an expert that loses every replica (two neighbouring "
-                 "ranks lost) is dropped from the top-k, as degrade, and listed in "
-                 "/resilience/status")
+                          "copy waits for its repair, or is dropped from its top-k); use wait "
+                          "or degrade")
     assert additional_config is not None
     raw = resilience_settings(additional_config) or {}
     out = cfg.to_dict()
     # Names this instance's private sockets (the engines' failover groups); the same in every
     # process because the engine processes receive this dict from the front end.
     out["instance"] = str(raw.get("instance") or new_instance_id())
+    if raw.get("shadow_slots") is not None:  # decided once by the process that made it
+        out["shadow_slots"] = int(raw["shadow_slots"])
     additional_config[KEY] = out
     return additional_config
 

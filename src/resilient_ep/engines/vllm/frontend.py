@@ -85,8 +85,16 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self._re_generated: dict[str, list[int]] = {}
         self._re_deaths: dict[str, int] = {}  # rank deaths each request was in flight at
         self.resilient_poisoned: list[dict] = []
+        self.resilient_joins: list[dict] = []
+        self.resilient_rejoiner = None  # rejoin.Rejoiner, where this process started the cores
+        self._re_rank_procs = None
         self._re_loop: asyncio.AbstractEventLoop | None = None
         super().__init__(vllm_config, *args, **kwargs)
+        import zmq
+
+        # A replacement engine core (rejoin.py) connects with the lost rank's identity: the
+        # input ROUTER hands the identity over to it (vLLM does the same for elastic EP).
+        self.input_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         from .kv_setup import is_ours
 
         self._re_restore = is_ours(getattr(self.vllm_config, "kv_transfer_config", None))
@@ -124,9 +132,13 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
 
         manager = self.resources.engine_manager
         if manager is not None:
-            monitor, _ = start_monitor(self.vllm_config, list(manager.processes),
-                                       membership=self.resilient_membership)
+            from .rejoin import Rejoiner
+
+            monitor, self._re_rank_procs = start_monitor(self.vllm_config,
+                                                         list(manager.processes),
+                                                         membership=self.resilient_membership)
             monitor.add_listener(on_loss)
+            self.resilient_rejoiner = Rejoiner(self)
             self.resilient_liveness = monitor.start()
             return
         settings = instance_of(self.vllm_config)
@@ -187,6 +199,32 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
             "readmitted_tokens": readmitted_tokens, "epoch": loss.epoch})
         log.warning("resilient-ep: re-admitted %d request(s) of DP%d on %s", readmitted, rank,
                     live)
+        self._maybe_respawn(rank)
+
+    def _maybe_respawn(self, rank: int) -> None:
+        """``recovery.respawn``: a replacement for the lost rank, at once."""
+        from .instance import instance_of
+
+        settings = instance_of(self.vllm_config)
+        if settings is None or not settings[0].recovery.respawn:
+            return
+        if self.resilient_rejoiner is None:
+            log.warning("resilient-ep: recovery.respawn needs --api-server-count 1; DP%d "
+                        "stays out", rank)
+            return
+        from .rejoin import RejoinError
+
+        try:
+            self.resilient_rejoiner.request(rank, reason="respawn")
+        except RejoinError as e:
+            log.warning("resilient-ep: no respawn of DP%d: %s", rank, e)
+
+    def resilient_rejoined(self, rank: int, epoch: int) -> None:
+        """A replacement for ``rank`` joined at ``epoch`` (``rejoin.py``): new requests go to
+        it from now on (it is live in the membership this client routes by)."""
+        self.resilient_joins.append({"dp_rank": rank, "epoch": epoch,
+                                     "joined_monotonic": time.monotonic()})
+        log.warning("resilient-ep: engine core DP%d rejoined at epoch %d", rank, epoch)
 
     def _injected_at(self, rank: int) -> float | None:
         """When a fault armed by ``faults.py`` fired on ``rank`` (None: nobody injected it)."""

@@ -63,6 +63,9 @@ def start_monitor(vllm_config, procs: list, *,
     import shutil
 
     atexit.register(shutil.rmtree, instance_dir(instance), ignore_errors=True)
+    from resilient_ep.repair.host_backup import default_root
+
+    atexit.register(shutil.rmtree, default_root(instance).parent, ignore_errors=True)
     return monitor, ranks
 
 
@@ -70,21 +73,33 @@ class MembershipReplica:
     """This process's replica of the instance's membership: a
     :class:`~resilient_ep.membership.Membership` kept equal to the authority's (epochs
     included) by one :class:`~resilient_ep.liveness.MembershipSubscriber`, shared by every
-    part of the process that needs it (failover groups, the KV connector). ``on_loss(fn)``
-    callbacks run in the subscriber's thread, after the replica has the loss."""
+    part of the process that needs it (failover groups, the KV connector, a join).
+    ``on_loss(fn)`` / ``on_join(fn)`` callbacks run in the subscriber's thread, after the
+    replica has the event; ``events()`` is the authority's log as applied so far."""
 
     def __init__(self, instance: str, size: int):
         self.membership = Membership(size)
         self._listeners: list[Callable[[RankLoss], None]] = []
+        self._join_listeners: list[Callable] = []
         self._subscriber = MembershipSubscriber(membership_endpoint(instance), self.membership,
-                                                self._on_loss).start()
+                                                self._on_loss, on_join=self._on_join).start()
 
     def on_loss(self, fn: Callable[[RankLoss], None]) -> None:
         self._listeners.append(fn)
 
+    def on_join(self, fn: Callable) -> None:
+        self._join_listeners.append(fn)
+
+    def events(self) -> list:
+        return list(self._subscriber.events)
+
     def _on_loss(self, loss: RankLoss) -> None:
         for fn in list(self._listeners):
             fn(loss)
+
+    def _on_join(self, join) -> None:
+        for fn in list(self._join_listeners):
+            fn(join)
 
 
 _replicas: dict[str, MembershipReplica] = {}

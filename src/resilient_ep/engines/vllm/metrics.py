@@ -57,6 +57,8 @@ def from_status(status: dict[str, Any]) -> InstanceMetrics:
             loads += int(kv.get("loads", 0))
             restored += int(kv.get("external_hit_tokens", 0))
     readmitted_tokens = sum(int(e.get("readmitted_tokens", 0)) for e in events)
+    ex = status.get("experts") or {}
+    repair = ex.get("repair", {})
     return InstanceMetrics(
         engine="vllm", ranks=len(ranks),
         live_ranks=sum(1 for r in ranks if r.get("state") == "live"),
@@ -69,4 +71,9 @@ def from_status(status: dict[str, Any]) -> InstanceMetrics:
         poisoned_requests=len(status.get("poisoned_requests", [])),
         kv_restores=loads, restored_tokens=restored,
         recomputed_tokens=max(0, readmitted_tokens - restored),
-        kv_checkpoint_lag_tokens=None)
+        kv_checkpoint_lag_tokens=None,
+        repair_copies={k: int(v.get("copies", 0)) for k, v in repair.items()},
+        repair_bytes={k: int(v.get("bytes", 0)) for k, v in repair.items()},
+        repairing_experts=len(ex.get("repairing", [])),
+        active_shadows=int(ex.get("active_shadows", 0)),
+        expert_waits=int(ex.get("counters", {}).get("waits", 0)))

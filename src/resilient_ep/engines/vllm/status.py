@@ -9,7 +9,10 @@ The answer has the reference runtime's shape::
     {"engine": "vllm", "epoch": 0,
      "ranks": [{"rank": 0, "pid": 1234, "state": "live", "dp_rank": 0, "tp_rank": 0,
                 "engine_pid": 1234, "num_local_experts": 4}, ...],
-     "uncovered_experts": [],          # [layer, expert] pairs with no live replica
+     "uncovered_experts": [],          # [layer, expert] a token cannot get now
+     "experts": {"plan": {...}, "uncovered": [], "repairing": [], "moves": [...],
+                 "repair": {"host": {"copies": 1, "bytes": ..., "mib_per_s": ...}},
+                 "shadows": 0, "active_shadows": 0, "ranks": [...]},   # with failover
      "num_experts": 8,
      "failovers": [{"dp_rank": 1, "readmitted": 2, "epoch": 1, ...}],   # with failover
      "in_flight": [2, 2],              # this API server's requests per DP rank
@@ -35,6 +38,8 @@ from typing import Any
 __all__ = ["ResilienceStatusMiddleware", "build_status", "PATH", "METRICS_PATH"]
 
 PATH = "/resilience/status"
+REJOIN_PREFIX = "/resilience/ranks/"
+REJOIN_SUFFIX = "/rejoin"
 METRICS_PATH = "/metrics"
 RPC_TIMEOUT_S = 10.0
 RANK_INFO_METHOD = "resilient_ep_rank_info"
@@ -110,10 +115,53 @@ async def query_counters(core: Any, timeout_s: float = RPC_TIMEOUT_S) -> list[di
     re-runs, preemption fallbacks, KV restore traffic), one entry per live DP rank."""
     dead = set(getattr(core, "resilient_dead", ()))
     engines = [e for i, e in enumerate(core.core_engines) if i not in dead]
-    got = await asyncio.wait_for(asyncio.gather(
-        *[core._call_utility_async(COUNTERS_METHOD, engine=e) for e in engines],
-        return_exceptions=True), timeout_s)
+    # Each engine on its own deadline: one lost between the membership read and its answer
+    # (a status asked at the moment of a failure) costs its own entry, not the whole status.
+    got = await asyncio.gather(
+        *[asyncio.wait_for(core._call_utility_async(COUNTERS_METHOD, engine=e), timeout_s)
+          for e in engines], return_exceptions=True)
     return [r if isinstance(r, dict) else {"error": repr(r)} for r in got]
+
+
+def experts_summary(counters: list[dict]) -> dict[str, Any] | None:
+    """Placement, coverage and repair over every live worker's ``experts`` status (every
+    worker plans alike, so the lowest live rank's view of the plan speaks for all):
+    ``uncovered`` (no live copy anywhere), ``repairing`` (a copy on its way),
+    ``unavailable`` (either: what a token routed there cannot get now), repair totals per
+    source, the shadows, and each rank's slots."""
+    states = [w["experts"] for c in counters for w in c.get("workers", [])
+              if isinstance(w, dict) and isinstance(w.get("experts"), dict)]
+    if not states:
+        return None
+    states.sort(key=lambda s: s["rank"])
+    first = states[0]
+    repairing = sorted({e for s in states for e in s["pending"]})
+    by_source: dict[str, dict[str, float]] = {}
+    for s in states:
+        for kind, v in s["repair"]["by_source"].items():
+            agg = by_source.setdefault(kind, {"copies": 0, "bytes": 0, "seconds": 0.0,
+                                              "failures": 0})
+            for k in agg:
+                agg[k] += v.get(k, 0) or 0
+    for v in by_source.values():
+        v["mib_per_s"] = (v["bytes"] / 2**20 / v["seconds"]) if v["seconds"] > 0 else None
+    counters_sum: dict[str, int] = {}
+    for s in states:
+        for k, v in s["counters"].items():
+            counters_sum[k] = counters_sum.get(k, 0) + int(v)
+    return {
+        "plan": first["plan"], "epoch": first["epoch"],
+        "uncovered": list(first["uncovered"]), "repairing": repairing,
+        "unavailable": sorted(set(first["uncovered"]) | set(repairing)),
+        "moves": first["moves"], "repair": by_source, "counters": counters_sum,
+        "copies": sorted((dict(d, rank=s["rank"]) for s in states for d in s["repair"]["done"]),
+                         key=lambda d: d.get("finished_monotonic") or 0),
+        "shadows": sum(len(s["shadows"]) for s in states),
+        "active_shadows": sum(int(s["active_shadows"]) for s in states),
+        "ranks": [{"rank": s["rank"], "held": s["held"], "shadows": s["shadows"],
+                   "pending": s["pending"], "disk_source": s["disk_source"],
+                   "host_backup": s["host_backup"]} for s in states],
+    }
 
 
 def _lost_rank_infos(infos: list[dict], lost: set[int]) -> list[dict]:
@@ -138,6 +186,9 @@ class ResilienceStatusMiddleware:
         if path == METRICS_PATH and scope.get("method") in ("GET", "HEAD"):
             await self._metrics(scope, receive, send)
             return
+        if path is not None and path.startswith(REJOIN_PREFIX) and path.endswith(REJOIN_SUFFIX):
+            await self._rejoin(scope, send, path[len(REJOIN_PREFIX):-len(REJOIN_SUFFIX)])
+            return
         if path != PATH:
             await self.app(scope, receive, send)
             return
@@ -151,6 +202,41 @@ class ResilienceStatusMiddleware:
         code, body = await self.status(state)
         await _respond(send, code, body)
 
+    async def _rejoin(self, scope, send, raw_rank: str) -> None:
+        """``POST /resilience/ranks/{rank}/rejoin``: start a replacement for a lost DP rank
+        (202 with its record; ``GET /resilience/status`` shows its progress)."""
+        if scope.get("method") != "POST":
+            await _respond(send, 405, {"error": "method not allowed: POST to rejoin a rank"})
+            return
+        state = getattr(scope.get("app"), "state", None)
+        if not _authorized(scope, state):
+            await _respond(send, 401, {"error": "Unauthorized"})
+            return
+        try:
+            rank = int(raw_rank)
+        except ValueError:
+            await _respond(send, 400, {"error": f"rank: {raw_rank!r} is not a DP rank number"})
+            return
+        engine_client = getattr(state, "engine_client", None)
+        core = getattr(engine_client, "engine_core", None)
+        rejoiner = getattr(core, "resilient_rejoiner", None)
+        if rejoiner is None:
+            await _respond(send, 409, {"error": "rejoin needs resilience on with DP > 1 and EP, "
+                                                "and --api-server-count 1 (this API server did "
+                                                "not start the engine cores)"})
+            return
+        from .rejoin import RejoinError
+
+        if core._re_loop is None:
+            core._re_loop = asyncio.get_running_loop()
+        try:
+            record = rejoiner.request(rank)
+        except RejoinError as e:
+            await _respond(send, 409, {"error": str(e), "rank": rank})
+            return
+        record.pop("_proc", None)
+        await _respond(send, 202, record)
+
     async def status(self, state) -> tuple[int, dict]:
         """(HTTP status, the status document) of the API server whose app state is ``state``."""
         engine_client = getattr(state, "engine_client", None)
@@ -159,6 +245,9 @@ class ResilienceStatusMiddleware:
         try:
             core = getattr(engine_client, "engine_core", None)
             async with self._lock:
+                joins = len(getattr(core, "resilient_joins", ()))
+                if joins != getattr(self, "_joins_seen", 0):  # a rank came back: new pids
+                    self._infos, self._joins_seen = None, joins
                 if self._infos is None:
                     # A rank lost before this API server first asked answers no more: it is
                     # listed from what the others know (DP rank, dead), without pids.
@@ -168,6 +257,17 @@ class ResilienceStatusMiddleware:
             body = build_status(self._infos, epoch=int(getattr(core, "resilient_epoch", 0)),
                                 dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
             body["failovers"] = list(getattr(core, "resilient_events", []))
+            rejoiner = getattr(core, "resilient_rejoiner", None)
+            if rejoiner is not None:
+                rejoins = [{k: v for k, v in r.items() if not k.startswith("_")}
+                           for r in rejoiner.status()]
+                body["rejoins"] = rejoins
+                body["joins"] = list(getattr(core, "resilient_joins", []))
+                active = {r["rank"]: r["state"] for r in rejoins
+                          if r["state"] in ("queued", "joining", "warming", "verifying")}
+                for entry in body["ranks"]:
+                    if entry["dp_rank"] in active:
+                        entry["state"] = active[entry["dp_rank"]]
             body["poisoned_requests"] = list(getattr(core, "resilient_poisoned", []))
             inflight = getattr(core, "engine_inflight", None)
             if inflight is not None:  # this API server's requests in flight, per DP rank
@@ -178,6 +278,12 @@ class ResilienceStatusMiddleware:
                                     "restarts": int(liveness.restarts)}
             if getattr(core, "resilient_events", None) is not None:
                 body["counters"] = await query_counters(core)
+                experts = experts_summary(body["counters"])
+                if experts is not None:
+                    body["experts"] = experts
+                    layers = max(1, len((self._infos or [{}])[0].get("local_experts") or [[]]))
+                    body["uncovered_experts"] = [[layer, e] for layer in range(layers)
+                                                 for e in experts["unavailable"]]
         except (asyncio.TimeoutError, Exception) as e:  # an engine that does not answer
             return 503, {"error": f"engine ranks did not answer: {e!r}"}
         return 200, body

@@ -14,6 +14,17 @@ from typing import Any
 __all__ = ["ResilienceWorkerExtension", "local_experts_of"]
 
 
+def _dense_digest(worker: Any) -> dict[str, Any]:
+    from .experts import routed_param_ids
+    from .weights_digest import digest
+
+    runner = getattr(worker, "model_runner", None)
+    model = runner.get_model() if runner is not None else None
+    if model is None:
+        return {"dense_digest": None, "dense_params": 0}
+    return digest(model, routed_param_ids())
+
+
 def local_experts_of(model: Any) -> list[list[int]]:
     """Global (physical) expert ids held by this worker, one list per MoE layer."""
     layers = []
@@ -58,6 +69,47 @@ class ResilienceWorkerExtension:
             "local_experts": local_experts_of(model) if model is not None else [],
         }
 
+    def resilient_ep_switch_groups(self, epoch: int, history: list[dict]) -> dict[str, Any]:
+        """Between two steps, at a rejoin (``joining.py``): bring the expert maps to the
+        membership of join ``epoch`` (a replacement replays the whole log ``history``; a
+        survivor takes the joined ranks back), then run on the join's failover group."""
+        from vllm.distributed import get_dp_group, get_tp_group
+
+        from . import experts
+        from .groups import is_solo, switch_worker_group
+
+        dp, tp = get_dp_group(), get_tp_group()
+        tp_size = int(tp.world_size)
+
+        def ep_ranks_of(dp_rank: int) -> set[int]:
+            return {dp_rank * tp_size + t for t in range(tp_size)}
+
+        state = experts.current()
+        if state is not None and state.layers:
+            if is_solo("worker"):
+                state.replay(history, ep_ranks_of)
+            else:
+                joined = {int(e["rank"]) for e in history
+                          if e["kind"] == "join" and int(e["epoch"]) == int(epoch)}
+                state.set_joined(set().union(set(), *(ep_ranks_of(d) for d in joined)))
+        group = switch_worker_group(self.vllm_config,  # type: ignore[attr-defined]
+                                    int(epoch), int(dp.rank_in_group), int(dp.world_size),
+                                    int(tp.rank_in_group))
+        return {"epoch": int(epoch), "live": group.live}
+
+    def resilient_ep_verify(self, experts: bool = True) -> dict[str, Any]:
+        """What a replacement checks before it joins: a digest of its dense (non-expert)
+        weights, to compare with a survivor's (computed once per process: a survivor answers
+        from its cache, between two steps), and with ``experts`` its expert slots against
+        the host backup or the model files (bitwise)."""
+        from . import experts as expert_state
+
+        out: dict[str, Any] = {**_dense_digest(self), "pid": os.getpid()}
+        state = expert_state.current()
+        if experts and state is not None and state.layers:
+            out["experts"] = state.verify()
+        return out
+
     def resilient_ep_counters(self) -> dict[str, Any]:
         """This worker's failover counters: in-place step re-runs and KV checkpoint traffic."""
         from .groups import current_worker_group
@@ -66,8 +118,16 @@ class ResilienceWorkerExtension:
         out: dict[str, Any] = {"pid": os.getpid(), **COUNTERS}
         group = current_worker_group()
         if group is not None:  # the membership this worker's failover group runs by
+            from .groups import incarnation, is_solo
+
             out["epoch"], out["live"] = group.epoch, group.live
+            out["incarnation"], out["solo"] = incarnation("worker"), is_solo("worker")
             out["dropped"] = dict(group.dropped)
+        from . import experts
+
+        state = experts.current()
+        if state is not None and state.layers:  # placement, coverage, repairs, shadows
+            out["experts"] = state.status()
         try:
             from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 

@@ -51,6 +51,8 @@ FAILOVER_PATCHES = (
     "resilient_ep.engines.vllm.patches.cpu_moe_opaque_op",
     "resilient_ep.engines.vllm.patches.worker_step_rerun",
     "resilient_ep.engines.vllm.patches.engine_manager_failover",
+    "resilient_ep.engines.vllm.patches.engine_rejoin",
+    "resilient_ep.engines.vllm.patches.replacement_world",
 )
 
 _MARK = "__resilient_ep_patch__"

@@ -80,7 +80,20 @@ def apply() -> None:
                 raise NotImplementedError(
                     f"{NAME}: expert parallelism with apply_router_weight_on_input on the CPU"
                 )
-            topk_weights, topk_ids = localize_topk(topk_weights, topk_ids, expert_map)
+            from .. import experts
+
+            # Resilience: copies being repaired into this rank's slots (``wait``: a token
+            # routed to one waits for it here); the map is read after that.
+            after = experts.before_moe(expert_map, topk_ids)
+            try:
+                topk_weights, topk_ids = localize_topk(topk_weights, topk_ids, expert_map)
+                return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids,
+                                activation, global_num_experts, None, a1q_scale, a2_scale,
+                                workspace13, workspace2, expert_tokens_meta,
+                                apply_router_weight_on_input)
+            finally:
+                if after is not None:
+                    after()
         return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids,
                         activation, global_num_experts, None, a1q_scale, a2_scale,
                         workspace13, workspace2, expert_tokens_meta,

@@ -8,7 +8,7 @@ or hang when a DP rank dies.
 How: after the original ``__init__``, when resilience is on with DP > 1 and EP, replace the
 manager by :class:`~resilient_ep.engines.vllm.all2all.ResilientAll2AllManager` (same
 algorithm over the worker failover group) and subscribe the expert maps
-(:mod:`..replicas`) to that group's membership.
+(:mod:`..experts`) to that group's membership.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def install_manager(comm) -> bool:
     from vllm.config import get_current_vllm_config
     from vllm.distributed import get_dp_group, get_tp_group
 
-    from .. import replicas
+    from .. import experts
     from ..all2all import ResilientAll2AllManager
-    from ..groups import worker_group
+    from ..groups import add_worker_listener, worker_group
     from ..instance import failover_enabled
 
     if comm.all2all_manager is None:
@@ -78,9 +78,9 @@ def install_manager(comm) -> bool:
     tp_size = tp.world_size
 
     def on_change(dead, epoch, tp_size=tp_size):
-        replicas.set_dead_ranks({d * tp_size + t for d in dead for t in range(tp_size)})
+        experts.set_dead_ranks({d * tp_size + t for d in dead for t in range(tp_size)})
 
-    group.add_listener(on_change)
+    add_worker_listener(on_change)
     comm.all2all_manager = ResilientAll2AllManager(comm.cpu_group, group)
     return True
 

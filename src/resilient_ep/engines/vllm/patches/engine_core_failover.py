@@ -12,7 +12,8 @@ How (only when resilience is on with DP > 1 and EP; otherwise the originals run)
 (:func:`~resilient_ep.engines.vllm.engine_core.recover_scheduler`: running requests are
 preempted and recomputed) and reports "nothing executed"; (b) such a dummy pass is dropped;
 (c) the same sum runs over the engine-core failover group among the live engines (pause
-consensus = every *live* engine pausing). Any other error propagates unchanged. And
+consensus = every *live* engine pausing); it also carries the newest join each engine knows,
+so the survivors switch to a joined rank's groups after the same sum (``joining.py``). Any other error propagates unchanged. And
 ``DPEngineCoreProc.run_busy_loop`` first starts the engine's liveness beacon
 (``beacon.py``), by which the front end fences a frozen engine. (d) ``EngineCoreProc.
 _send_engine_dead`` (a worker died or raised, so the executor failed) fences this rank (its
@@ -146,8 +147,12 @@ def apply() -> None:
         self.step_counter += 1
         if self.step_counter != 1 and self.step_counter % self.dp_sync_interval != 0:
             return True
+        from ..joining import engine_join
+
         group = core_group(self.vllm_config)
-        mine = torch.tensor([int(local_unfinished), int(self.pending_pause)], dtype=torch.int32)
+        join = engine_join(self)
+        mine = torch.tensor([int(local_unfinished), int(self.pending_pause), join.pending()],
+                            dtype=torch.int32)
         got = group.allgather([mine], strict=False)
         total = sum(t[0] for t in got.values())
         live = len(got)
@@ -157,6 +162,7 @@ def apply() -> None:
             self.ignore_start_dp_wave = True
             self.pending_pause = False
         _lead_waves_for_a_dead_rank_0(self, group, has_unfinished)
+        join.after_sum(got, has_unfinished)  # every survivor names the same join: switch now
         return has_unfinished
 
     orig_input = proc_cls_input = _proc_class().__dict__["_process_input_queue"]

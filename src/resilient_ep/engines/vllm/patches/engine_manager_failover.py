@@ -5,7 +5,9 @@ Why: with several API server processes (vLLM's default for ``--data-parallel-siz
 them in ``monitor_engine_liveness``: the first engine core that exits makes it shut every
 engine down, and the launcher then tears the API servers down too.
 
-How (only when failover applies): ``__init__`` keeps the ``VllmConfig``;
+How (only when failover applies): ``__init__`` keeps the ``VllmConfig`` and what it started
+the engine cores with, and ``wait_for_engine_startup`` the addresses it handed them (a
+replacement engine core, ``rejoin.py``, is started and handshaken with the same);
 ``monitor_engine_liveness`` runs the instance's liveness monitor instead (``liveness.py``:
 fence a lost rank whole, publish each loss to the API servers) and returns, as the original
 does, only once every engine core is gone or the manager is stopped. Otherwise the originals
@@ -36,6 +38,11 @@ def check() -> None:
     cls = _target()
     expect_signature(NAME, cls.__init__, _INIT)
     expect_signature(NAME, cls.monitor_engine_liveness, ("self",))
+    import vllm.v1.engine.utils as utils
+
+    expect_signature(NAME, utils.wait_for_engine_startup,
+                     ("handshake_socket", "core_engines", "parallel_config", "coordinated_dp",
+                      "cache_config", "launch"))
     import inspect
 
     names = inspect.unwrap(cls.__init__).__code__.co_names
@@ -61,8 +68,25 @@ def apply() -> None:
     def __init__(self, local_engine_count, start_index, local_start_index, vllm_config,
                  *args, **kwargs):
         self._resilient_vllm_config = vllm_config
+        self._resilient_start = dict(zip(_INIT[5:], args), **kwargs)
         orig_init(self, local_engine_count, start_index, local_start_index, vllm_config,
                   *args, **kwargs)
+
+    import vllm.v1.engine.utils as utils
+
+    orig_wait = utils.wait_for_engine_startup
+
+    @functools.wraps(orig_wait)
+    def wait_for_engine_startup(handshake_socket, core_engines, parallel_config, coordinated_dp,
+                                cache_config, launch):
+        manager = getattr(launch, "engine_manager", None)
+        if manager is not None:
+            manager._resilient_addresses = launch.addresses
+            manager._resilient_coordinated_dp = coordinated_dp
+        return orig_wait(handshake_socket, core_engines, parallel_config, coordinated_dp,
+                         cache_config, launch)
+
+    utils.wait_for_engine_startup = mark(wait_for_engine_startup, NAME, orig_wait)
 
     @functools.wraps(orig_monitor)
     def monitor_engine_liveness(self):

@@ -1,0 +1,287 @@
+"""The front end's half of a rejoin: :class:`Rejoiner` starts a replacement engine core for a
+lost DP rank, brings it up, checks it, and has the authority admit it.
+
+A rejoin goes through these states (``GET /resilience/status``, ``rejoins``):
+
+- ``joining``: the replacement process is started (vLLM's own engine-core entry point, with
+  ``RESILIENT_EP_REJOIN`` so it forms its world alone and runs solo, ``joining.py``) and
+  watched by the liveness monitor: its death from here on is a loss like any other;
+- ``warming``: it said HELLO on a handshake socket of its own and got the addresses every
+  engine got at the start (front-end sockets, DP coordinator); it loads its weights and runs
+  vLLM's warm-up and compile passes, alone;
+- ``verifying``: it is READY; its dense weights' digest must equal a survivor's and every
+  expert slot it holds must equal the node's host backup (or the model files), bitwise;
+- ``live``: the authority admitted it (one epoch, published); every engine core switched to
+  the join's groups at the same step, and new requests go to it. ``failed``: any step failed;
+  the replacement is stopped, the rank stays lost, the instance serves on.
+
+One rejoin at a time (a second one waits its turn). Started by
+``POST /resilience/ranks/{rank}/rejoin`` or, with ``recovery.respawn``, on every loss.
+One API server (``--api-server-count 1``): the process that started the engine cores holds
+the handshake; with several API servers the launcher does, and rejoin is refused there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["Rejoiner", "RejoinError", "STATES", "run_replacement_engine_core"]
+
+log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
+
+STATES = ("joining", "warming", "verifying", "live", "failed")
+HANDSHAKE_TIMEOUT_S = 600.0
+SWITCH_TIMEOUT_S = 120.0
+RPC_TIMEOUT_S = 60.0
+
+
+def run_replacement_engine_core(**kwargs) -> None:
+    """A replacement engine core's process entry point: vLLM's own (``EngineCoreProc.
+    run_engine_core``), with the plugins loaded first (vLLM loads them only inside
+    ``EngineCore.__init__``, after the DP group a replacement must not form)."""
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.engine.core import EngineCoreProc
+
+    from .patches import engine_rejoin
+
+    load_general_plugins()
+    engine_rejoin.check()
+    engine_rejoin.apply()
+    EngineCoreProc.run_engine_core(**kwargs)
+
+
+class RejoinError(RuntimeError):
+    """A rejoin that cannot start (bad rank, rank not lost, wrong topology)."""
+
+
+class Rejoiner:
+    def __init__(self, client: Any):
+        self.client = client
+        self.rejoins: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._queue: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._spawn_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ requests
+    def request(self, rank: int, reason: str = "api") -> dict[str, Any]:
+        """Queue a rejoin of the lost DP ``rank``; returns its record (state ``joining`` or
+        ``queued``). Raises :class:`RejoinError` for one that cannot be done."""
+        c = self.client
+        size = len(c.core_engines)
+        if not 0 <= rank < size:
+            raise RejoinError(f"rank {rank} is not a DP rank of this instance (0..{size - 1})")
+        manager = getattr(c.resources, "engine_manager", None)
+        monitor = c.resilient_liveness
+        if manager is None or not hasattr(monitor, "begin_join"):
+            raise RejoinError("this API server did not start the engine cores (several API "
+                              "servers: the launcher did); rejoin needs --api-server-count 1")
+        if getattr(manager, "_resilient_addresses", None) is None:
+            raise RejoinError("the engine start-up addresses were not recorded "
+                              "(vllm-engine-manager-failover patch not applied)")
+        with self._lock:
+            if rank not in c.resilient_dead:
+                raise RejoinError(f"rank {rank} is live: nothing to rejoin")
+            if rank in self._queue or any(r["rank"] == rank and r["state"] in
+                                          ("joining", "warming", "verifying")
+                                          for r in self.rejoins):
+                raise RejoinError(f"rank {rank} is already rejoining")
+            record = {"rank": rank, "state": "queued", "reason": reason, "pid": None,
+                      "requested_monotonic": time.monotonic(), "error": None, "epoch": None}
+            self.rejoins.append(record)
+            self._queue.append(rank)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._worker, daemon=True,
+                                                name="resilient-ep-rejoin")
+                self._thread.start()
+        return dict(record)
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.rejoins]
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                rank = self._queue.pop(0)
+                record = next(r for r in reversed(self.rejoins) if r["rank"] == rank)
+            try:
+                self._rejoin(rank, record)
+            except Exception as e:  # the rank stays lost; the instance serves on
+                log.exception("resilient-ep: rejoin of DP%d failed", rank)
+                self._set(record, "failed", error=f"{type(e).__name__}: {e}")
+                proc = record.pop("_proc", None)
+                if proc is not None and proc.is_alive():
+                    proc.kill()
+
+    def _set(self, record: dict, state: str, **extra) -> None:
+        with self._lock:
+            record["state"] = state
+            record[f"{state}_monotonic"] = time.monotonic()
+            record.update(extra)
+        log.info("resilient-ep: rejoin of DP%d: %s", record["rank"], state)
+
+    # ------------------------------------------------------------------ the steps
+    def _rejoin(self, rank: int, record: dict) -> None:
+        import zmq
+        from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+        c = self.client
+        if rank not in c.resilient_dead:
+            raise RejoinError(f"rank {rank} is live again")
+        address = get_open_zmq_ipc_path()
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        try:
+            proc = self._spawn(rank, address)
+            record["_proc"] = proc
+            self._set(record, "joining", pid=proc.pid)
+            self._handshake(sock, proc, rank, record)
+        finally:
+            sock.close(linger=0)
+        self._verify(rank, record)
+        join = c.resilient_liveness.admit(rank)
+        with self._lock:
+            record["epoch"] = join.epoch
+            record["admitted_monotonic"] = time.monotonic()
+        self._wait_switched(rank, join.epoch)
+        record.pop("_proc", None)
+        self._set(record, "live")
+        c.resilient_rejoined(rank, join.epoch)
+
+    def _spawn(self, rank: int, handshake_address: str):
+        from vllm.utils.system_utils import get_mp_context
+
+        from .replacement import REJOIN_ENV
+
+        c = self.client
+        manager = c.resources.engine_manager
+        start = dict(manager._resilient_start)
+        cfg = manager._resilient_vllm_config
+        kwargs = {"vllm_config": cfg, "local_client": start.get("local_client", True),
+                  "handshake_address": handshake_address,
+                  "executor_class": start["executor_class"], "log_stats": start["log_stats"],
+                  "tensor_queue": start.get("tensor_queue"), "dp_rank": rank,
+                  "local_dp_rank": rank}
+        proc = get_mp_context().Process(target=run_replacement_engine_core,
+                                        name=f"EngineCore_DP{rank}", kwargs=kwargs)
+        with self._spawn_lock:  # the environment a spawned child starts with
+            old = os.environ.get(REJOIN_ENV)
+            os.environ[REJOIN_ENV] = str(rank)
+            try:
+                proc.start()
+            finally:
+                if old is None:
+                    os.environ.pop(REJOIN_ENV, None)
+                else:
+                    os.environ[REJOIN_ENV] = old
+        c.resilient_liveness.begin_join(rank, proc)
+        ranks = getattr(c, "_re_rank_procs", None)
+        if ranks is not None:
+            ranks.by_rank[rank] = proc
+        return proc
+
+    def _handshake(self, sock, proc, rank: int, record: dict) -> None:
+        """vLLM's start-up handshake, for one engine: HELLO -> the addresses -> READY."""
+        import msgspec
+        import zmq
+        from vllm.v1.engine.utils import EngineHandshakeMetadata
+
+        c = self.client
+        manager = c.resources.engine_manager
+        pc = manager._resilient_vllm_config.parallel_config
+        identity = rank.to_bytes(2, "little")
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        ready = False
+        while not ready:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DP{rank} replacement not READY within {HANDSHAKE_TIMEOUT_S} s")
+            if proc.exitcode is not None or rank not in c.resilient_dead:
+                raise RuntimeError(f"DP{rank} replacement exited (code {proc.exitcode}) "
+                                   "while it started")
+            if not poller.poll(500):
+                continue
+            who, raw = sock.recv_multipart()
+            if who != identity:
+                log.warning("resilient-ep: handshake message from %r ignored", who)
+                continue
+            msg = msgspec.msgpack.decode(raw)
+            if msg.get("status") == "HELLO":
+                config = {}
+                if manager._resilient_coordinated_dp:
+                    config = {k: getattr(pc, k) for k in (
+                        "data_parallel_master_ip", "data_parallel_master_port",
+                        "_data_parallel_master_port_list", "data_parallel_size")}
+                    config["_coord_store_port"] = 0  # a replacement forms its world alone
+                sock.send_multipart((identity, msgspec.msgpack.encode(EngineHandshakeMetadata(
+                    addresses=manager._resilient_addresses, parallel_config=config))))
+                self._set(record, "warming")
+            elif msg.get("status") == "READY":
+                ready = True
+        self._set(record, "verifying")
+
+    def _run(self, coro, timeout_s: float = RPC_TIMEOUT_S):
+        loop = self.client._re_loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the API server's event loop is not known yet")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+
+    def _verify(self, rank: int, record: dict) -> None:
+        c = self.client
+        new = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
+                                              RPC_TIMEOUT_S, (), None,
+                                              engine=c.core_engines[rank]))
+        live = [i for i in range(len(c.core_engines)) if i not in c.resilient_dead]
+        if not live:
+            raise RuntimeError("no live rank to compare with")
+        ref = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
+                                              RPC_TIMEOUT_S, (False,), None,
+                                              engine=c.core_engines[live[0]]))
+        for mine, theirs in zip(new, ref):
+            if mine["dense_digest"] != theirs["dense_digest"]:
+                raise RuntimeError(f"DP{rank} replacement's dense weights differ from DP"
+                                   f"{live[0]}'s ({mine['dense_digest']} != "
+                                   f"{theirs['dense_digest']})")
+            bad = (mine.get("experts") or {}).get("mismatched") or []
+            if bad:
+                raise RuntimeError(f"DP{rank} replacement's expert slots differ from the "
+                                   f"host backup / model files: {bad[:8]}")
+        with self._lock:
+            record["verified"] = {"dense_digest": new[0]["dense_digest"],
+                                  "compared_with": live[0],
+                                  "experts_checked": sum((w.get("experts") or {}).get(
+                                      "checked", 0) for w in new),
+                                  "sources": [(w.get("experts") or {}).get("sources")
+                                              for w in new]}
+
+    def _wait_switched(self, rank: int, epoch: int) -> None:
+        """Until the replacement's workers run on the join's group (the survivors switched at
+        the same step: the replacement's switch completes only with theirs)."""
+        c = self.client
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        while True:
+            if rank in c.resilient_dead:
+                raise RuntimeError(f"DP{rank} was lost again while it joined")
+            try:
+                got = self._run(c._call_utility_async("resilient_ep_counters",
+                                                      engine=c.core_engines[rank]), 10.0)
+                if all(int(w.get("incarnation", -1)) >= epoch for w in got.get("workers", [])):
+                    return
+            except Exception as e:  # busy in the switch: ask again
+                log.debug("resilient-ep: DP%d not switched yet: %r", rank, e)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DP{rank} did not switch to epoch {epoch} within "
+                                   f"{SWITCH_TIMEOUT_S} s")
+            time.sleep(0.05)

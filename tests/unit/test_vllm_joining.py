@@ -1,0 +1,160 @@
+"""The engine side of a rejoin on vLLM without vLLM: the survivors' agreement on a join in
+their busy sum, the replacement adopting where they are, its expert view replayed from the
+authority's log (equal to the survivors'), and its private torch.distributed world."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import torch
+
+from resilient_ep.config import PlacementConfig, RepairConfig, ResilienceConfig
+from resilient_ep.engines.vllm.experts import ExpertPlan, ExpertState
+from resilient_ep.engines.vllm.joining import EngineJoin, history_of
+from resilient_ep.liveness import RankJoin, RankLoss
+
+
+class _Group:
+    def __init__(self, rank, others):
+        self.rank, self.others, self.sent = rank, others, []
+
+    def allgather(self, tensors, strict=True):
+        self.sent.append(tensors[0].tolist())
+        return {self.rank: tensors, **{r: [t] for r, t in self.others.items()}}
+
+
+def _join(rank: int, joined: bool, incarnation: int = 0, latest: int = 0):
+    j = object.__new__(EngineJoin)
+    j.engine = SimpleNamespace(step_counter=17, current_wave=5, engines_running=True)
+    j.rank, j.joined, j.latest = rank, joined, latest
+    j._incarnation = lambda kind: incarnation
+    j.switched = []
+    return j
+
+
+def _sum(*joins):
+    return {r: [torch.tensor([1, 0, e], dtype=torch.int32)] for r, e in enumerate(joins)}
+
+
+def test_survivors_switch_only_when_every_one_names_the_same_join():
+    j = _join(0, joined=True, latest=4)
+    group = _Group(0, {})
+    j._switch = lambda epoch: (j.switched.append(epoch), group)[1]
+    j.after_sum(_sum(4, 0, 4), has_unfinished=True)  # DP1 has not heard of it yet
+    assert j.switched == []
+    j.after_sum(_sum(0, 0), has_unfinished=True)  # no join anywhere
+    assert j.switched == []
+    j.after_sum(_sum(4, 4, 4), has_unfinished=True)
+    assert j.switched == [4]
+    assert group.sent == [[17, 5, 1]]  # where the survivors are, for the joined rank
+    done = _join(0, joined=True, incarnation=4, latest=4)  # already on the join's groups
+    done._switch = lambda epoch: done.switched.append(epoch)
+    done.after_sum(_sum(4, 4), has_unfinished=False)
+    assert done.switched == []
+
+
+def test_the_replacement_takes_the_survivors_step_and_wave():
+    busy = _join(1, joined=False, latest=3)
+    busy.engine.step_counter, busy.engine.current_wave, busy.engine.engines_running = 0, 0, False
+    group = _Group(1, {0: torch.tensor([33, 9, 1]), 2: torch.tensor([33, 9, 1])})
+    busy._switch = lambda epoch: (busy.switched.append(epoch), group)[1]
+    busy._flip(3)
+    e = busy.engine
+    assert busy.joined and busy.switched == [3] and group.sent == [[-1, -1, -1]]
+    assert (e.step_counter, e.current_wave, e.engines_running) == (33, 9, True)
+
+    idle = _join(1, joined=False, latest=3)
+    group = _Group(1, {0: torch.tensor([1, 9, 0])})
+    idle._switch = lambda epoch: group
+    idle._flip(3)
+    e = idle.engine  # the survivors just ended wave 9: the next one starts at step 0
+    assert (e.step_counter, e.current_wave, e.engines_running) == (0, 10, False)
+
+
+def test_history_stops_at_the_join():
+    log = [RankLoss(1, "exit", -9, 1.0, 1), RankLoss(2, "hang", None, 2.0, 2),
+           RankJoin(1, 3.0, 3), RankLoss(3, "exit", -9, 4.0, 4)]
+    assert history_of(log, 3) == [{"kind": "loss", "rank": 1, "epoch": 1},
+                                  {"kind": "loss", "rank": 2, "epoch": 2},
+                                  {"kind": "join", "rank": 1, "epoch": 3}]
+
+
+def test_a_replacement_replays_the_log_into_the_survivors_expert_view():
+    """DP=4 with one redundant slot per rank: two deaths, repairs, a rejoin of the first.
+    The replacement (fresh state, replaying the log) and a survivor (applying each event as
+    it came) agree on every slot and on what serves each expert."""
+    cfg = ResilienceConfig(placement=PlacementConfig(redundant_slots_per_rank=1),
+                           repair=RepairConfig(host_backup=False))
+    plan = ExpertPlan(8, 4, cfg)
+
+    survivor = ExpertState(plan, 3, cfg)
+    survivor.set_dead({1})
+    survivor.set_dead({1, 2})
+    survivor.set_joined({1})
+
+    replacement = ExpertState(ExpertPlan(8, 4, cfg), 1, cfg)
+    history = [{"kind": "loss", "rank": 1, "epoch": 1}, {"kind": "loss", "rank": 2, "epoch": 2},
+               {"kind": "join", "rank": 1, "epoch": 3}]
+    replacement.replay(history, lambda d: {d})
+
+    assert torch.equal(replacement.recovery.physical.physical_to_logical,
+                       survivor.recovery.physical.physical_to_logical)
+    assert torch.equal(replacement.recovery.layout.physical_to_logical,
+                       survivor.recovery.layout.physical_to_logical)
+    assert replacement.membership.view().live_ranks == survivor.membership.view().live_ranks \
+        == (0, 1, 3)
+    # the joined rank holds its initial slots again, and nothing waits on a copy into them
+    S = plan.slots_per_rank
+    assert torch.equal(replacement.recovery.physical.physical_to_logical[0, S:2 * S],
+                       plan.layout.physical_to_logical[0, S:2 * S])
+    assert all(slot // S != 1 for slot in survivor._pending)
+    assert [m for m in survivor.moves if "joined" in m] == [
+        m for m in replacement.moves if "joined" in m]
+
+
+def test_the_private_world_keeps_groups_inside_the_rank_real_and_fakes_the_rest():
+    """One subprocess (a torch.distributed world per process): the world's geometry, a fake
+    group across ranks, a real one inside, and a refusal for several workers per rank."""
+    code = textwrap.dedent("""
+        from types import SimpleNamespace
+        import torch, torch.distributed as dist
+        from resilient_ep.engines.vllm.joining import init_private_world
+        def cfg(rank, size):
+            return SimpleNamespace(parallel_config=SimpleNamespace(
+                data_parallel_rank=rank, world_size_across_dp=size))
+        try:
+            init_private_world(cfg(1, 4), 2, 0)
+        except NotImplementedError as e:
+            print("refused:", e)
+        init_private_world(cfg(2, 4), 1, 0)
+        assert dist.get_rank() == 2 and dist.get_world_size() == 4
+        everyone = dist.new_group([0, 1, 2, 3], backend="gloo")
+        assert dist.get_backend(everyone) == "fake"
+        mine = dist.new_group([2], backend="gloo")
+        assert dist.get_backend(mine) == "gloo"
+        assert dist.new_group([1], backend="gloo") == dist.GroupMember.NON_GROUP_MEMBER
+        t = torch.ones(3)
+        dist.all_reduce(t, group=everyone)  # does nothing, answers at once
+        print("ok", t.tolist())
+        init_private_world(cfg(0, 8), 2, 0)  # formed already: left alone, no refusal
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ok [1.0, 1.0, 1.0]" in out.stdout
+    assert "refused:" in out.stdout and "2 workers (TP x PP > 1)" in out.stdout
+
+
+def test_a_replacement_takes_part_only_in_its_own_join():
+    """A replacement replays the whole log when it subscribes: the joins of other ranks before
+    its own are history (CI-found: DP1's replacement flipped to DP0's older join)."""
+    from resilient_ep.engines.vllm.replacement import rank_live_at
+
+    log = [RankLoss(0, "exit", -9, 1.0, 1), RankLoss(2, "exit", -9, 1.0, 2), RankJoin(2, 2.0, 3),
+           RankLoss(1, "exit", -9, 3.0, 4), RankJoin(0, 4.0, 5), RankJoin(1, 5.0, 6)]
+    assert [rank_live_at(log, 1, j.epoch) for j in log if isinstance(j, RankJoin)] == [
+        True, False, True]  # DP1 was live at DP2's join, lost at DP0's, back at its own
+    assert all(rank_live_at(log, 3, e.epoch) for e in log)  # a survivor takes part in all
