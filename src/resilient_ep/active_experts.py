@@ -23,22 +23,23 @@ __all__ = ["active_slots", "local_expert_map", "uncovered_experts"]
 def active_slots(layout: ExpertLayout, live_mask: torch.Tensor,
                  shadow_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[L, E] the physical slot serving each expert, -1 where no live copy exists."""
-    p2l = layout.physical_to_logical
+    p2l = layout.physical_to_logical  # [L, P]
     L, E = layout.num_layers, layout.num_experts
     live = live_mask.to(torch.bool)[layout.slot_ranks()]  # [P] slot on a live rank
     shadow = (torch.zeros(layout.num_slots, dtype=torch.bool) if shadow_mask is None
               else shadow_mask.to(torch.bool))
     out = torch.full((L, E), -1, dtype=torch.int64)
-    for layer in range(L):
-        row = p2l[layer].tolist()
-        for tier in (False, True):
-            copies: dict[int, list[int]] = {}
-            for slot, e in enumerate(row):
-                if e >= 0 and bool(live[slot]) and bool(shadow[slot]) == tier:
-                    copies.setdefault(e, []).append(slot)
-            for e, slots in copies.items():
-                if out[layer, e] < 0:
-                    out[layer, e] = slots[e % len(slots)]
+    P = layout.num_slots
+    experts = torch.arange(E, dtype=torch.int64).expand(L, E).contiguous()
+    for tier in (False, True):
+        usable = (p2l >= 0) & (live & (shadow == tier)).unsqueeze(0)  # [L, P]
+        key = torch.where(usable, p2l, torch.full_like(p2l, E))  # E sorts after every expert
+        ordered, slots = key.sort(dim=1, stable=True)  # each expert's copies, in slot order
+        n = torch.zeros(L, E + 1, dtype=torch.int64).scatter_add_(
+            1, key, torch.ones_like(key))[:, :E]  # copies in this tier
+        first = torch.searchsorted(ordered, experts)  # where each expert's run starts
+        pick = (first + experts % n.clamp(min=1)).clamp(max=P - 1)
+        out = torch.where((out < 0) & (n > 0), slots.gather(1, pick), out)
     return out
 
 

@@ -103,3 +103,54 @@ def test_host_backup_first_writer_wins_and_files_are_whole(tmp_path):
     assert not list(b.root.rglob("*.tmp"))
     b.remove()
     assert not b.root.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.uint8, torch.bool])
+def test_host_backup_maps_what_it_stored_exactly(tmp_path, dtype):
+    """``get`` reads the file itself (a private memory mapping): every dtype and shape the
+    engines store comes back bitwise, an empty tensor too; writing to what it returns never
+    changes the stored file."""
+    b = HostBackup(tmp_path / "experts")
+    g = torch.Generator().manual_seed(1)
+    t = {"w13": (torch.randn(4, 5, generator=g) * 50).to(dtype),
+         "w2": (torch.randn(3, generator=g) * 50).to(dtype),
+         "empty": torch.zeros(0, 2, dtype=dtype)}
+    b.put("layers.1.experts", 2, t)
+    got = b.get("layers.1.experts", 2)
+    assert set(got) == set(t)
+    for k in t:
+        assert got[k].dtype == t[k].dtype and got[k].shape == t[k].shape
+        assert torch.equal(got[k], t[k])
+    got["w13"].zero_()
+    again = b.get("layers.1.experts", 2)
+    assert torch.equal(again["w13"], t["w13"])
+    b.remove()
+    assert torch.equal(again["w2"], t["w2"]), "a mapping outlives the file's removal"
+
+
+def test_host_backup_refuses_a_damaged_file(tmp_path):
+    from resilient_ep.repair.host_backup import map_safetensors
+
+    b = HostBackup(tmp_path / "experts")
+    b.put("l", 0, {"w": torch.ones(8)})
+    path = next(b.root.rglob("0.safetensors"))
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # tensor data cut short
+    with pytest.raises(ValueError, match="outside the file"):
+        map_safetensors(path)
+    path.write_bytes(b"\xff" * 8 + data[8:])  # header length beyond the file
+    with pytest.raises(ValueError, match="header"):
+        map_safetensors(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="no safetensors"):
+        map_safetensors(path)
+
+
+def test_copy_weights_on_host_is_a_plain_copy():
+    from resilient_ep.repair.staging import copy_weights
+
+    dst = torch.zeros(3, 4)
+    src = torch.arange(12.0).reshape(4, 3).t()  # not contiguous
+    copy_weights(dst, src)
+    assert torch.equal(dst, src)

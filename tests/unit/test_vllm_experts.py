@@ -229,6 +229,37 @@ def test_active_slots_prefers_regular_copies():
     assert a.tolist() == [[3, 2]]  # expert 0's shadow on rank 1 takes over
 
 
+def _active_slots_by_hand(lay, live_mask, shadow):
+    """The rule in plain loops: per tier, the ``e mod n``-th live copy in slot order."""
+    live = live_mask[lay.slot_ranks()]
+    out = torch.full((lay.num_layers, lay.num_experts), -1, dtype=torch.int64)
+    for layer in range(lay.num_layers):
+        for tier in (False, True):
+            copies = {}
+            for slot, e in enumerate(lay.physical_to_logical[layer].tolist()):
+                if e >= 0 and bool(live[slot]) and bool(shadow[slot]) == tier:
+                    copies.setdefault(e, []).append(slot)
+            for e, slots in copies.items():
+                if out[layer, e] < 0:
+                    out[layer, e] = slots[e % len(slots)]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_active_slots_equals_the_rule_on_random_layouts(seed):
+    from resilient_ep.layout import ExpertLayout
+
+    g = torch.Generator().manual_seed(seed)
+    R = int(torch.randint(1, 6, (1,), generator=g))
+    S = int(torch.randint(1, 5, (1,), generator=g))
+    E = int(torch.randint(1, R * S + 1, (1,), generator=g))
+    rows = torch.randint(-1, E, (3, R * S), generator=g)
+    lay = ExpertLayout.from_mapping(rows, num_ranks=R, num_experts=E)
+    live = torch.rand(R, generator=g) < 0.7
+    shadow = torch.rand(R * S, generator=g) < 0.3
+    assert torch.equal(active_slots(lay, live, shadow), _active_slots_by_hand(lay, live, shadow))
+
+
 def test_a_repair_target_lost_mid_copy_is_replanned_onto_another_rank(tmp_path):
     """The copy's target dies before the copy lands: the next replan (every worker alike)
     treats what it was bringing back as lost again and picks a live target."""
@@ -254,3 +285,106 @@ def test_a_repair_target_lost_mid_copy_is_replanned_onto_another_rank(tmp_path):
     assert all(m["rank"] not in first | {target} for m in again)
     assert all(s.moves == live[0].moves for s in live)  # every survivor plans alike
     assert live[0].status()["uncovered"] == []  # the survivors' slots hold every expert
+
+
+def _replacement_of(plan, cfg, rank, backup=None, layers=("model.layers.0.mlp.experts",
+                                                           "model.layers.1.mlp.experts")):
+    """A fresh process for ``rank`` as vLLM's loader leaves it when the expert tensors were
+    skipped: every slot garbage (NaN)."""
+    s = ExpertState(plan, rank, cfg, backup=backup)
+    for name in layers:
+        m = FakeExperts(plan, rank, name)
+        m.w13_weight.data.fill_(float("nan"))
+        m.w2_weight.data.fill_(float("nan"))
+        s.register(m, plan.held_map(rank).clone(), name)
+    return s
+
+
+@pytest.mark.parametrize("budget", ["placement.redundant_slots_per_rank=1", None])
+def test_a_replacement_loads_its_experts_from_the_survivors_memory(tmp_path, monkeypatch, budget):
+    """Rank 2 dies (its experts repaired or mirrored on the survivors), the survivors export
+    what the replacement will hold, and the replacement fills every held slot from that
+    export, bitwise, without the model files; then it verifies against them."""
+    from resilient_ep.engines.vllm import replacement
+
+    cfg = _cfg(*[b for b in [budget] if b])
+    layers = ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts")
+    plan = ExpertPlan(8, 4, cfg)
+    states = _states(plan, cfg, layers=layers)
+    for s in states:
+        s.after_load()
+        s._ensure_thread = lambda: None
+    for s in states:
+        s.set_dead({2})
+    for s in states:  # the repairs land (no source here: copy straight from the truth)
+        for slot, e in list(s._pending.items()):
+            local = slot - s.rank * plan.slots_per_rank
+            for layer in s.layers:
+                for n, p in slot_params_of(layer.module):
+                    p.data[local] = weights(layer.name, e)[n]
+            del s._pending[slot]
+    root = tmp_path / "join"
+    got = [s.export([2], str(root)) for s in states if s.rank != 2]
+    exported = set().union(*(g["experts"] for g in got))
+    assert exported == set(plan.layout.experts_on_rank(0, 2))
+    assert sum(g["bytes"] for g in got) > 0
+
+    monkeypatch.setenv(replacement.REJOIN_ENV, "2")
+    monkeypatch.setenv(replacement.EXPERTS_ENV, str(root))
+    new = _replacement_of(plan, cfg, 2, layers=layers)
+    monkeypatch.setattr(experts, "_state", new)
+    assert experts.skip_disk_experts()
+    new.after_load()
+    held = plan.held_map(2)
+    for layer in new.layers:
+        for e in plan.layout.experts_on_rank(0, 2):
+            for n, p in slot_params_of(layer.module):
+                assert torch.equal(p.data[held[e]], weights(layer.name, e)[n])
+    assert dict(new.loaded_from) == {"peer": len(plan.layout.experts_on_rank(0, 2))}
+
+
+def test_a_replacement_reads_the_model_files_when_an_expert_has_no_other_source(
+        tmp_path, monkeypatch):
+    """A peer died before it exported (its experts are in no export) and there is no host
+    backup: the loader is left alone (every expert from the model files)."""
+    from resilient_ep.engines.vllm import replacement
+
+    cfg = _cfg()
+    plan = ExpertPlan(8, 4, cfg)
+    states = _states(plan, cfg)
+    root = tmp_path / "join"
+    partner = [s for s in states if s.rank != 1 and
+               set(plan.layout.experts_on_rank(0, s.rank)) & set(plan.layout.experts_on_rank(0, 1))]
+    for s in states:
+        if s.rank not in (1, partner[0].rank):
+            s.export([1], str(root))
+    monkeypatch.setenv(replacement.REJOIN_ENV, "1")
+    monkeypatch.setenv(replacement.EXPERTS_ENV, str(root))
+    new = _replacement_of(plan, cfg, 1, layers=("model.layers.0.mlp.experts",))
+    monkeypatch.setattr(experts, "_state", new)
+    assert not experts.skip_disk_experts()
+    # with a host backup (the survivors filled it at load) it reads none from disk
+    backup = HostBackup(tmp_path / "experts")
+    for s in states:
+        s.backup = backup
+        s.after_load()
+    new.backup = backup
+    assert experts.skip_disk_experts()
+    new.after_load()
+    assert dict(new.loaded_from) == {"host": len(plan.layout.experts_on_rank(0, 1))}
+    assert new.verify()["mismatched"] == []
+
+
+def test_outside_a_replacement_the_loader_reads_every_expert(monkeypatch):
+    from resilient_ep.engines.vllm import replacement
+
+    monkeypatch.delenv(replacement.REJOIN_ENV, raising=False)
+    plan = ExpertPlan(8, 4, _cfg())
+    monkeypatch.setattr(experts, "_state", _states(plan, _cfg())[0])
+    assert not experts.skip_disk_experts()
+
+
+def slot_params_of(module):
+    from resilient_ep.engines.vllm.expert_weights import slot_params
+
+    return list(slot_params(module))

@@ -2,6 +2,7 @@
 
 - :mod:`.sources`: which sources can serve one copy, cheapest first (``repair.sources``).
 - :mod:`.host_backup`: the per-node host-memory backup of every expert (shared memory).
+- :mod:`.staging`: copying weights into a slot on a GPU through pinned memory.
 - :mod:`.progress`: what a repair did, per source (copies, bytes, seconds, failures).
 
 The decision of *what* to copy *where* is the recovery policy's (``recovery`` and

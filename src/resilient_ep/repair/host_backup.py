@@ -6,14 +6,21 @@ the process that wrote them) of one safetensors file per (layer, expert) holding
 expert's tensors in the engine's runtime format, exactly as they sit in a slot. Every rank
 writes the experts it holds after loading; the first writer of an expert wins (a rename makes
 each file appear whole), so the node keeps each expert once however many ranks hold a copy.
-A repair reads the file back (memory-mapped) and copies it into the target slot: no
-conversion, no disk.
+A repair maps the file (no read into a buffer of its own: the tensors it gets are views of
+the shared pages) and copies it into the target slot (:func:`~.staging.copy_weights`, through
+a pinned buffer when the slot is on a GPU): no conversion, no disk. Measured on an H200 for
+one DeepSeek-V3 expert (84 MiB): 6.1 ms this way against 20 ms for safetensors'
+``load_file`` and a plain copy, and 1.6 ms from pinned memory (``benchmarks/
+gpu_repair_copy.py``; the rest is the page faults of a fresh mapping and the staging copy).
 """
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import re
+import struct
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,11 +69,11 @@ class HostBackup:
             tmp.unlink(missing_ok=True)
 
     def get(self, layer: str, expert: int) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
-        path = self._path(layer, expert)
+        """``expert``'s tensors of ``layer`` as views of the memory-mapped file (private
+        mapping: writing to them never reaches the file), or None when it is not stored.
+        Callers copy them into a slot; they stay valid after the file is removed."""
         try:
-            return load_file(str(path))
+            return map_safetensors(self._path(layer, expert))
         except FileNotFoundError:
             return None
 
@@ -84,3 +91,42 @@ class HostBackup:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+           "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of one private memory mapping."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{path}: {size} bytes is no safetensors file")
+        # Private: writes through the tensors never reach the file. (MAP_POPULATE would
+        # copy every page up front in a writable private mapping: 7x slower, measured.)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (hlen,) = struct.unpack("<Q", mm[:8])
+    if 8 + hlen > size:
+        raise ValueError(f"{path}: header of {hlen} bytes runs past the file ({size} bytes)")
+    header = json.loads(mm[8:8 + hlen])
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    base = 8 + hlen
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']!r}, "
+                             f"not one this reader knows")
+        start, end = meta["data_offsets"]
+        if not 0 <= start <= end <= size - base:
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file")
+        t = raw[base + start:base + end]
+        out[name] = (t.view(dtype) if end > start else torch.empty(0, dtype=dtype)).view(
+            meta["shape"])
+    return out

@@ -182,6 +182,11 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     assert after["epoch"] == rec1["epoch"] == after["joins"][-1]["epoch"]
     for r in after["rejoins"]:
         assert r["state"] == "live" and r["verified"]["experts_checked"] > 0, r
+        # experts from the survivors' memory; the model files only for one that no survivor
+        # held when the rejoin began (both copies were lost)
+        loaded = r["verified"]["loaded"][0]
+        assert set(loaded) <= {"peer", "disk"} and sum(loaded.values()) > 0, r
+    assert any("peer" in r["verified"]["loaded"][0] for r in after["rejoins"])
     for engine in after["counters"]:
         assert (engine["epoch"], engine["live"]) == (after["epoch"], [0, 1, 2, 3]), engine
         for worker in engine["workers"]:

@@ -78,7 +78,6 @@ def _stream_and_fail(name: str, srv: Server, instance: str):
     rather than by a client that may lag seconds behind). Returns the streams and the time
     the fault fired."""
     import threading
-    import time
 
     from resilient_ep.engines.vllm import faults
     from vllm_harness import PROMPTS, stream_completion

@@ -277,3 +277,33 @@ def test_subclass_overrides_are_signature_checked():
         expect_overrides("vllm-x", Base, {"step": ("self", "batch", "extra")})
     with pytest.raises(PatchError, match="is gone"):
         expect_overrides("vllm-x", Base, {"finish": ("self",)})
+
+
+def test_a_replacement_skips_expert_tensors_before_they_are_read(monkeypatch):
+    """``vllm-expert-replicas`` on the loader: when the experts module says every held expert
+    has a peer or host source, vLLM's EP weight filter skips every expert tensor (dense ones
+    are read); otherwise the loader is untouched."""
+    from types import SimpleNamespace
+
+    from vllm.config import LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+
+    from resilient_ep.engines.vllm import experts
+    from resilient_ep.engines.vllm.patches import expert_replicas
+
+    expert_replicas.check()
+    expert_replicas.apply()
+    loader = DefaultModelLoader(LoadConfig())
+    not_moe = SimpleNamespace(is_moe=False)
+    with set_current_vllm_config(VllmConfig()):
+        monkeypatch.setattr(experts, "skip_disk_experts", lambda: False)
+        loader._init_ep_weight_filter(not_moe)
+        assert loader.local_expert_ids is None
+        monkeypatch.setattr(experts, "skip_disk_experts", lambda: True)
+        loader._init_ep_weight_filter(not_moe)
+        assert loader.local_expert_ids == set()
+    ids = loader.local_expert_ids
+    assert should_skip_weight("model.layers.0.mlp.experts.3.gate_proj.weight", ids)
+    assert not should_skip_weight("model.layers.0.self_attn.q_proj.weight", ids)
+    assert not should_skip_weight("model.layers.0.mlp.gate.weight", ids)

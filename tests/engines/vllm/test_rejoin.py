@@ -133,6 +133,10 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
     assert rec["reason"] == "respawn" and rec["epoch"] == 2
     assert states[-1] == "live" and "warming" in states, states
     assert rec["verified"]["compared_with"] == 0 and rec["verified"]["experts_checked"] > 0
+    # its experts came from the survivor's memory (exported for it), none from the files
+    assert rec["export"]["failed"] == [] and rec["export"]["bytes"] > 0, rec["export"]
+    held = len(rec["export"]["experts"])
+    assert held > 0 and rec["verified"]["loaded"] == [{"peer": held}], rec["verified"]
     assert not bad and served, bad
 
     after = _status(srv)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from resilient_ep.repair.staging import copy_weights
+
 __all__ = ["slot_params", "copy_slot", "disk_expert"]
 
 
@@ -32,7 +34,7 @@ def copy_slot(module: Any, tensors: dict[str, torch.Tensor], local_slot: int) ->
             raise ValueError(f"{name}: {tuple(src.shape)} {src.dtype} does not fit a slot of "
                              f"{tuple(p.shape[1:])} {p.dtype}")
     for name, p in params.items():
-        p.data[local_slot].copy_(tensors[name])
+        copy_weights(p.data[local_slot], tensors[name])
         total += tensors[name].numel() * tensors[name].element_size()
     return total
 

@@ -51,7 +51,7 @@ from resilient_ep.shadow import ShadowLayout, plan_shadows
 from .expert_weights import copy_slot, disk_expert, slot_params
 
 __all__ = ["ExpertPlan", "ExpertState", "state_for", "current", "reset", "set_dead_ranks",
-           "before_moe", "after_load"]
+           "before_moe", "after_load", "skip_disk_experts"]
 
 log = logging.getLogger("vllm." + __name__)
 
@@ -138,6 +138,10 @@ class ExpertState:
         self.disk_ok: bool | None = None
         """The disk source's self-check at load (None: not run)."""
         self.disk_reason = ""
+        self.loaded_from: Counter[str] = Counter()
+        """Where this rank's held experts came from at load, per source (a replacement's
+        ``peer`` / ``host``; ``disk``: vLLM's loader)."""
+        self._reload: dict[int, tuple[str, HostBackup]] | None = None
         self.uncovered: list[int] = []
         self.moves: list[dict] = []
         """Every planned copy of the instance: epoch, slot, expert, target rank."""
@@ -259,10 +263,81 @@ class ExpertState:
                     continue
                 checked += 1
                 sources[source] += 1
-                if not all(torch.equal(want[n], p.data[local]) for n, p in params.items()):
+                if not all(torch.equal(want[n].to(p.device), p.data[local])
+                           for n, p in params.items()):
                     bad.append([layer.name, e])
+        if self.loaded_from.keys() - {"disk"} and self.disk_ok is False and not sources["host"]:
+            # Loaded from peers, checked against nothing: the disk self-check at load compared
+            # a peer's copy with the model files and they differed.
+            bad.append(["disk-check", self.disk_reason])
         return {"rank": self.rank, "held": held, "checked": checked, "mismatched": bad,
-                "sources": dict(sources)}
+                "sources": dict(sources), "loaded": dict(self.loaded_from)}
+
+    # ------------------------------------------------------------------ reintegration
+    def export(self, ep_ranks, root: str) -> dict[str, Any]:
+        """A survivor's part of a rejoin: write every expert that the replacement(s) of
+        ``ep_ranks`` will hold and that this rank holds now (a settled slot: not a copy still
+        pending) into the :class:`HostBackup` at ``root``, every layer, as it sits in the
+        slot. The first writer of an expert wins; runs between two steps."""
+        out = HostBackup(root)
+        S = self.plan.slots_per_rank
+        with self._lock:
+            row = self.recovery.physical.physical_to_logical[
+                0, self.rank * S:(self.rank + 1) * S].tolist()
+            pending = set(self._pending)
+        mine = {e: i for i, e in enumerate(row) if e >= 0 and self.rank * S + i not in pending}
+        wanted: set[int] = set()
+        for r in ep_ranks:
+            wanted |= set(self.plan.layout.experts_on_rank(0, int(r)))
+        wrote, nbytes, t0 = [], 0, time.monotonic()
+        for e in sorted(wanted & set(mine)):
+            for layer in self.layers:
+                tensors = {n: p.data[mine[e]] for n, p in slot_params(layer.module)}
+                if out.put(layer.name, e, tensors):
+                    nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            wrote.append(e)
+        return {"rank": self.rank, "experts": wrote, "bytes": nbytes,
+                "seconds": time.monotonic() - t0}
+
+    def plan_reload(self, peer_root: str | None) -> bool:
+        """A replacement, before vLLM's loader reads the model files: where each expert it
+        holds can come from instead (``repair.sources`` order among ``peer``: what the
+        survivors exported for this join, and ``host``: the node's backup). True, and the
+        plan kept for :meth:`after_load`, when every one has a source: the loader then skips
+        the expert tensors of the model files. False leaves the loader as it is."""
+        sources = {"peer": HostBackup(peer_root) if peer_root else None, "host": self.backup}
+        order = [s for s in self.config.repair.sources if s in sources and sources[s]]
+        held = self.plan.held_map(self.rank)
+        plan: dict[int, tuple[str, HostBackup]] = {}
+        for e in (held >= 0).nonzero().flatten().tolist():
+            for kind in order:
+                src = sources[kind]
+                if all(src.has(layer.name, e) for layer in self.layers):
+                    plan[int(e)] = (kind, src)
+                    break
+            else:
+                log.info("resilient-ep: expert %d is in no peer export or host backup: the "
+                         "replacement loads its experts from the model files", e)
+                return False
+        self._reload = plan
+        return bool(plan)
+
+    def _fill_from_reload(self) -> None:
+        """The replacement's held slots from the planned sources (runtime format, as the
+        survivors hold them); an expert whose files went missing since comes from disk."""
+        held = self.plan.held_map(self.rank)
+        t0 = time.monotonic()
+        for e, (kind, src) in sorted(self._reload.items()):
+            got = [src.get(layer.name, e) for layer in self.layers]
+            if any(g is None for g in got):
+                kind = "disk"
+                got = [disk_expert(layer.module, self.model_dir, e) for layer in self.layers]
+            for layer, tensors in zip(self.layers, got):
+                copy_slot(layer.module, tensors, int(held[e]))
+            self.loaded_from[kind] += 1
+        log.info("resilient-ep: replacement's experts loaded in %.3f s from %s",
+                 time.monotonic() - t0, dict(self.loaded_from))
+        self._reload = None
 
     # ------------------------------------------------------------------ the MoE pass
     def before_moe(self, expert_map: torch.Tensor, topk_ids: torch.Tensor) -> None:
@@ -389,6 +464,10 @@ class ExpertState:
         check the disk source against a loaded slot (bitwise)."""
         held = self.plan.held_map(self.rank)
         experts = [int(e) for e in (held >= 0).nonzero().flatten().tolist()]
+        if self._reload is not None:
+            self._fill_from_reload()
+        else:
+            self.loaded_from["disk"] += len(experts)
         if self.backup is not None:
             t0 = time.monotonic()
             wrote = 0
@@ -406,7 +485,8 @@ class ExpertState:
                 want = dict(slot_params(self.layers[0].module))
                 got = disk_expert(self.layers[0].module, self.model_dir, e)
                 s = int(held[e])
-                self.disk_ok = all(torch.equal(got[n], p.data[s]) for n, p in want.items())
+                self.disk_ok = all(torch.equal(got[n].to(p.device), p.data[s])
+                                   for n, p in want.items())
                 self.disk_reason = "" if self.disk_ok else "disk weights differ from the loaded"
             except Exception as ex:
                 self.disk_ok, self.disk_reason = False, f"{type(ex).__name__}: {ex}"
@@ -502,6 +582,18 @@ def after_load(model: Any = None) -> None:
             from .weights_digest import start
 
             start(model, routed_param_ids())
+
+
+def skip_disk_experts() -> bool:
+    """vLLM's loader asks (a replacement only): may it skip the expert tensors of the model
+    files? Yes when every expert this rank holds is in a peer export or the host backup
+    (:meth:`ExpertState.plan_reload`); :func:`after_load` then fills the slots from there."""
+    from .replacement import EXPERTS_ENV, is_replacement
+
+    s = _state
+    if s is None or not s.layers or not is_replacement():
+        return False
+    return s.plan_reload(os.environ.get(EXPERTS_ENV))
 
 
 def routed_param_ids() -> frozenset[int]:

@@ -3,12 +3,17 @@ lost DP rank, brings it up, checks it, and has the authority admit it.
 
 A rejoin goes through these states (``GET /resilience/status``, ``rejoins``):
 
+- ``exporting`` (when a peer supplies the weights, ``repair.sources``): every survivor writes
+  the experts the replacement will hold from its memory into a directory of the node's shared
+  memory, between two steps (skipped when the node's host backup holds every expert);
 - ``joining``: the replacement process is started (vLLM's own engine-core entry point, with
   ``RESILIENT_EP_REJOIN`` so it forms its world alone and runs solo, ``joining.py``) and
   watched by the liveness monitor: its death from here on is a loss like any other;
 - ``warming``: it said HELLO on a handshake socket of its own and got the addresses every
-  engine got at the start (front-end sockets, DP coordinator); it loads its weights and runs
-  vLLM's warm-up and compile passes, alone;
+  engine got at the start (front-end sockets, DP coordinator); it loads its weights (its
+  experts from the survivors' export or the host backup when one of them has every expert it
+  holds, else from the model files; the dense weights from the model files) and runs vLLM's
+  warm-up and compile passes, alone;
 - ``verifying``: it is READY; its dense weights' digest must equal a survivor's and every
   expert slot it holds must equal the node's host backup (or the model files), bitwise;
 - ``live``: the authority admitted it (one epoch, published); every engine core switched to
@@ -30,11 +35,13 @@ import threading
 import time
 from typing import Any
 
+from resilient_ep.repair import HostBackup
+
 __all__ = ["Rejoiner", "RejoinError", "STATES", "run_replacement_engine_core"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
-STATES = ("joining", "warming", "verifying", "live", "failed")
+STATES = ("exporting", "joining", "warming", "verifying", "live", "failed")
 HANDSHAKE_TIMEOUT_S = 600.0
 SWITCH_TIMEOUT_S = 120.0
 RPC_TIMEOUT_S = 60.0
@@ -88,7 +95,7 @@ class Rejoiner:
             if rank not in c.resilient_dead:
                 raise RejoinError(f"rank {rank} is live: nothing to rejoin")
             if rank in self._queue or any(r["rank"] == rank and r["state"] in
-                                          ("joining", "warming", "verifying")
+                                          ("exporting", "joining", "warming", "verifying")
                                           for r in self.rejoins):
                 raise RejoinError(f"rank {rank} is already rejoining")
             record = {"rank": rank, "state": "queued", "reason": reason, "pid": None,
@@ -131,24 +138,15 @@ class Rejoiner:
 
     # ------------------------------------------------------------------ the steps
     def _rejoin(self, rank: int, record: dict) -> None:
-        import zmq
-        from vllm.utils.network_utils import get_open_zmq_ipc_path
-
         c = self.client
         if rank not in c.resilient_dead:
             raise RejoinError(f"rank {rank} is live again")
-        address = get_open_zmq_ipc_path()
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(address)
+        export = self._export(rank, record)
         try:
-            proc = self._spawn(rank, address)
-            record["_proc"] = proc
-            self._set(record, "joining", pid=proc.pid)
-            self._handshake(sock, proc, rank, record)
+            self._start(rank, record, export)
         finally:
-            sock.close(linger=0)
+            if export is not None:
+                HostBackup(export).remove()
         self._verify(rank, record)
         join = c.resilient_liveness.admit(rank)
         with self._lock:
@@ -159,10 +157,71 @@ class Rejoiner:
         self._set(record, "live")
         c.resilient_rejoined(rank, join.epoch)
 
-    def _spawn(self, rank: int, handshake_address: str):
+    def _export(self, rank: int, record: dict) -> str | None:
+        """The survivors write what the replacement of ``rank`` will hold into a fresh
+        directory of the node's shared memory; its path (None: no peer source). A survivor
+        that fails to answer is skipped (the replacement then finds some expert missing and
+        reads the model files, or the host backup has it)."""
+        from resilient_ep.repair.host_backup import default_root
+
+        from .instance import instance_of
+
+        c = self.client
+        settings = instance_of(c.vllm_config)
+        if settings is None:
+            return None
+        rcfg, instance = settings
+        sources = rcfg.repair.sources
+        if "peer" not in sources or (rcfg.repair.host_backup and "host" in sources
+                                     and sources.index("host") < sources.index("peer")):
+            return None
+        root = default_root(f"{instance}-rejoin-dp{rank}-{os.getpid()}-{len(self.rejoins)}")
+        HostBackup(root).remove()
+        self._set(record, "exporting")
+        t0 = time.monotonic()
+        done, nbytes, failed = set(), 0, []
+        for i in range(len(c.core_engines)):
+            if i in c.resilient_dead:
+                continue
+            try:
+                got = self._run(c._call_utility_async(
+                    "collective_rpc", "resilient_ep_export_experts", RPC_TIMEOUT_S,
+                    (rank, str(root)), None, engine=c.core_engines[i]))
+            except Exception as e:  # lost meanwhile, or slow: the others may cover it
+                log.warning("resilient-ep: DP%d did not export experts for DP%d's "
+                            "replacement: %r", i, rank, e)
+                failed.append(i)
+                continue
+            for w in got:
+                done |= set(w.get("experts") or [])
+                nbytes += int(w.get("bytes") or 0)
+        with self._lock:
+            record["export"] = {"experts": sorted(done), "bytes": nbytes, "failed": failed,
+                                "seconds": time.monotonic() - t0}
+        return str(root)
+
+    def _start(self, rank: int, record: dict, export: str | None) -> None:
+        """The replacement process, up to READY."""
+        import zmq
+        from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+        address = get_open_zmq_ipc_path()
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        try:
+            proc = self._spawn(rank, address, export)
+            record["_proc"] = proc
+            self._set(record, "joining", pid=proc.pid)
+            self._handshake(sock, proc, rank, record)
+        finally:
+            sock.close(linger=0)
+
+    def _spawn(self, rank: int, handshake_address: str, export: str | None = None):
         from vllm.utils.system_utils import get_mp_context
 
-        from .replacement import REJOIN_ENV
+        from .replacement import EXPERTS_ENV, REJOIN_ENV
 
         c = self.client
         manager = c.resources.engine_manager
@@ -175,16 +234,22 @@ class Rejoiner:
                   "local_dp_rank": rank}
         proc = get_mp_context().Process(target=run_replacement_engine_core,
                                         name=f"EngineCore_DP{rank}", kwargs=kwargs)
+        env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export}
         with self._spawn_lock:  # the environment a spawned child starts with
-            old = os.environ.get(REJOIN_ENV)
-            os.environ[REJOIN_ENV] = str(rank)
+            old = {k: os.environ.get(k) for k in env}
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             try:
                 proc.start()
             finally:
-                if old is None:
-                    os.environ.pop(REJOIN_ENV, None)
-                else:
-                    os.environ[REJOIN_ENV] = old
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         c.resilient_liveness.begin_join(rank, proc)
         ranks = getattr(c, "_re_rank_procs", None)
         if ranks is not None:
@@ -263,6 +328,8 @@ class Rejoiner:
                                   "compared_with": live[0],
                                   "experts_checked": sum((w.get("experts") or {}).get(
                                       "checked", 0) for w in new),
+                                  "loaded": [(w.get("experts") or {}).get("loaded")
+                                             for w in new],
                                   "sources": [(w.get("experts") or {}).get("sources")
                                               for w in new]}
 

@@ -7,10 +7,15 @@ import os
 
 from resilient_ep.liveness import RankJoin
 
-__all__ = ["REJOIN_ENV", "is_replacement", "rank_live_at"]
+__all__ = ["REJOIN_ENV", "EXPERTS_ENV", "is_replacement", "rank_live_at"]
 
 REJOIN_ENV = "RESILIENT_EP_REJOIN"
 """Set (to the lost DP rank) in the environment of a replacement engine core and its workers."""
+
+EXPERTS_ENV = "RESILIENT_EP_REJOIN_EXPERTS"
+"""Set, for a replacement, to the directory where the survivors exported the experts it will
+hold from their memory (a :class:`~resilient_ep.repair.HostBackup` on the node's shared
+memory): its ``peer`` weight source."""
 
 
 def is_replacement() -> bool:

@@ -264,7 +264,8 @@ class ResilienceStatusMiddleware:
                 body["rejoins"] = rejoins
                 body["joins"] = list(getattr(core, "resilient_joins", []))
                 active = {r["rank"]: r["state"] for r in rejoins
-                          if r["state"] in ("queued", "joining", "warming", "verifying")}
+                          if r["state"] in ("queued", "exporting", "joining", "warming",
+                                            "verifying")}
                 for entry in body["ranks"]:
                     if entry["dp_rank"] in active:
                         entry["state"] = active[entry["dp_rank"]]

@@ -97,6 +97,20 @@ class ResilienceWorkerExtension:
                                     int(tp.rank_in_group))
         return {"epoch": int(epoch), "live": group.live}
 
+    def resilient_ep_export_experts(self, dp_rank: int, root: str) -> dict[str, Any]:
+        """A survivor's part of a rejoin of ``dp_rank``: write the experts its replacement
+        will hold that this worker holds now into the export directory ``root`` (between two
+        steps; ``experts.ExpertState.export``)."""
+        from vllm.distributed import get_tp_group
+
+        from . import experts
+
+        state = experts.current()
+        if state is None or not state.layers:
+            return {"rank": None, "experts": [], "bytes": 0, "seconds": 0.0}
+        tp_size = int(get_tp_group().world_size)
+        return state.export({int(dp_rank) * tp_size + t for t in range(tp_size)}, root)
+
     def resilient_ep_verify(self, experts: bool = True) -> dict[str, Any]:
         """What a replacement checks before it joins: a digest of its dense (non-expert)
         weights, to compare with a survivor's (computed once per process: a survivor answers

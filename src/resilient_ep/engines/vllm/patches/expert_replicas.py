@@ -14,6 +14,12 @@ placed for survival, plus shadow slots) decides what each rank holds:
 place when a rank dies or a repair lands. ``process_weights_after_loading`` (the model
 loader's last step) is followed by :func:`..experts.after_load` (host backup, disk-source
 check). Refuses ``--enable-ep-weight-filter``.
+
+A replacement rank (a rejoin) loads its experts from the survivors' memory or the node's host
+backup instead of the model files: ``DefaultModelLoader._init_ep_weight_filter`` is followed by
+:func:`..experts.skip_disk_experts`, which, when every expert the rank holds has such a
+source, sets the loader's ``local_expert_ids`` to the empty set (vLLM's own EP weight filter:
+every expert tensor is skipped before it is read); ``after_load`` then fills the slots.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ def _loader():
     return base_loader
 
 
+def _default_loader():
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    return DefaultModelLoader
+
+
 def check() -> None:
     check_version(NAME)
     emm, routed = _targets()
@@ -49,6 +61,10 @@ def check() -> None:
     loader = _loader()
     expect_signature(NAME, loader.process_weights_after_loading,
                      ("model", "model_config", "target_device"))
+    default = _default_loader()
+    expect_signature(NAME, default._init_ep_weight_filter, ("self", "model_config"))
+    if "local_expert_ids" not in default.__init__.__code__.co_names:
+        raise RuntimeError(f"{NAME}: DefaultModelLoader no longer keeps local_expert_ids")
 
 
 def is_applied() -> bool:
@@ -130,6 +146,16 @@ def apply() -> None:
         orig_post(model, model_config, target_device)
         experts.after_load(model)
 
+    default = _default_loader()
+    orig_filter = default.__dict__["_init_ep_weight_filter"]
+
+    @functools.wraps(orig_filter)
+    def _init_ep_weight_filter(self, model_config):
+        orig_filter(self, model_config)
+        if experts.skip_disk_experts():
+            self.local_expert_ids = set()  # every expert tensor skipped before it is read
+
     emm.determine_expert_map = mark(determine_expert_map, NAME, orig_map)
+    default._init_ep_weight_filter = mark(_init_ep_weight_filter, NAME, orig_filter)
     routed.update_expert_map_info = mark(update_expert_map_info, NAME, orig_info)
     loader.process_weights_after_loading = mark(process_weights_after_loading, NAME, orig_post)
