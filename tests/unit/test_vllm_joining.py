@@ -9,6 +9,7 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from resilient_ep.config import PlacementConfig, RepairConfig, ResilienceConfig
@@ -98,7 +99,9 @@ def test_a_replacement_replays_the_log_into_the_survivors_expert_view():
     replacement = ExpertState(ExpertPlan(8, 4, cfg), 1, cfg)
     history = [{"kind": "loss", "rank": 1, "epoch": 1}, {"kind": "loss", "rank": 2, "epoch": 2},
                {"kind": "join", "rank": 1, "epoch": 3}]
+    replacement._ensure_thread = lambda: pytest.fail("a replay copies nothing")
     replacement.replay(history, lambda d: {d})
+    assert replacement._jobs.empty() and not replacement._pending
 
     assert torch.equal(replacement.recovery.physical.physical_to_logical,
                        survivor.recovery.physical.physical_to_logical)
@@ -149,12 +152,22 @@ def test_the_private_world_keeps_groups_inside_the_rank_real_and_fakes_the_rest(
 
 
 def test_a_replacement_takes_part_only_in_its_own_join():
-    """A replacement replays the whole log when it subscribes: the joins of other ranks before
-    its own are history (CI-found: DP1's replacement flipped to DP0's older join)."""
-    from resilient_ep.engines.vllm.replacement import rank_live_at
+    """A replacement replays the whole log when it subscribes: the joins before its own are
+    history, even those the process it replaces took part in (CI-found twice: DP1's
+    replacement flipped to DP0's older join; then, DP1 having been live at DP2's join, to
+    that one, and hung in its hello)."""
+    from resilient_ep.engines.vllm.replacement import own_join_epoch, takes_part
 
     log = [RankLoss(0, "exit", -9, 1.0, 1), RankLoss(2, "exit", -9, 1.0, 2), RankJoin(2, 2.0, 3),
-           RankLoss(1, "exit", -9, 3.0, 4), RankJoin(0, 4.0, 5), RankJoin(1, 5.0, 6)]
-    assert [rank_live_at(log, 1, j.epoch) for j in log if isinstance(j, RankJoin)] == [
-        True, False, True]  # DP1 was live at DP2's join, lost at DP0's, back at its own
-    assert all(rank_live_at(log, 3, e.epoch) for e in log)  # a survivor takes part in all
+           RankLoss(1, "exit", -9, 3.0, 4), RankJoin(0, 4.0, 5)]
+    joins = [j.epoch for j in log if isinstance(j, RankJoin)]
+    assert own_join_epoch(log, 1) is None  # DP1's replacement, warming: no join is its own
+    assert not any(takes_part(log, 1, e, replacement=True) for e in joins)
+    log += [RankJoin(1, 5.0, 6), RankJoin(3, 6.0, 8)]
+    joins = [j.epoch for j in log if isinstance(j, RankJoin)]
+    assert own_join_epoch(log, 1) == 6
+    assert [takes_part(log, 1, e, replacement=True) for e in joins] == [False, False, True, True]
+    # a replacement lost again and replaced once more: only the newest join is its own
+    log += [RankLoss(1, "exit", -9, 7.0, 9), RankJoin(1, 8.0, 10)]
+    assert own_join_epoch(log, 1) == 10 and not takes_part(log, 1, 6, replacement=True)
+    assert all(takes_part(log, 3, e.epoch, replacement=False) for e in log)  # never left

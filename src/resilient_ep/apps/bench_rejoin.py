@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     out = dict(runs[0])
     for k in ("survivor_step_ms", "join_extra_pause_ms", "join_window_max_gap_ms",
               "kill_to_full_size_s", "kill_to_failover_s", "start_s", "warm_up_s",
-              "verify_s", "flip_s"):
+              "verify_s", "flip_s", "export_s"):
         xs = [r[k] for r in runs if r.get(k) is not None]
         out[k] = statistics.median(xs) if xs else None
     out["outputs_equal"] = all(r["outputs_equal"] for r in runs)
@@ -168,6 +168,8 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
         "kill_to_full_size_s": live - killed_at if live else None,
         "kill_to_failover_s": (failover["detected_monotonic"] - killed_at)
         if failover.get("detected_monotonic") else None,
+        "export_s": (rec.get("export") or {}).get("seconds"),
+        "export_mib": (rec.get("export") or {}).get("bytes", 0) / 2**20,
         "start_s": (rec["warming_monotonic"] - rec["joining_monotonic"]) if live else None,
         "warm_up_s": (rec["verifying_monotonic"] - rec["warming_monotonic"]) if live else None,
         "verify_s": (rec["admitted_monotonic"] - rec["verifying_monotonic"]) if live else None,

@@ -30,6 +30,7 @@ SERVE_TIMEOUT_S = 600
 TOKENS = 480
 TOKENS_BEFORE_KILL = 16
 SECOND_KILL_AFTER_S = 0.05
+EXPORT_DELAY_MS = 400  # per expert: DP3 exports DP1's four in 1.6 s
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,11 @@ def server(tmp_path_factory, tiny_model):
                               "--resilience-set", "detector.heartbeat_timeout_ms=5000",
                               # two deaths: a request moved to the second victim is not poison
                               "--resilience-set", "recovery.max_request_failures=0"],
-                 work / "serve.log", engine_env())
+                 work / "serve.log",
+                 # a survivor's export for a rejoin is slowed (per expert) so that the test
+                 # can kill it in the middle of one
+                 engine_env(extra={"RESILIENT_EP_FAULT_INJECTION": "1",
+                                   "RESILIENT_EP_EXPORT_DELAY_MS": str(EXPORT_DELAY_MS)}))
     try:
         srv.wait_ready(SERVE_TIMEOUT_S)
         yield srv
@@ -140,10 +145,12 @@ def _wait_rejoin(server, rank: int, state: str) -> dict:
 def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     """After the test above (DP0 and DP2 lost, their experts repaired onto DP1 and DP3): DP2
     rejoins; then DP0 rejoins and, while it warms up, DP1's engine core is SIGKILLed under
-    load: DP0's join completes over the survivors left, DP1's requests resume on them, and
-    DP1 rejoins last. The instance is back to full size, every replacement verified, and
-    every stream (across the death, pinned to each rank afterwards) equals the failure-free
-    run."""
+    load: DP0's join completes over the survivors left, DP1's requests resume on them. DP1
+    rejoins, and DP3, the only survivor holding DP1's experts, has its worker SIGKILLed in
+    the middle of exporting them: DP1's replacement falls back to the model files, and DP3
+    rejoins last (its experts from DP1's memory). The instance is back to full size, every
+    replacement verified, and every stream (across the deaths, pinned to each rank
+    afterwards) equals the failure-free run."""
     ref_outs, ref_threads = _short(server, [None, None, None, None])
     for t in ref_threads:
         t.join(timeout=300)
@@ -172,14 +179,39 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     assert rec0["state"] == "live", rec0
 
     assert server.post_empty("/resilience/ranks/1/rejoin")[0] == 202
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        st = json.loads(server.get("/resilience/status")[1])
+        rec1 = [r for r in st["rejoins"] if r["rank"] == 1][-1]
+        if ((rec1.get("export") or {}).get("asking") == 3
+                or rec1["state"] not in ("queued", "exporting")):
+            break
+        time.sleep(0.01)
+    assert rec1["state"] == "exporting" and rec1["export"]["asking"] == 3, rec1
+    dp3 = next(r for r in st["ranks"] if r["dp_rank"] == 3)
+    outs, threads = _short(server, [3, 0, 2, None])
+    time.sleep(1.5 * EXPORT_DELAY_MS / 1000)  # one of the four written, the second under way
+    os.kill(dp3["pid"], signal.SIGKILL)  # DP3's worker, mid-export
+    for t in threads:
+        t.join(timeout=300)
+    for i, o in enumerate(outs):
+        assert "error" not in o and o["tokens"] == ref[i], o.get("error")
     rec1 = _wait_rejoin(server, 1, "live")
     assert rec1["state"] == "live", rec1
+    assert rec1["export"]["failed"] == [3], rec1["export"]
+    # DP3's worker died in the middle of its export: the next source, the model files
+    assert list(rec1["verified"]["loaded"][0]) == ["disk"], rec1["verified"]
+
+    assert server.post_empty("/resilience/ranks/3/rejoin")[0] == 202
+    rec3 = _wait_rejoin(server, 3, "live")
+    assert rec3["state"] == "live", rec3
+    assert list(rec3["verified"]["loaded"][0]) == ["peer"], rec3["verified"]  # from DP1
 
     after = json.loads(server.get("/resilience/status")[1])
     assert {r["dp_rank"]: r["state"] for r in after["ranks"]} == {
         0: "live", 1: "live", 2: "live", 3: "live"}
-    assert [j["dp_rank"] for j in after["joins"]] == [2, 0, 1]
-    assert after["epoch"] == rec1["epoch"] == after["joins"][-1]["epoch"]
+    assert [j["dp_rank"] for j in after["joins"]] == [2, 0, 1, 3]
+    assert after["epoch"] == rec3["epoch"] == after["joins"][-1]["epoch"]
     for r in after["rejoins"]:
         assert r["state"] == "live" and r["verified"]["experts_checked"] > 0, r
         # experts from the survivors' memory; the model files only for one that no survivor
@@ -190,7 +222,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     for engine in after["counters"]:
         assert (engine["epoch"], engine["live"]) == (after["epoch"], [0, 1, 2, 3]), engine
         for worker in engine["workers"]:
-            assert worker["incarnation"] == rec1["epoch"] and not worker["solo"], worker
+            assert worker["incarnation"] == rec3["epoch"] and not worker["solo"], worker
     deadline = time.monotonic() + 30
     while after["experts"]["repairing"] and time.monotonic() < deadline:
         time.sleep(0.2)

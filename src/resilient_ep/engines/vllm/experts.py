@@ -177,9 +177,10 @@ class ExpertState:
             layer.active.copy_(m.to(layer.active.device, layer.active.dtype))
 
     # ------------------------------------------------------------------ failures
-    def set_dead(self, dead_ep_ranks) -> None:
+    def set_dead(self, dead_ep_ranks, *, copy: bool = True) -> None:
         """The EP ranks now dead (cumulative): plan the recovery (every worker the same),
-        rewrite the maps in place, start this rank's copies."""
+        rewrite the maps in place, start this rank's copies (``copy=False``: record them
+        only, as a replacement replaying the log does)."""
         with self._lock:
             new = sorted(set(int(r) for r in dead_ep_ranks) - self._dead)
             if not new:
@@ -207,6 +208,8 @@ class ExpertState:
             log.warning("resilient-ep: experts %s lost every copy and no live slot can take "
                         "them: %s", [e for _, e in plan.replan.unrepairable],
                         self.config.recovery.on_uncovered)
+        if not copy:
+            return
         for m in mine:
             self._jobs.put((m.slot, m.expert, generation))
         if mine:
@@ -231,13 +234,15 @@ class ExpertState:
     def replay(self, history: list[dict], ep_ranks_of: Callable[[int], set[int]]) -> None:
         """A replacement rank catches up with the instance: every loss and join of the
         authority's log (``history``: DP ranks, in order), applied as the survivors applied
-        them, so its plan, moves and maps are theirs."""
+        them, so its plan, moves and maps are theirs. It copies nothing: a copy into its own
+        slots that the log implies was the lost process's to make, and its own join (the end
+        of the log) gives it its initial slots, as it loaded them."""
         dead: set[int] = set()
         for event in history:
             ep = ep_ranks_of(int(event["rank"]))
             if event["kind"] == "loss":
                 dead |= ep
-                self.set_dead(dead)
+                self.set_dead(dead, copy=False)
             else:
                 dead -= ep
                 self.set_joined(ep)
@@ -290,7 +295,10 @@ class ExpertState:
         for r in ep_ranks:
             wanted |= set(self.plan.layout.experts_on_rank(0, int(r)))
         wrote, nbytes, t0 = [], 0, time.monotonic()
+        delay = _injected_delay_s("RESILIENT_EP_EXPORT_DELAY_MS")
         for e in sorted(wanted & set(mine)):
+            if delay:
+                time.sleep(delay)  # fault injection: a slow export, to die in the middle of
             for layer in self.layers:
                 tensors = {n: p.data[mine[e]] for n, p in slot_params(layer.module)}
                 if out.put(layer.name, e, tensors):
@@ -411,7 +419,7 @@ class ExpertState:
                            host_has=self._host_has, disk=self.disk_ok is not False,
                            exclude_slots=[slot])
         local = slot - self.rank * self.plan.slots_per_rank
-        delay = _injected_delay_s()
+        delay = _injected_delay_s("RESILIENT_EP_REPAIR_DELAY_MS")
         if delay:
             time.sleep(delay)  # fault injection: a slow source (the MoE passes must wait)
         for c in cands:
@@ -515,12 +523,13 @@ class ExpertState:
         return int(self.shadow_mask[slots].sum())
 
 
-def _injected_delay_s() -> float:
+def _injected_delay_s(name: str) -> float:
     """Tests: ``RESILIENT_EP_FAULT_INJECTION=1`` with ``RESILIENT_EP_REPAIR_DELAY_MS`` makes
-    every repair copy start that much later (a slow source)."""
+    every repair copy start that much later (a slow source), with
+    ``RESILIENT_EP_EXPORT_DELAY_MS`` every expert a survivor exports for a rejoin."""
     if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1":
         return 0.0
-    return float(os.environ.get("RESILIENT_EP_REPAIR_DELAY_MS", "0") or 0) / 1000.0
+    return float(os.environ.get(name, "0") or 0) / 1000.0
 
 
 # ---------------------------------------------------------------------- per process

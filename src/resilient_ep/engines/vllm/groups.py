@@ -202,7 +202,7 @@ def _prepare_on_join(kind: str, vllm_config: Any, build: Callable[[int], LiveGro
     """Make the group of each join's incarnation as soon as this process hears of the join
     (the membership subscriber's thread): its sockets connect (and authenticate) while the
     current group still serves; ``switch_*`` then takes it."""
-    from .replacement import rank_live_at
+    from .replacement import takes_part
 
     _preparing.add(kind)
     _, instance = instance_of(vllm_config)
@@ -210,7 +210,7 @@ def _prepare_on_join(kind: str, vllm_config: Any, build: Callable[[int], LiveGro
     me = int(vllm_config.parallel_config.data_parallel_rank)
 
     def on_join(join) -> None:
-        if not rank_live_at(replica.events(), me, join.epoch):
+        if not takes_part(replica.events(), me, join.epoch):
             return  # history to a replacement: a join from before its own
         with _prepared_lock:
             if join.epoch <= _incarnation[kind] or (kind, join.epoch) in _prepared:

@@ -152,9 +152,9 @@ class EngineJoin:
 
     # -- the news (the membership subscriber's thread)
     def _heard(self, join) -> None:
-        from .replacement import rank_live_at
+        from .replacement import takes_part
 
-        if not rank_live_at(self.replica.events(), self.rank, join.epoch):
+        if not takes_part(self.replica.events(), self.rank, join.epoch):
             return  # a join from before this process's own (a replacement replays the log)
         with self._lock:
             if join.epoch <= self.latest:

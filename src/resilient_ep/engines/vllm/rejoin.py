@@ -180,13 +180,16 @@ class Rejoiner:
         self._set(record, "exporting")
         t0 = time.monotonic()
         done, nbytes, failed = set(), 0, []
+        progress = {"experts": [], "bytes": 0, "failed": [], "asking": None, "seconds": 0.0}
+        with self._lock:
+            record["export"] = progress
         for i in range(len(c.core_engines)):
             if i in c.resilient_dead:
                 continue
+            with self._lock:
+                progress["asking"] = i
             try:
-                got = self._run(c._call_utility_async(
-                    "collective_rpc", "resilient_ep_export_experts", RPC_TIMEOUT_S,
-                    (rank, str(root)), None, engine=c.core_engines[i]))
+                got = self._rpc_live(i, "resilient_ep_export_experts", (rank, str(root)))
             except Exception as e:  # lost meanwhile, or slow: the others may cover it
                 log.warning("resilient-ep: DP%d did not export experts for DP%d's "
                             "replacement: %r", i, rank, e)
@@ -196,9 +199,32 @@ class Rejoiner:
                 done |= set(w.get("experts") or [])
                 nbytes += int(w.get("bytes") or 0)
         with self._lock:
-            record["export"] = {"experts": sorted(done), "bytes": nbytes, "failed": failed,
-                                "seconds": time.monotonic() - t0}
+            progress.update(experts=sorted(done), bytes=nbytes, failed=failed, asking=None,
+                            seconds=time.monotonic() - t0)
         return str(root)
+
+    def _rpc_live(self, engine: int, method: str, args: tuple, timeout_s: float = RPC_TIMEOUT_S):
+        """``collective_rpc`` on one engine, given up on as soon as the engine is lost (its
+        answer would never come) or after ``timeout_s``."""
+        import concurrent.futures
+
+        c = self.client
+        loop = c._re_loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the API server's event loop is not known yet")
+        fut = asyncio.run_coroutine_threadsafe(c._call_utility_async(
+            "collective_rpc", method, timeout_s, args, None, engine=c.core_engines[engine]), loop)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return fut.result(0.1)
+            except concurrent.futures.TimeoutError:
+                if engine in c.resilient_dead:
+                    fut.cancel()
+                    raise RuntimeError(f"DP{engine} was lost while it answered {method}")
+                if time.monotonic() > deadline:
+                    fut.cancel()
+                    raise TimeoutError(f"DP{engine} did not answer {method} in {timeout_s} s")
 
     def _start(self, rank: int, record: dict, export: str | None) -> None:
         """The replacement process, up to READY."""
@@ -308,16 +334,21 @@ class Rejoiner:
         new = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
                                               RPC_TIMEOUT_S, (), None,
                                               engine=c.core_engines[rank]))
-        live = [i for i in range(len(c.core_engines)) if i not in c.resilient_dead]
-        if not live:
+        ref, survivor = None, None
+        for i in range(len(c.core_engines)):
+            if i in c.resilient_dead:
+                continue
+            try:  # a survivor lost while it answers: the next one
+                ref, survivor = self._rpc_live(i, "resilient_ep_verify", (False,)), i
+                break
+            except Exception as e:
+                log.warning("resilient-ep: DP%d could not give its digest: %r", i, e)
+        if ref is None:
             raise RuntimeError("no live rank to compare with")
-        ref = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
-                                              RPC_TIMEOUT_S, (False,), None,
-                                              engine=c.core_engines[live[0]]))
         for mine, theirs in zip(new, ref):
             if mine["dense_digest"] != theirs["dense_digest"]:
                 raise RuntimeError(f"DP{rank} replacement's dense weights differ from DP"
-                                   f"{live[0]}'s ({mine['dense_digest']} != "
+                                   f"{survivor}'s ({mine['dense_digest']} != "
                                    f"{theirs['dense_digest']})")
             bad = (mine.get("experts") or {}).get("mismatched") or []
             if bad:
@@ -325,7 +356,7 @@ class Rejoiner:
                                    f"host backup / model files: {bad[:8]}")
         with self._lock:
             record["verified"] = {"dense_digest": new[0]["dense_digest"],
-                                  "compared_with": live[0],
+                                  "compared_with": survivor,
                                   "experts_checked": sum((w.get("experts") or {}).get(
                                       "checked", 0) for w in new),
                                   "loaded": [(w.get("experts") or {}).get("loaded")

@@ -7,7 +7,7 @@ import os
 
 from resilient_ep.liveness import RankJoin
 
-__all__ = ["REJOIN_ENV", "EXPERTS_ENV", "is_replacement", "rank_live_at"]
+__all__ = ["REJOIN_ENV", "EXPERTS_ENV", "is_replacement", "own_join_epoch", "takes_part"]
 
 REJOIN_ENV = "RESILIENT_EP_REJOIN"
 """Set (to the lost DP rank) in the environment of a replacement engine core and its workers."""
@@ -22,15 +22,22 @@ def is_replacement() -> bool:
     return os.environ.get(REJOIN_ENV) is not None
 
 
-def rank_live_at(events, rank: int, epoch: int) -> bool:
-    """Whether ``rank`` was live right after the event of ``epoch`` in the authority's log
-    ``events`` (losses and joins in order; every rank is live at the start). A replacement
-    replays the whole log when it subscribes: the joins of other ranks before its own are
-    history to it, not joins it takes part in."""
-    live = True
+def own_join_epoch(events, rank: int) -> int | None:
+    """The epoch of the newest join of ``rank`` in the authority's log ``events`` when no loss
+    of it came after (None: the rank is out, or never left)."""
+    own = None
     for e in events:
-        if e.epoch > epoch:
-            break
         if int(e.rank) == int(rank):
-            live = isinstance(e, RankJoin)
-    return live
+            own = int(e.epoch) if isinstance(e, RankJoin) else None
+    return own
+
+
+def takes_part(events, rank: int, epoch: int, replacement: bool | None = None) -> bool:
+    """Whether this process takes part in the join of ``epoch``. A process that never left
+    takes part in every join. A replacement replays the whole log when it subscribes: every
+    join before its own is history to it (the process it replaces was there, not it), its
+    own join and the later ones are its to take part in."""
+    if not (is_replacement() if replacement is None else replacement):
+        return True
+    own = own_join_epoch(events, rank)
+    return own is not None and int(epoch) >= own
