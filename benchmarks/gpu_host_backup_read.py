@@ -14,17 +14,11 @@ import tempfile
 import time
 
 import torch
+from cuda_timing import cuda_seconds
 from safetensors.torch import load_file, save_file
 
 
-def timed(fn, n=10):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
+timed = cuda_seconds
 
 
 def main():
@@ -82,7 +76,6 @@ def main():
             out[f"{k}_gib_s"] = nbytes / v / 2**30
         ok = all(torch.equal(slot[k].cpu(), host[k]) for k in host)
         out["exact"] = ok
-        del views, raw
     print(json.dumps(out, indent=2))
 
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import torch
+from cuda_timing import cuda_seconds
 
 from resilient_ep.active_experts import active_slots, local_expert_map
 from resilient_ep.placement import place
@@ -33,14 +34,7 @@ def expert_tensors(hidden, inter):
             "w2_weight": torch.randn(hidden, inter, dtype=torch.bfloat16)}
 
 
-def timed(fn, n):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
+timed = cuda_seconds
 
 
 def copy_sources(name, hidden, inter, n=10):

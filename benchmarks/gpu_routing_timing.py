@@ -3,9 +3,9 @@
     PYTHONPATH=src python benchmarks/gpu_routing_timing.py
 """
 import json
-import time
 
 import torch
+from cuda_timing import cuda_seconds
 
 from resilient_ep.placement import place, replan
 from resilient_ep.routing import RoutingTable
@@ -19,14 +19,7 @@ live = torch.ones(R, dtype=torch.bool); live[3] = False
 res = replan(lay, [3])
 
 def timeit(fn, n=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    return cuda_seconds(fn, n, warmup=5) * 1e3
 
 out = {
     "device": torch.cuda.get_device_name(),
