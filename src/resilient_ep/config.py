@@ -242,6 +242,11 @@ class RecoveryConfig:
     restart of the others (vLLM: the front end starts a new engine core; see docs/vllm.md).
     Off: a lost rank stays out until ``POST /resilience/ranks/{rank}/rejoin``."""
 
+    rejoin_start_timeout_s: float = 300.0
+    """A replacement rank must be up (weights loaded, warmed up, compiled) this long after its
+    process starts; one that is not is stopped and started once more, then the rejoin fails.
+    Raise it for models whose weights take longer to load."""
+
     max_request_failures: int = 2
     """A request in flight at this many rank deaths is failed with an error instead of being
     moved again (a poison request that kills every rank it runs on must not take the
@@ -252,6 +257,8 @@ class RecoveryConfig:
                "must be >= 0")
         _check(self.max_request_failures >= 0, f"{prefix}.max_request_failures",
                self.max_request_failures, "must be >= 0")
+        _check(self.rejoin_start_timeout_s > 0, f"{prefix}.rejoin_start_timeout_s",
+               self.rejoin_start_timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True)

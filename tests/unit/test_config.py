@@ -95,3 +95,16 @@ def test_keys_no_engine_implements_are_refused_by_name():
     with pytest.raises(ConfigError, match="placement.fault_aware.*not supported on vllm"):
         refuse_unsupported(ResilienceConfig.from_dict({"placement": {"fault_aware": False}}),
                            "vllm", {"placement": "ring mirror"})
+
+
+def test_rejoin_start_timeout_must_be_positive_and_the_reference_runtime_refuses_it():
+    from resilient_ep.config import refuse_unsupported
+    from resilient_ep.runtime.coordinator import UNSUPPORTED
+
+    assert ResilienceConfig().recovery.rejoin_start_timeout_s == 300.0
+    with pytest.raises(ConfigError, match="recovery.rejoin_start_timeout_s") as ei:
+        ResilienceConfig().with_overrides(["recovery.rejoin_start_timeout_s=0"])
+    assert "0" in str(ei.value)
+    cfg = ResilienceConfig().with_overrides(["recovery.rejoin_start_timeout_s=60"])
+    with pytest.raises(ConfigError, match="not supported on reference"):
+        refuse_unsupported(cfg, "reference", UNSUPPORTED)

@@ -171,3 +171,48 @@ def test_a_replacement_takes_part_only_in_its_own_join():
     log += [RankLoss(1, "exit", -9, 7.0, 9), RankJoin(1, 8.0, 10)]
     assert own_join_epoch(log, 1) == 10 and not takes_part(log, 1, 6, replacement=True)
     assert all(takes_part(log, 3, e.epoch, replacement=False) for e in log)  # never left
+
+def test_a_replacement_that_hangs_in_its_start_is_stopped_and_started_again(monkeypatch):
+    """The rejoin's start watchdog: the first replacement never reaches READY, so it is
+    stopped (and its loss seen by the authority) and another is started; the rejoin then
+    goes on. When every start hangs, the rejoin fails (the rank stays out)."""
+    from resilient_ep.engines.vllm import rejoin
+
+    class Liveness:
+        def __init__(self):
+            self.admitted = []
+
+        def admit(self, rank):
+            self.admitted.append(rank)
+            return SimpleNamespace(epoch=7)
+
+    client = SimpleNamespace(resilient_dead={1}, resilient_liveness=Liveness(),
+                             resilient_rejoined=lambda rank, epoch: None)
+    r = rejoin.Rejoiner(client)
+    starts, stopped = [], []
+
+    def start(rank, record, export):
+        starts.append(rank)
+        record["_proc"] = f"proc{len(starts)}"
+        if len(starts) == 1:
+            raise rejoin.StartTimeout("not READY within 150 s of its start")
+
+    monkeypatch.setattr(r, "_export", lambda rank, record: None)
+    monkeypatch.setattr(r, "_start", start)
+    monkeypatch.setattr(r, "_stop_replacement", lambda rank, proc: stopped.append(proc))
+    monkeypatch.setattr(r, "_verify", lambda rank, record: None)
+    monkeypatch.setattr(r, "_wait_switched", lambda rank, epoch: None)
+    record = {"rank": 1, "state": "queued"}
+    r._rejoin(1, record)
+    assert starts == [1, 1] and stopped == ["proc1"] and record["attempts"] == 2
+    assert record["state"] == "live" and client.resilient_liveness.admitted == [1]
+
+    def hang(rank, record, export):
+        record["_proc"] = "procN"
+        raise rejoin.StartTimeout("not READY")
+
+    monkeypatch.setattr(r, "_start", hang)
+    stopped.clear()
+    with pytest.raises(rejoin.StartTimeout):
+        r._rejoin(1, {"rank": 1, "state": "queued"})
+    assert stopped == ["procN"] * rejoin.START_ATTEMPTS

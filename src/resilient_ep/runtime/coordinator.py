@@ -57,6 +57,8 @@ DEFAULT_REDUNDANT_SLOTS = 1
 
 UNSUPPORTED: dict[str, str] = {
     "recovery.respawn": "the reference runtime rejoins a rank on Coordinator.rejoin(rank)",
+    "recovery.rejoin_start_timeout_s": "the reference runtime starts no replacement process "
+                                       "(Coordinator.rejoin(rank) restarts the rank's own)",
 }
 """Settings the reference runtime does not read: refused at start, never ignored."""
 

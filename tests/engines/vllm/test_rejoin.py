@@ -41,7 +41,9 @@ def server(tmp_path_factory, tiny_model):
             "--enable-expert-parallel", "--enable-resilience",
             "--additional-config", json.dumps({"resilience": {"instance": instance}}),
             "--resilience-set", "recovery.respawn=true",
-            "--resilience-set", "detector.heartbeat_timeout_ms=5000"]
+            "--resilience-set", "detector.heartbeat_timeout_ms=5000",
+            # a replacement that hangs in its start is retried in time
+            "--resilience-set", "recovery.rejoin_start_timeout_s=180"]
     srv = Server(tiny_model, args, work / "serve.log", engine_env())
     try:
         srv.wait_ready(SERVE_TIMEOUT_S)

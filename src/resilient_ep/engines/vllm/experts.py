@@ -296,9 +296,13 @@ class ExpertState:
             wanted |= set(self.plan.layout.experts_on_rank(0, int(r)))
         wrote, nbytes, t0 = [], 0, time.monotonic()
         delay = _injected_delay_s("RESILIENT_EP_EXPORT_DELAY_MS")
+        if delay and wanted & set(mine):  # fault injection: a slow export, to die in the middle
+            mark = os.environ.get("RESILIENT_EP_EXPORT_MARK_DIR")
+            if mark:  # of: it says when it starts
+                open(os.path.join(mark, f"export-ep{self.rank}"), "w").close()
         for e in sorted(wanted & set(mine)):
             if delay:
-                time.sleep(delay)  # fault injection: a slow export, to die in the middle of
+                time.sleep(delay)
             for layer in self.layers:
                 tensors = {n: p.data[mine[e]] for n, p in slot_params(layer.module)}
                 if out.put(layer.name, e, tensors):
@@ -526,7 +530,8 @@ class ExpertState:
 def _injected_delay_s(name: str) -> float:
     """Tests: ``RESILIENT_EP_FAULT_INJECTION=1`` with ``RESILIENT_EP_REPAIR_DELAY_MS`` makes
     every repair copy start that much later (a slow source), with
-    ``RESILIENT_EP_EXPORT_DELAY_MS`` every expert a survivor exports for a rejoin."""
+    ``RESILIENT_EP_EXPORT_DELAY_MS`` every expert a survivor exports for a rejoin (and the
+    export, when it starts, creates ``export-ep<rank>`` in ``RESILIENT_EP_EXPORT_MARK_DIR``)."""
     if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1":
         return 0.0
     return float(os.environ.get(name, "0") or 0) / 1000.0

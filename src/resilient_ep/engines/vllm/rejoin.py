@@ -42,7 +42,10 @@ __all__ = ["Rejoiner", "RejoinError", "STATES", "run_replacement_engine_core"]
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
 STATES = ("exporting", "joining", "warming", "verifying", "live", "failed")
-HANDSHAKE_TIMEOUT_S = 600.0
+START_ATTEMPTS = 2
+"""A replacement not READY within ``recovery.rejoin_start_timeout_s`` of its start (about
+25 s on a 2-core machine, 35 s with torch.compile) is stopped and started again, this many
+starts in all."""
 SWITCH_TIMEOUT_S = 120.0
 RPC_TIMEOUT_S = 60.0
 
@@ -64,6 +67,10 @@ def run_replacement_engine_core(**kwargs) -> None:
 
 class RejoinError(RuntimeError):
     """A rejoin that cannot start (bad rank, rank not lost, wrong topology)."""
+
+
+class StartTimeout(TimeoutError):
+    """The replacement did not reach READY in time (it is stopped; the rejoin may retry)."""
 
 
 class Rejoiner:
@@ -143,7 +150,19 @@ class Rejoiner:
             raise RejoinError(f"rank {rank} is live again")
         export = self._export(rank, record)
         try:
-            self._start(rank, record, export)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    self._start(rank, record, export)
+                    break
+                except StartTimeout as e:
+                    self._stop_replacement(rank, record.pop("_proc", None))
+                    if attempt == START_ATTEMPTS:
+                        raise
+                    log.warning("resilient-ep: DP%d replacement: %s; stopped, starting "
+                                "another (attempt %d of %d)", rank, e, attempt + 1,
+                                START_ATTEMPTS)
+                    with self._lock:
+                        record["attempts"] = attempt + 1
         finally:
             if export is not None:
                 HostBackup(export).remove()
@@ -244,6 +263,28 @@ class Rejoiner:
         finally:
             sock.close(linger=0)
 
+    def _start_timeout_s(self) -> float:
+        from .instance import instance_of
+
+        settings = instance_of(self.client.vllm_config)
+        return settings[0].recovery.rejoin_start_timeout_s if settings else 300.0
+
+    def _stop_replacement(self, rank: int, proc, timeout_s: float = 30.0) -> None:
+        """Kill a replacement that hung in its start and wait until the liveness monitor has
+        seen it go (the rank is lost again, not joining: another may begin)."""
+        from resilient_ep.membership import RankState
+
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(timeout_s)
+        membership = getattr(self.client.resilient_liveness, "membership", None)
+        deadline = time.monotonic() + timeout_s
+        while membership is not None and membership.state(rank) is RankState.JOINING:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the liveness monitor still has DP{rank} joining "
+                                   f"{timeout_s} s after its replacement was stopped")
+            time.sleep(0.05)
+
     def _spawn(self, rank: int, handshake_address: str, export: str | None = None):
         from vllm.utils.system_utils import get_mp_context
 
@@ -292,13 +333,14 @@ class Rejoiner:
         manager = c.resources.engine_manager
         pc = manager._resilient_vllm_config.parallel_config
         identity = rank.to_bytes(2, "little")
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        timeout_s = self._start_timeout_s()
+        deadline = time.monotonic() + timeout_s
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         ready = False
         while not ready:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"DP{rank} replacement not READY within {HANDSHAKE_TIMEOUT_S} s")
+                raise StartTimeout(f"not READY within {timeout_s:.0f} s of its start")
             if proc.exitcode is not None or rank not in c.resilient_dead:
                 raise RuntimeError(f"DP{rank} replacement exited (code {proc.exitcode}) "
                                    "while it started")
