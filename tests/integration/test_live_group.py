@@ -17,7 +17,8 @@ from resilient_ep.transport.group import LiveGroup, PeerLost
 ROUNDS = 400
 
 
-def _member(rank: int, endpoints: list[str], strict: bool, timeout_ms: float, out) -> None:
+def _member(rank: int, endpoints: list[str], strict: bool, timeout_ms: float, out,
+            done) -> None:
     group = LiveGroup("t", rank, endpoints, detector=DetectorConfig(
         heartbeat_interval_ms=20, heartbeat_timeout_ms=timeout_ms))
     lost, sums, live_seen = [], [], []
@@ -35,6 +36,9 @@ def _member(rank: int, endpoints: list[str], strict: bool, timeout_ms: float, ou
             time.sleep(0.005)
         out.put((rank, lost, sums[-1], live_seen[-1], group.epoch,
                  {r: group.cause(r) for r in group.dead}))
+        # Leave only once every survivor is through its last round: a member that closes
+        # while another still waits in the last collective is a loss to that one (CI-found).
+        done.wait(60)
     finally:
         group.close()
 
@@ -43,8 +47,8 @@ def _run(tmp_path, strict: bool, sig: int, timeout_ms: float):
     n = 3
     endpoints = [f"ipc://{tmp_path}/g-{r}" for r in range(n)]
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_member, args=(r, endpoints, strict, timeout_ms, out))
+    out, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_member, args=(r, endpoints, strict, timeout_ms, out, done))
              for r in range(n)]
     for p in procs:
         p.start()
@@ -59,6 +63,7 @@ def _run(tmp_path, strict: bool, sig: int, timeout_ms: float):
             results[rank] = rest
         return results
     finally:
+        done.set()
         for p in procs:
             if p.is_alive():
                 p.kill()
