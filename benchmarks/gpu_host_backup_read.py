@@ -18,9 +18,6 @@ from cuda_timing import cuda_seconds
 from safetensors.torch import load_file, save_file
 
 
-timed = cuda_seconds
-
-
 def main():
     hidden, inter = 7168, 2048
     host = {"w13_weight": torch.randn(2 * inter, hidden, dtype=torch.bfloat16),
@@ -58,7 +55,7 @@ def main():
                 slot[k].copy_(buf, non_blocking=True)
                 off += n
 
-        rows = {"load_file": timed(by_load_file), "staged": timed(staged)}
+        rows = {"load_file": cuda_seconds(by_load_file), "staged": cuda_seconds(staged)}
         cudart = torch.cuda.cudart()
         t0 = time.perf_counter()
         err = cudart.cudaHostRegister(raw.data_ptr(), raw.numel(), 0x08)  # read-only
@@ -69,7 +66,7 @@ def main():
             def registered():
                 for k, v in views.items():
                     slot[k].copy_(v, non_blocking=True)
-            rows["registered"] = timed(registered)
+            rows["registered"] = cuda_seconds(registered)
             cudart.cudaHostUnregister(raw.data_ptr())
         for k, v in rows.items():
             out[f"{k}_ms"] = v * 1e3

@@ -34,9 +34,6 @@ def expert_tensors(hidden, inter):
             "w2_weight": torch.randn(hidden, inter, dtype=torch.bfloat16)}
 
 
-timed = cuda_seconds
-
-
 def copy_sources(name, hidden, inter, n=10):
     host = expert_tensors(hidden, inter)
     nbytes = sum(t.numel() * t.element_size() for t in host.values())
@@ -57,10 +54,10 @@ def copy_sources(name, hidden, inter, n=10):
                     slot[k].copy_(v, non_blocking=non_blocking)
             return go
 
-        rows = {"host_backup_shm": timed(from_backup, n),
-                "pinned_host": timed(from_(pinned, True), n),
-                "pageable_host": timed(from_(host, False), n),
-                "device_local": timed(from_(device_copy, True), n)}
+        rows = {"host_backup_shm": cuda_seconds(from_backup, n),
+                "pinned_host": cuda_seconds(from_(pinned, True), n),
+                "pageable_host": cuda_seconds(from_(host, False), n),
+                "device_local": cuda_seconds(from_(device_copy, True), n)}
     return {"model": name, "expert_mib": nbytes / 2**20,
             **{f"{k}_ms": v * 1e3 for k, v in rows.items()},
             **{f"{k}_gib_s": nbytes / v / 2**30 for k, v in rows.items()}}
@@ -76,7 +73,7 @@ def routing_flip(L=61, E=256, R=32, S=9, n=20):
         active = active_slots(lay, live)
     plan_s = (time.perf_counter() - t) / n
     rows = local_expert_map(active, 0, S)
-    write_s = timed(lambda: emap.copy_(rows, non_blocking=False), 100)
+    write_s = cuda_seconds(lambda: emap.copy_(rows, non_blocking=False), 100)
     return {"layers": L, "experts": E, "ranks": R, "slots_per_rank": S,
             "active_slots_cpu_ms": plan_s * 1e3, "expert_map_write_ms": write_s * 1e3}
 

@@ -228,11 +228,8 @@ class Rejoiner:
         import concurrent.futures
 
         c = self.client
-        loop = c._re_loop
-        if loop is None or loop.is_closed():
-            raise RuntimeError("the API server's event loop is not known yet")
-        fut = asyncio.run_coroutine_threadsafe(c._call_utility_async(
-            "collective_rpc", method, timeout_s, args, None, engine=c.core_engines[engine]), loop)
+        fut = self._submit(c._call_utility_async(
+            "collective_rpc", method, timeout_s, args, None, engine=c.core_engines[engine]))
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -264,10 +261,13 @@ class Rejoiner:
             sock.close(linger=0)
 
     def _start_timeout_s(self) -> float:
+        from resilient_ep.config import RecoveryConfig
+
         from .instance import instance_of
 
         settings = instance_of(self.client.vllm_config)
-        return settings[0].recovery.rejoin_start_timeout_s if settings else 300.0
+        recovery = settings[0].recovery if settings else RecoveryConfig()
+        return recovery.rejoin_start_timeout_s
 
     def _stop_replacement(self, rank: int, proc, timeout_s: float = 30.0) -> None:
         """Kill a replacement that hung in its start and wait until the liveness monitor has
@@ -365,11 +365,15 @@ class Rejoiner:
                 ready = True
         self._set(record, "verifying")
 
-    def _run(self, coro, timeout_s: float = RPC_TIMEOUT_S):
+    def _submit(self, coro):
+        """Run ``coro`` on the API server's event loop; its future."""
         loop = self.client._re_loop
         if loop is None or loop.is_closed():
             raise RuntimeError("the API server's event loop is not known yet")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def _run(self, coro, timeout_s: float = RPC_TIMEOUT_S):
+        return self._submit(coro).result(timeout_s)
 
     def _verify(self, rank: int, record: dict) -> None:
         c = self.client
