@@ -163,10 +163,10 @@ class Rejoiner:
                                 START_ATTEMPTS)
                     with self._lock:
                         record["attempts"] = attempt + 1
+            self._verify(rank, record, export)
         finally:
             if export is not None:
                 HostBackup(export).remove()
-        self._verify(rank, record)
         join = c.resilient_liveness.admit(rank)
         with self._lock:
             record["epoch"] = join.epoch
@@ -375,20 +375,34 @@ class Rejoiner:
     def _run(self, coro, timeout_s: float = RPC_TIMEOUT_S):
         return self._submit(coro).result(timeout_s)
 
-    def _verify(self, rank: int, record: dict) -> None:
+    def _verify(self, rank: int, record: dict, export: str | None = None) -> None:
+        """The replacement's weights and its probe forward against a survivor's: its dense
+        weights' digest equal, its expert slots equal to the host backup or the model files
+        (bitwise), and every module's output on the probe input (``probe.py``) equal to what
+        the survivor's modules give, within rounding."""
+        from resilient_ep.probe import compare
+
         c = self.client
         new = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
                                               RPC_TIMEOUT_S, (), None,
                                               engine=c.core_engines[rank]))
-        ref, survivor = None, None
+        probes = self._run(c._call_utility_async("collective_rpc", "resilient_ep_probe",
+                                                 RPC_TIMEOUT_S, (), None,
+                                                 engine=c.core_engines[rank]))
+        ref = ref_probes = survivor = None
         for i in range(len(c.core_engines)):
             if i in c.resilient_dead:
                 continue
             try:  # a survivor lost while it answers: the next one
-                ref, survivor = self._rpc_live(i, "resilient_ep_verify", (False,)), i
+                ref = self._rpc_live(i, "resilient_ep_verify", (False,))
+                wanted = sorted({tuple(pair) for p in probes
+                                 for pair in (p.get("experts") or {}).get("pairs") or []})
+                ref_probes = self._rpc_live(i, "resilient_ep_probe",
+                                            ([list(w) for w in wanted], export))
+                survivor = i
                 break
             except Exception as e:
-                log.warning("resilient-ep: DP%d could not give its digest: %r", i, e)
+                log.warning("resilient-ep: DP%d could not give its digest or probe: %r", i, e)
         if ref is None:
             raise RuntimeError("no live rank to compare with")
         for mine, theirs in zip(new, ref):
@@ -400,6 +414,26 @@ class Rejoiner:
             if bad:
                 raise RuntimeError(f"DP{rank} replacement's expert slots differ from the "
                                    f"host backup / model files: {bad[:8]}")
+        probe_summary = {"dense_modules": 0, "experts_compared": 0, "experts_not_compared": 0,
+                         "survivor_sources": {}}
+        for mine, theirs in zip(probes, ref_probes):
+            names = sorted(set(mine["dense"]) | set(theirs["dense"]))
+            bad = compare(mine["dense"], theirs["dense"], names=names)
+            mx, tx = mine.get("experts") or {}, theirs.get("experts") or {}
+            if mx.get("skipped") or tx.get("skipped"):
+                probe_summary["experts_skipped"] = mx.get("skipped") or tx.get("skipped")
+            else:
+                got = sorted(tx.get("experts") or {})
+                bad += compare(mx.get("experts") or {}, tx.get("experts") or {}, names=got)
+                probe_summary["experts_compared"] += len(got)
+                probe_summary["experts_not_compared"] += len(mx.get("experts") or {}) - len(got)
+                for k, v in (tx.get("sources") or {}).items():
+                    probe_summary["survivor_sources"][k] = \
+                        probe_summary["survivor_sources"].get(k, 0) + int(v)
+            if bad:
+                raise RuntimeError(f"DP{rank} replacement's probe forward differs from DP"
+                                   f"{survivor}'s: {bad[:8]}")
+            probe_summary["dense_modules"] += len(names)
         with self._lock:
             record["verified"] = {"dense_digest": new[0]["dense_digest"],
                                   "compared_with": survivor,
@@ -408,7 +442,8 @@ class Rejoiner:
                                   "loaded": [(w.get("experts") or {}).get("loaded")
                                              for w in new],
                                   "sources": [(w.get("experts") or {}).get("sources")
-                                              for w in new]}
+                                              for w in new],
+                                  "probe": probe_summary}
 
     def _wait_switched(self, rank: int, epoch: int) -> None:
         """Until the replacement's workers run on the join's group (the survivors switched at

@@ -124,6 +124,25 @@ class ResilienceWorkerExtension:
             out["experts"] = state.verify()
         return out
 
+    def resilient_ep_probe(self, wanted: list | None = None,
+                           export_root: str | None = None) -> dict[str, Any]:
+        """The probe forward of a rejoin (``probe.py``): the dense modules' fingerprints
+        (cached) and the experts' (``wanted`` None: every expert this rank holds, as a
+        replacement asks; else these ``[layer name, expert]`` pairs, as a survivor asks)."""
+        from . import experts as expert_state
+        from . import probe
+
+        runner = getattr(self, "model_runner", None)
+        model = runner.get_model() if runner is not None else None
+        out: dict[str, Any] = {"pid": os.getpid(), "dense": {}, "skipped": {}}
+        if model is not None:
+            out.update(probe.dense_probe(model, expert_state.routed_param_ids()))
+        state = expert_state.current()
+        if state is not None and state.layers:
+            pairs = None if wanted is None else [(str(n), int(e)) for n, e in wanted]
+            out["experts"] = probe.expert_probe(state, pairs, export_root)
+        return out
+
     def resilient_ep_counters(self) -> dict[str, Any]:
         """This worker's failover counters: in-place step re-runs and KV checkpoint traffic."""
         from .groups import current_worker_group
