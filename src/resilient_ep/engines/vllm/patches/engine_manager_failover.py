@@ -9,9 +9,10 @@ How (only when failover applies): ``__init__`` keeps the ``VllmConfig`` and what
 the engine cores with, and ``wait_for_engine_startup`` the addresses it handed them (a
 replacement engine core, ``rejoin.py``, is started and handshaken with the same);
 ``monitor_engine_liveness`` runs the instance's liveness monitor instead (``liveness.py``:
-fence a lost rank whole, publish each loss to the API servers) and returns, as the original
-does, only once every engine core is gone or the manager is stopped. Otherwise the originals
-run.
+fence a lost rank whole, publish each loss to the API servers) and the instance's rejoins
+(``rejoin_hosts.serve_rejoins``: a lost rank's replacement, asked for by any API server or by
+``recovery.respawn``), and returns, as the original does, only once every engine core is gone
+or the manager is stopped. Otherwise the originals run.
 """
 
 from __future__ import annotations
@@ -96,10 +97,15 @@ def apply() -> None:
         cfg = getattr(self, "_resilient_vllm_config", None)
         if cfg is None or not failover_enabled(cfg):
             return orig_monitor(self)
-        monitor, _ = start_monitor(cfg, list(self.processes))
+        from ..instance import instance_of
+        from ..rejoin_hosts import serve_rejoins
+
+        monitor, ranks = start_monitor(cfg, list(self.processes))
+        service = serve_rejoins(self, monitor, ranks, instance_of(cfg)[1])
         monitor.start()
         while monitor.alive and not self.manager_stopped.wait(0.5):
             pass
+        service.stop()
         monitor.stop()
         if monitor.errored() is not None:
             self.failed_proc_name = f"resilient-ep liveness monitor ({monitor.errored()!r})"
