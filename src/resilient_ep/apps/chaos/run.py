@@ -40,6 +40,7 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
             chaos.run_one(n)
         chaos.finish()
         time.sleep(1.0)  # what is in flight lands
+        rejoins = target.settle_rejoins(600.0)  # joins still under way end under load
     finally:
         chaos.finish()
         drained = load.stop()
@@ -67,6 +68,8 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "bad_inputs": len(chaos.bad), "bad_inputs_refused": sum(1 for e in chaos.bad if e["ok"]),
         "forged_packets": chaos.forged, "membership_changes_by_forged": chaos.forged_changes,
         "rejoins": sum(1 for e in chaos.events if e["kind"] == "rejoin" and "rejoin_s" in e),
+        "rejoins_completed": sum(1 for r in rejoins if r["state"] == "live"),
+        "rejoins_unfinished": [r for r in rejoins if r["state"] != "live"],
         "clients_drained": drained,
         "final": {"epoch": status.get("epoch"),
                   "live": [r["rank"] for r in status.get("ranks", []) if r.get("state") == "live"]},
@@ -94,6 +97,8 @@ def summary(r: dict) -> str:
         f"bad inputs {r['bad_inputs_refused']}/{r['bad_inputs']} refused with a 400 naming the field",
         f"  forged packets  {r['forged_packets']} sent, {r['membership_changes_by_forged']} "
         "membership changes",
+        f"  rejoins         {r['rejoins']} started, {r['rejoins_completed']} completed"
+        + (f", unfinished {r['rejoins_unfinished']}" if r["rejoins_unfinished"] else ""),
         f"  final           epoch {r['final']['epoch']}, live ranks {r['final']['live']}",
         f"  {'OK' if r['ok'] else 'FAILED'}",
     ]
