@@ -39,9 +39,9 @@ class FakeClient:
 
     async def _call_utility_async(self, method, *args, engine):
         self.calls.append((method, args, engine))
-        if method == "hang":
+        if method == "resilient_ep_hang":
             await asyncio.sleep(3600)
-        if method == "boom":
+        if method == "resilient_ep_boom":
             raise RuntimeError("the worker raised")
         return {"method": method, "args": list(args), "engine": engine.decode(),
                 "fingerprints": [[0.5, -1.25]] * 3, "by_int": {3: "x"}}
@@ -88,7 +88,7 @@ def test_a_dead_relay_is_skipped_and_errors_come_back(instance, api_servers):
         "engine0"
     assert len(clients[1].calls) == 1
     with pytest.raises(RuntimeError, match="the worker raised"):
-        relay.call_engine(instance, 0, "boom", (), 10.0)
+        relay.call_engine(instance, 0, "resilient_ep_boom", (), 10.0)
 
 
 def test_a_call_to_a_lost_engine_is_given_up_at_once(instance, api_servers):
@@ -96,10 +96,10 @@ def test_a_call_to_a_lost_engine_is_given_up_at_once(instance, api_servers):
     threading.Timer(0.3, lost.set).start()
     t0 = time.monotonic()
     with pytest.raises(EngineLost):
-        relay.call_engine(instance, 1, "hang", (), 60.0, lost=lost.is_set)
+        relay.call_engine(instance, 1, "resilient_ep_hang", (), 60.0, lost=lost.is_set)
     assert time.monotonic() - t0 < 30
     with pytest.raises(TimeoutError):
-        relay.call_engine(instance, 1, "hang", (), 0.5)
+        relay.call_engine(instance, 1, "resilient_ep_hang", (), 0.5)
 
 
 def test_no_relay_is_a_clear_error(instance):
@@ -117,11 +117,16 @@ def test_forged_and_malformed_messages_are_dropped_and_counted(instance, api_ser
     sock.send_multipart(wire.encode({"t": "call", "id": 1, "engine": 9, "utility": "x",
                                      "args": [], "timeout_s": 1.0}), flags=zmq.NOBLOCK)
     sock.send_multipart(wire.encode({"t": "call", "id": 2}), flags=zmq.NOBLOCK)
-    _wait_for(lambda: sum(relays[0].dropped.values()) == 3)
+    # vLLM's own utilities and worker methods are not a rejoin's: refused
+    for utility, args in (("collective_rpc", ["load_model", 5.0, [], None]),
+                          ("reset_prefix_cache", []), ("collective_rpc", [])):
+        sock.send_multipart(wire.encode({"t": "call", "id": 3, "engine": 0, "utility": utility,
+                                         "args": args, "timeout_s": 1.0}), flags=zmq.NOBLOCK)
+    _wait_for(lambda: sum(relays[0].dropped.values()) == 6)
     sock.close(linger=0)
-    assert relays[0].dropped == {"magic": 1, "fields": 2}
+    assert relays[0].dropped == {"magic": 1, "fields": 5}
     assert clients[0].calls == []  # nothing reached an engine
-    assert relay.call_engine(instance, 0, "ok", (), 10.0)["engine"] == "engine0"
+    assert relay.call_engine(instance, 0, "resilient_ep_ok", (), 10.0)["engine"] == "engine0"
 
 
 class FakeRejoiner:

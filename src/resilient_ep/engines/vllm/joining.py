@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -138,6 +139,8 @@ class EngineJoin:
         self.rank = int(cfg.parallel_config.data_parallel_rank)
         self.joined = not is_replacement()
         self.latest = 0
+        self.switches: list[dict] = []
+        """One record per switch of this engine: its worker RPC and its hello (ms)."""
         self._incarnation = incarnation
         _, instance = instance_of(cfg)
         self.replica = membership_replica(instance, int(cfg.parallel_config.data_parallel_size))
@@ -192,13 +195,19 @@ class EngineJoin:
         epoch = joins.pop()
         if epoch <= self._incarnation("core"):
             return
+        t0 = time.monotonic()
         core = self._switch(epoch)
+        t1 = time.monotonic()
         e = self.engine
         mine = torch.tensor([e.step_counter, e.current_wave, int(has_unfinished)],
                             dtype=torch.int64)
         core.allgather([mine], strict=False)
+        t2 = time.monotonic()
+        self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
+                              "hello_ms": (t2 - t1) * 1e3, "at": t0})
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
-                 "wave %d", self.rank, epoch, e.step_counter, e.current_wave)
+                 "wave %d (switch %.1f ms, hello with the joined rank %.1f ms)", self.rank,
+                 epoch, e.step_counter, e.current_wave, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
     def _switch(self, epoch: int):
         from .groups import switch_core_group
@@ -211,9 +220,13 @@ class EngineJoin:
     def _flip(self, epoch: int) -> None:
         """The replacement: switch to the join's groups, learn where the survivors are, take
         their step count and wave."""
+        t0 = time.monotonic()
         core = self._switch(epoch)
+        t1 = time.monotonic()
         none = torch.tensor([-1, -1, -1], dtype=torch.int64)
         got = core.allgather([none], strict=False)
+        self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
+                              "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0})
         theirs = [t[0] for r, t in got.items() if r != self.rank and int(t[0][0]) >= 0]
         e = self.engine
         self.joined = True

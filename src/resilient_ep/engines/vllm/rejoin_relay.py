@@ -99,6 +99,14 @@ def _unpack(frames: list) -> tuple[dict[str, Any], Any]:
     return header, payload
 
 
+def allowed(utility: str, args: list) -> bool:
+    """What a relay makes: our utilities and our worker methods, nothing of vLLM's own (an
+    insider with the key still cannot drive the engines through it)."""
+    if utility == "collective_rpc":
+        return bool(args) and isinstance(args[0], str) and args[0].startswith("resilient_ep_")
+    return utility.startswith("resilient_ep_")
+
+
 # ---------------------------------------------------------------------- API server side
 class EngineCallRelay:
     """An API server's relay: engine-core utility calls from the launcher, made through this
@@ -167,6 +175,8 @@ class EngineCallRelay:
             c = self.client
             if not 0 <= engine < len(c.core_engines):
                 raise ValueError(f"engine {engine} out of range")
+            if not allowed(utility, args):
+                raise ValueError(f"{utility} {args[:1]} is not a rejoin's call")
         except wire.WireError as e:
             self.dropped[e.reason] += 1
             return

@@ -208,10 +208,14 @@ def apply() -> None:
             workers = self.model_executor.collective_rpc("resilient_ep_counters", timeout=5)
         except Exception as e:  # a worker that does not answer
             workers = [{"error": repr(e)}]
+        from ..joining import _joins
+
+        join = _joins.get(id(self))
         return {"dp_rank": int(self.vllm_config.parallel_config.data_parallel_rank),
                 "fallback_recoveries": len(RECOVERIES),
                 "fallback_requests_recomputed": sum(r["requests"] for r in RECOVERIES),
-                **_group_view(current_core_group()), "workers": workers}
+                **_group_view(current_core_group()), "workers": workers,
+                "join_switches": list(join.switches) if join is not None else []}
 
     def _group_view(group):
         return {} if group is None else {"epoch": group.epoch, "live": group.live,
