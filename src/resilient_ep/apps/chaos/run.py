@@ -56,7 +56,9 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "events": len(chaos.events), "events_by_kind": dict(sorted(kinds.items())),
         "duration_s": round(duration, 1), "clients": clients, "prompts": len(w.prompts),
         "requests": len(answers), "requests_lost": len(lost),
-        "lost_examples": [a.error for a in lost[:5]],
+        "lost_examples": [{"error": a.error, "stream": a.stream, "prompt": a.prompt,
+                           "sent_s": round(a.t0 - t_start, 3),
+                           "failed_s": round(a.t1 - t_start, 3)} for a in lost[:5]],
         "equal_to_failure_free": len(done) - len(differing), "differing": len(differing),
         "differing_streamed": sum(1 for a in differing if a.stream),
         "differing_examples": [{"prompt": a.prompt, "stream": a.stream, "got": a.text,
@@ -75,6 +77,7 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
                   "live": [r["rank"] for r in status.get("ranks", []) if r.get("state") == "live"]},
         "metrics": target.metrics(),
         "event_log": chaos.events,
+        "t_start_monotonic": t_start,
     }
     report["ok"] = bool(
         report["requests"] > 0 and not lost and not differing and drained
@@ -104,6 +107,11 @@ def summary(r: dict) -> str:
     ]
     for e in r["lost_examples"]:
         lines.append(f"  lost: {e}")
+    if r["lost_examples"]:
+        t0 = r.get("t_start_monotonic")
+        for e in r["event_log"]:
+            lines.append(f"  event {e['n']} at {e['t'] - t0:.3f} s: {e['kind']} "
+                         f"{e.get('rank', '')}" if t0 else "")
     for d in r["differing_examples"]:
         lines.append(f"  differing: {d}")
     return "\n".join(lines)

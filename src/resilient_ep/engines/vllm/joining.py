@@ -140,6 +140,7 @@ class EngineJoin:
         self.joined = not is_replacement()
         self.latest = 0
         self.switches: list[dict] = []
+        self.worker_switch: list[dict] = []
         """One record per switch of this engine: its worker RPC and its hello (ms)."""
         self._incarnation = incarnation
         _, instance = instance_of(cfg)
@@ -204,17 +205,21 @@ class EngineJoin:
         core.allgather([mine], strict=False)
         t2 = time.monotonic()
         self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
-                              "hello_ms": (t2 - t1) * 1e3, "at": t0})
+                              "hello_ms": (t2 - t1) * 1e3, "at": t0,
+                              "workers": self.worker_switch})
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
-                 "wave %d (switch %.1f ms, hello with the joined rank %.1f ms)", self.rank,
-                 epoch, e.step_counter, e.current_wave, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+                 "wave %d (switch %.1f ms, of which in the workers %s; hello with the joined "
+                 "rank %.1f ms)", self.rank, epoch, e.step_counter, e.current_wave,
+                 (t1 - t0) * 1e3, self.worker_switch, (t2 - t1) * 1e3)
 
     def _switch(self, epoch: int):
         from .groups import switch_core_group
 
         history = history_of(self.replica.events(), epoch)
-        self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
-                                                  args=(epoch, history))
+        got = self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
+                                                        args=(epoch, history))
+        self.worker_switch = [{k: round(w[k], 2) for k in ("experts_ms", "group_ms")}
+                              for w in got]
         return switch_core_group(self.engine.vllm_config, epoch)
 
     def _flip(self, epoch: int) -> None:
@@ -226,7 +231,8 @@ class EngineJoin:
         none = torch.tensor([-1, -1, -1], dtype=torch.int64)
         got = core.allgather([none], strict=False)
         self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
-                              "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0})
+                              "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
+                              "workers": self.worker_switch})
         theirs = [t[0] for r, t in got.items() if r != self.rank and int(t[0][0]) >= 0]
         e = self.engine
         self.joined = True
