@@ -30,8 +30,10 @@ worker RPC and two new sockets per group) at one step boundary.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -141,6 +143,9 @@ class EngineJoin:
         self.latest = 0
         self.switches: list[dict] = []
         self.worker_switch: list[dict] = []
+        self.step_ends: deque[float] = deque(maxlen=65)
+        """When this engine's last steps (or dummy passes) ended (``note_step``)."""
+        self._measuring: dict | None = None
         """One record per switch of this engine: its worker RPC and its hello (ms)."""
         self._incarnation = incarnation
         _, instance = instance_of(cfg)
@@ -204,13 +209,33 @@ class EngineJoin:
                             dtype=torch.int64)
         core.allgather([mine], strict=False)
         t2 = time.monotonic()
-        self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
-                              "hello_ms": (t2 - t1) * 1e3, "at": t0,
-                              "workers": self.worker_switch})
+        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
+                  "at": t0, "workers": self.worker_switch}
+        self.switches.append(record)
+        self._measure_next_step(record)
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
                  "wave %d (switch %.1f ms, of which in the workers %s; hello with the joined "
                  "rank %.1f ms)", self.rank, epoch, e.step_counter, e.current_wave,
                  (t1 - t0) * 1e3, self.worker_switch, (t2 - t1) * 1e3)
+
+    def note_step(self) -> None:
+        """A step (or a dummy pass) of this engine ended. The first one after a switch gives
+        the join's cost to this engine: the time from the end of the step before the switch
+        to the end of this one, less the median step before (``pause_ms``)."""
+        now = time.monotonic()
+        m = self._measuring
+        if m is not None and self.step_ends:
+            self._measuring = None
+            gaps = [b - a for a, b in zip(self.step_ends, list(self.step_ends)[1:])]
+            step = statistics.median(gaps) if gaps else 0.0
+            m["step_ms"] = step * 1e3
+            m["first_step_after_ms"] = (now - self.step_ends[-1]) * 1e3
+            m["pause_ms"] = max(0.0, now - self.step_ends[-1] - step) * 1e3
+            self.step_ends.clear()  # the join's gap is not a step
+        self.step_ends.append(now)
+
+    def _measure_next_step(self, record: dict) -> None:
+        self._measuring = record
 
     def _switch(self, epoch: int):
         from .groups import switch_core_group

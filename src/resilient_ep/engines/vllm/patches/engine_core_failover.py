@@ -119,6 +119,8 @@ def apply() -> None:
     orig_dummy = core.__dict__["execute_dummy_batch"]
     orig_sync = dp.__dict__["_has_global_unfinished_reqs"]
 
+    from ..joining import _joins
+
     @functools.wraps(orig_step)
     def step(self):
         try:
@@ -128,6 +130,10 @@ def apply() -> None:
                 raise
             recover_scheduler(self.scheduler, e)
             return {}, False
+        finally:
+            join = _joins.get(id(self))
+            if join is not None:  # (what a join costs this engine: joining.note_step)
+                join.note_step()
 
     @functools.wraps(orig_dummy)
     def execute_dummy_batch(self):
@@ -137,6 +143,10 @@ def apply() -> None:
             if not (_on(self) and is_peer_lost(e)):
                 raise
             log.warning("resilient-ep: dummy pass dropped, a DP peer was lost")
+        finally:
+            join = _joins.get(id(self))
+            if join is not None:
+                join.note_step()
 
     @functools.wraps(orig_sync)
     def _has_global_unfinished_reqs(self, local_unfinished):
