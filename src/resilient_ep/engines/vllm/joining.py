@@ -212,16 +212,18 @@ class EngineJoin:
         record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
                   "at": t0, "workers": self.worker_switch}
         self.switches.append(record)
-        self._measure_next_step(record)
+        if _has_requests(e):  # (an idle engine's next step waits for work, not for the join)
+            self._measuring = record
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
                  "wave %d (switch %.1f ms, of which in the workers %s; hello with the joined "
                  "rank %.1f ms)", self.rank, epoch, e.step_counter, e.current_wave,
                  (t1 - t0) * 1e3, self.worker_switch, (t2 - t1) * 1e3)
 
     def note_step(self) -> None:
-        """A step (or a dummy pass) of this engine ended. The first one after a switch gives
-        the join's cost to this engine: the time from the end of the step before the switch
-        to the end of this one, less the median step before (``pause_ms``)."""
+        """A step (or a dummy pass) of this engine ended. The first one after a switch made
+        with requests running gives the join's cost to this engine: the time from the end of
+        the step before the switch to the end of this one, less the median step before
+        (``pause_ms``)."""
         now = time.monotonic()
         m = self._measuring
         if m is not None and self.step_ends:
@@ -233,9 +235,6 @@ class EngineJoin:
             m["pause_ms"] = max(0.0, now - self.step_ends[-1] - step) * 1e3
             self.step_ends.clear()  # the join's gap is not a step
         self.step_ends.append(now)
-
-    def _measure_next_step(self, record: dict) -> None:
-        self._measuring = record
 
     def _switch(self, epoch: int):
         from .groups import switch_core_group
@@ -274,6 +273,14 @@ class EngineJoin:
             e.engines_running, e.step_counter, e.current_wave = False, 0, wave + 1
         log.info("resilient-ep: DP%d joined at epoch %d: step %d of wave %d, busy %s",
                  self.rank, epoch, step, wave, bool(busy))
+
+
+def _has_requests(engine: Any) -> bool:
+    scheduler = getattr(engine, "scheduler", None)
+    try:
+        return bool(scheduler.has_requests())
+    except Exception:
+        return False
 
 
 _joins: dict[int, EngineJoin] = {}
