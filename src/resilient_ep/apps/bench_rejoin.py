@@ -146,6 +146,8 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
         failover = next((f for f in st.get("failovers", []) if f["dp_rank"] == VICTIM), {})
         switches = next((c.get("join_switches") or [] for c in st.get("counters", [])
                          if c.get("dp_rank") == 0), [])
+        joined = next((c.get("join_switches") or [] for c in st.get("counters", [])
+                       if c.get("dp_rank") == VICTIM), [])
     finally:
         server.stop()
 
@@ -184,6 +186,8 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
         "survivor_hello_ms": switches[-1]["hello_ms"] if switches else None,
         "survivor_engine_pause_ms": switches[-1].get("pause_ms") if switches else None,
         "survivor_engine_step_ms": switches[-1].get("step_ms") if switches else None,
+        "survivor_switch": switches[-1] if switches else None,
+        "joined_switch": joined[-1] if joined else None,
         "join_extra_pause_ms": max(0.0, (worst - step) * 1000)
         if worst is not None and step else None,
         "kill_to_full_size_s": live - killed_at if live else None,

@@ -143,6 +143,7 @@ class EngineJoin:
         self.latest = 0
         self.switches: list[dict] = []
         self.worker_switch: list[dict] = []
+        self.heard_at = 0.0
         self.step_ends: deque[float] = deque(maxlen=65)
         """When this engine's last steps (or dummy passes) ended (``note_step``)."""
         self._measuring: dict | None = None
@@ -169,6 +170,7 @@ class EngineJoin:
             if join.epoch <= self.latest:
                 return
             self.latest = join.epoch
+            self.heard_at = time.monotonic()
         from vllm.v1.engine import EngineCoreRequestType
 
         self.engine.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
@@ -210,7 +212,8 @@ class EngineJoin:
         core.allgather([mine], strict=False)
         t2 = time.monotonic()
         record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
-                  "at": t0, "workers": self.worker_switch}
+                  "at": t0, "heard_ms_before": (t0 - self.heard_at) * 1e3,
+                  "workers": self.worker_switch}
         self.switches.append(record)
         if _has_requests(e):  # (an idle engine's next step waits for work, not for the join)
             self._measuring = record
@@ -254,9 +257,12 @@ class EngineJoin:
         t1 = time.monotonic()
         none = torch.tensor([-1, -1, -1], dtype=torch.int64)
         got = core.allgather([none], strict=False)
-        self.switches.append({"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
-                              "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
-                              "workers": self.worker_switch})
+        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
+                  "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
+                  "heard_ms_before": (t0 - self.heard_at) * 1e3,
+                  "workers": self.worker_switch}
+        self.switches.append(record)
+        self._measuring = record  # its first step with the survivors
         theirs = [t[0] for r, t in got.items() if r != self.rank and int(t[0][0]) >= 0]
         e = self.engine
         self.joined = True
