@@ -32,7 +32,9 @@ def _join(rank: int, joined: bool, incarnation: int = 0, latest: int = 0):
     j.engine = SimpleNamespace(step_counter=17, current_wave=5, engines_running=True)
     j.rank, j.joined, j.latest = rank, joined, latest
     j._incarnation = lambda kind: incarnation
-    j.switched, j.switches, j.worker_switch = [], [], []
+    j.switched, j.switches, j.worker_switch, j.heard_at = [], [], [], 0.0
+    j.engine.scheduler = SimpleNamespace(has_requests=lambda: True)
+    j._measuring = None
     return j
 
 
