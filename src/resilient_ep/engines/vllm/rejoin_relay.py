@@ -27,9 +27,7 @@ import itertools
 import logging
 import os
 import queue
-import threading
 import time
-from collections import Counter
 from typing import Any
 
 import msgpack
@@ -37,7 +35,7 @@ import torch
 import zmq
 
 from resilient_ep.transport import curve, wire
-from resilient_ep.transport.loops import run_restarting
+from resilient_ep.transport.loops import ReceiveLoop
 
 from .instance import join_instance
 
@@ -108,34 +106,16 @@ def allowed(utility: str, args: list) -> bool:
 
 
 # ---------------------------------------------------------------------- API server side
-class EngineCallRelay:
+class EngineCallRelay(ReceiveLoop):
     """An API server's relay: engine-core utility calls from the launcher, made through this
     API server's engine client ``client`` on its event loop."""
 
+    loop_name = "engine-call relay"
+
     def __init__(self, client: Any, instance: str, index: int):
+        super().__init__(f"resilient-ep-relay-{index}")
         self.client = client
         self.endpoint = relay_endpoint(instance, index)
-        self.dropped: Counter[str] = Counter()
-        self.restarts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"resilient-ep-relay-{index}")
-
-    def start(self) -> "EngineCallRelay":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        run_restarting(self._serve, name="engine-call relay", stop=self._stop,
-                       on_restart=self._restarted)
-
-    def _restarted(self, _e: BaseException) -> None:
-        self.restarts += 1
 
     def _serve(self) -> None:
         sock = curve.server(zmq.Context.instance().socket(zmq.ROUTER))
@@ -264,34 +244,16 @@ def call_engine(instance: str, engine: int, utility: str, args: tuple, timeout_s
                        f"({'; '.join(errors) or 'none started'})")
 
 
-class RejoinService:
+class RejoinService(ReceiveLoop):
     """The launcher's rejoin desk: ``rejoin`` (start one; the record, or the reason it
     cannot be done) and ``rejoins`` (every record, and the joins), for the API servers."""
 
+    loop_name = "rejoin service"
+
     def __init__(self, rejoiner: Any, host: Any, instance: str):
+        super().__init__("resilient-ep-rejoin-service")
         self.rejoiner, self.host = rejoiner, host
         self.endpoint = rejoin_endpoint(instance)
-        self.dropped: Counter[str] = Counter()
-        self.restarts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="resilient-ep-rejoin-service")
-
-    def start(self) -> "RejoinService":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        run_restarting(self._serve, name="rejoin service", stop=self._stop,
-                       on_restart=self._restarted)
-
-    def _restarted(self, _e: BaseException) -> None:
-        self.restarts += 1
 
     def _serve(self) -> None:
         from .rejoin import RejoinError
