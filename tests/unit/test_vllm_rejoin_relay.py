@@ -166,3 +166,52 @@ def test_api_servers_hand_their_rejoins_to_the_launcher(instance):
             remote.request(1)
     finally:
         relay.REQUEST_TIMEOUT_S = old
+
+
+@pytest.mark.parametrize("respawn", [True, False], ids=["respawn", "no_respawn"])
+def test_the_launcher_respawns_a_lost_rank_when_asked_to(instance, respawn):
+    """``serve_rejoins`` (several API servers): with ``recovery.respawn`` every loss the
+    launcher's monitor sees asks its rejoiner for a replacement, and its desk answers the
+    API servers; without it, nothing starts by itself."""
+    from types import SimpleNamespace
+
+    from resilient_ep.engines.vllm import rejoin_hosts
+    from resilient_ep.membership import Membership
+
+    membership = Membership(2)
+
+    class Monitor:
+        def __init__(self):
+            self.listeners = []
+            self.membership = membership
+
+        def add_listener(self, fn):
+            self.listeners.append(fn)
+
+    cfg = SimpleNamespace(
+        additional_config={"resilience": {"instance": instance,
+                                          "recovery": {"respawn": respawn}}},
+        parallel_config=SimpleNamespace(data_parallel_size=2))
+    manager = SimpleNamespace(_resilient_vllm_config=cfg, _resilient_addresses=object(),
+                              processes=[])
+    monitor = Monitor()
+    asked = []
+    service = rejoin_hosts.serve_rejoins(manager, monitor, None, instance)
+    try:
+        rejoiner = service.rejoiner
+        rejoiner._worker = lambda: asked.append(list(rejoiner._queue))  # no real start
+        membership.fail([1])
+        for fn in monitor.listeners:
+            fn(SimpleNamespace(rank=1, epoch=1))
+        remote = relay.RemoteRejoiner(instance)
+        if respawn:
+            assert [r["reason"] for r in remote.status()] == ["respawn"] and asked == [[1]]
+            with pytest.raises(RejoinError, match="already rejoining"):
+                remote.request(1)
+        else:
+            assert remote.status() == [] and asked == []
+            assert remote.request(1)["reason"] == "api"
+        with pytest.raises(RejoinError, match="rank 0 is live"):
+            remote.request(0)
+    finally:
+        service.stop()
