@@ -221,7 +221,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
 
     assert server.post_empty("/resilience/ranks/3/rejoin")[0] == 202
     rec3 = _wait_rejoin(server, 3, "live")
-    assert rec3["state"] == "live", rec3
+    assert rec3["state"] == "live", (rec3.get("error"), rec3, server.tail(8000))
     assert list(rec3["verified"]["loaded"][0]) == ["peer"], rec3["verified"]  # from DP1
 
     after = json.loads(server.get("/resilience/status")[1])
