@@ -14,8 +14,7 @@ import pytest
 import zmq
 
 from resilient_ep.engines.vllm import rejoin_relay as relay
-from resilient_ep.engines.vllm.rejoin import RejoinError
-from resilient_ep.engines.vllm.rejoin_hosts import EngineLost
+from resilient_ep.engines.vllm.rejoin import EngineLost, RejoinError
 from resilient_ep.transport import curve, wire
 
 

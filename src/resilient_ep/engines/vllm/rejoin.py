@@ -42,8 +42,8 @@ from typing import Any, Protocol
 
 from resilient_ep.repair import HostBackup
 
-__all__ = ["Rejoiner", "RejoinError", "RejoinHost", "STATES", "run_replacement_engine_core",
-           "respawn"]
+__all__ = ["Rejoiner", "RejoinError", "EngineLost", "RejoinHost", "STATES",
+           "run_replacement_engine_core", "respawn"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
@@ -73,6 +73,10 @@ def run_replacement_engine_core(**kwargs) -> None:
 
 class RejoinError(RuntimeError):
     """A rejoin that cannot start (bad rank, rank not lost, wrong topology)."""
+
+
+class EngineLost(RuntimeError):
+    """The engine a call went to was lost before it answered."""
 
 
 class StartTimeout(TimeoutError):

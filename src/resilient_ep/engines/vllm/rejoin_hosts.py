@@ -16,11 +16,9 @@ import concurrent.futures
 import time
 from typing import Any
 
-__all__ = ["ClientHost", "LauncherHost", "EngineLost", "serve_rejoins"]
+from .rejoin import EngineLost
 
-
-class EngineLost(RuntimeError):
-    """The engine a call went to was lost before it answered."""
+__all__ = ["ClientHost", "LauncherHost", "serve_rejoins"]
 
 
 class ClientHost:

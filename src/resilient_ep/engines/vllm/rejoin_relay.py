@@ -195,7 +195,7 @@ _ids = itertools.count(1)
 def _ask(endpoint: str, header: dict[str, Any], timeout_s: float, lost=None):
     """Send ``header`` to ``endpoint`` and wait for the reply with the same id; (header,
     payload). ``lost()`` true gives up early (``EngineLost``)."""
-    from .rejoin_hosts import EngineLost
+    from .rejoin import EngineLost
 
     call_id = next(_ids)
     sock = curve.client(zmq.Context.instance().socket(zmq.DEALER))
