@@ -148,6 +148,8 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
                          if c.get("dp_rank") == 0), [])
         joined = next((c.get("join_switches") or [] for c in st.get("counters", [])
                        if c.get("dp_rank") == VICTIM), [])
+        passes = {c.get("dp_rank"): [w.get("join_passes") for w in c.get("workers", [])]
+                  for c in st.get("counters", [])}
     finally:
         server.stop()
 
@@ -188,6 +190,7 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
         "survivor_engine_step_ms": switches[-1].get("step_ms") if switches else None,
         "survivor_switch": switches[-1] if switches else None,
         "joined_switch": joined[-1] if joined else None,
+        "first_passes_after_join": passes,
         "join_extra_pause_ms": max(0.0, (worst - step) * 1000)
         if worst is not None and step else None,
         "kill_to_full_size_s": live - killed_at if live else None,

@@ -52,6 +52,35 @@ def is_peer_lost(exc: BaseException | None) -> bool:
     return False
 
 
+JOIN_PASSES: list[dict] = []
+"""The first passes of this worker after each switch to a join's groups: how long each took
+and how much of it its collectives spent in the group (waiting for the others included)."""
+_watch = {"left": 0}
+
+
+def watch_next_passes(n: int = 3) -> None:
+    """Record the next ``n`` passes in :data:`JOIN_PASSES` (a join's switch calls it)."""
+    _watch["left"] = n
+
+
+def _timed(run, kind: str):
+    if not _watch["left"]:
+        return run()
+    from .groups import current_worker_group
+
+    group = current_worker_group()
+    c0 = group.collective_s if group is not None else 0.0
+    t0 = time.monotonic()
+    try:
+        return run()
+    finally:
+        _watch["left"] -= 1
+        JOIN_PASSES.append({"kind": kind, "ms": (time.monotonic() - t0) * 1e3,
+                            "collectives_ms": ((group.collective_s - c0) * 1e3
+                                               if group is not None else None)})
+        del JOIN_PASSES[:-30]
+
+
 def rerun_on_peer_lost(run, kind: str, before_rerun=None):
     """``run()``, run again while it fails with a lost peer (at most ``MAX_RERUNS`` times).
 
@@ -60,7 +89,7 @@ def rerun_on_peer_lost(run, kind: str, before_rerun=None):
     t0 = None
     while True:
         try:
-            out = run()
+            out = _timed(run, kind)
             if t0 is not None:
                 COUNTERS["rerun_s"] += time.monotonic() - t0
             return out

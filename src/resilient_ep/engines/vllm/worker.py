@@ -95,6 +95,9 @@ class ResilienceWorkerExtension:
                           if e["kind"] == "join" and int(e["epoch"]) == int(epoch)}
                 state.set_joined(set().union(set(), *(ep_ranks_of(d) for d in joined)))
         t1 = time.monotonic()
+        from .step_rerun import watch_next_passes
+
+        watch_next_passes()
         group = switch_worker_group(self.vllm_config,  # type: ignore[attr-defined]
                                     int(epoch), int(dp.rank_in_group), int(dp.world_size),
                                     int(tp.rank_in_group))
@@ -152,7 +155,9 @@ class ResilienceWorkerExtension:
         from .groups import current_worker_group
         from .step_rerun import COUNTERS
 
-        out: dict[str, Any] = {"pid": os.getpid(), **COUNTERS}
+        from .step_rerun import JOIN_PASSES
+
+        out: dict[str, Any] = {"pid": os.getpid(), **COUNTERS, "join_passes": list(JOIN_PASSES)}
         group = current_worker_group()
         if group is not None:  # the membership this worker's failover group runs by
             from .groups import incarnation, is_solo
