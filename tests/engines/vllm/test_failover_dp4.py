@@ -49,7 +49,7 @@ def server(tmp_path_factory, tiny_model):
                               # two deaths: a request moved to the second victim is not poison
                               "--resilience-set", "recovery.max_request_failures=0",
                               # a replacement that hangs in its start is retried in time
-                              "--resilience-set", "recovery.rejoin_start_timeout_s=150"],
+                              "--resilience-set", "recovery.rejoin_start_timeout_s=120"],
                  work / "serve.log",
                  # a survivor's export for a rejoin is slowed (per expert) so that the test
                  # can kill it in the middle of one
@@ -124,7 +124,8 @@ def test_wave_leader_and_a_second_rank_die_during_the_first_failover(server):
 
 
 REJOIN_TOKENS = 64
-JOIN_TIMEOUT_S = 300
+JOIN_TIMEOUT_S = 420
+"""Above an export, two starts of 120 s (recovery.rejoin_start_timeout_s) and the checks."""
 
 
 def _short(server, pinned):
@@ -151,7 +152,8 @@ def _wait_rejoin(server, rank: int, state: str) -> dict:
         if recs and recs[-1]["state"] in (state, "failed", "live"):
             return recs[-1]
         time.sleep(0.1)
-    raise AssertionError(f"DP{rank} not {state} within {JOIN_TIMEOUT_S} s:\n{server.tail()}")
+    raise AssertionError(f"DP{rank} not {state} within {JOIN_TIMEOUT_S} s: "
+                         f"{recs[-1] if recs else None}\n{server.tail(12000)}")
 
 
 def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any, Protocol
@@ -60,11 +61,16 @@ def run_replacement_engine_core(**kwargs) -> None:
     """A replacement engine core's process entry point: vLLM's own (``EngineCoreProc.
     run_engine_core``), with the plugins loaded first (vLLM loads them only inside
     ``EngineCore.__init__``, after the DP group a replacement must not form)."""
+    import faulthandler
+    import signal
+
     from vllm.plugins import load_general_plugins
     from vllm.v1.engine.core import EngineCoreProc
 
     from .patches import engine_rejoin
 
+    # a replacement that hangs in its start shows where before it is stopped (_stop_replacement)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     load_general_plugins()
     engine_rejoin.check()
     engine_rejoin.apply()
@@ -298,6 +304,11 @@ class Rejoiner:
         from resilient_ep.membership import RankState
 
         if proc is not None and proc.is_alive():
+            try:  # its threads' stacks into the log (faulthandler, run_replacement_engine_core)
+                os.kill(proc.pid, signal.SIGUSR1)
+                time.sleep(1.0)
+            except OSError:
+                pass
             proc.kill()
             proc.join(timeout_s)
         membership = getattr(self.host.monitor, "membership", None)
