@@ -150,12 +150,18 @@ class LivenessTracker:
                 self.dropped["joining"] += 1
                 return got
             self.fence(rank, "reported", "was lost by its peers", now)
-        elif self.membership.state(rank) in _IN:
+        else:
+            self.alive(rank, now)
+        return got
+
+    def alive(self, rank: int, now: float | None = None) -> None:
+        """Rank ``rank`` said it is alive through a channel its host checked itself (a
+        heartbeat datagram, :mod:`.datagrams`), as an "alive" beacon does."""
+        if rank in self.ranks and self.membership.state(rank) in _IN:
             if rank not in self._heard:  # watched from its first beacon on
                 self._heard.add(rank)
                 self.detector.reset(rank, now)
             self.detector.heartbeat(rank, now)
-        return got
 
     def exited(self, rank: int, exitcode: int | None = None,
                now: float | None = None) -> list[RankLoss]:
