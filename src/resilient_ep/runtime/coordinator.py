@@ -188,8 +188,9 @@ class Coordinator:
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.rank_dropped: dict[int, dict[str, int]] = {}
         self.rank_lease: dict[int, dict[str, int]] = {}
-        """Several hosts, per rank: ``expiries`` (its lease ran out) and ``discarded_steps``
-        (computed without a lease, never emitted), as last reported."""
+        """Several hosts, per rank: ``expiries`` (its lease ran out), ``discarded_steps``
+        (computed without a lease, never emitted) and ``expired_at`` (``time.time()`` of the
+        last expiry), as last reported."""
         """What each rank reported dropping (``control/<reason>``, ``data/<reason>``)."""
         self.ctx = zmq.Context()
 
@@ -331,6 +332,15 @@ class Coordinator:
         t = time.time()
         self._inject[rank] = t
         self.ranks.send_signal(rank, sig)
+        return t
+
+    def mark_injected(self, ranks, t: float | None = None) -> float:
+        """Record that a failure of ``ranks`` was injected at ``t`` (``time.time()``; now by
+        default) from outside (a node killed, a cable cut): their :class:`FailureEvent`
+        then carries it, and ``recovery_stall`` counts from it."""
+        t = time.time() if t is None else t
+        for r in ranks:
+            self._inject[int(r)] = t
         return t
 
     def rejoin(self, rank: int, timeout: float = 120.0) -> float:
@@ -566,7 +576,8 @@ class Coordinator:
         if msg["t"] != "tokens":
             return
         if isinstance(msg.get("lease"), dict):  # several hosts: how often its lease ran out
-            self.rank_lease[rank] = {str(k): int(v) for k, v in msg["lease"].items()}
+            self.rank_lease[rank] = {str(k): v for k, v in msg["lease"].items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.membership.state(rank) is not RankState.LIVE:
             self.dropped["non_member"] += 1  # a fenced rank woke up: not ours any more
             return

@@ -312,6 +312,7 @@ class Rank:
         ok = b.holds_lease()
         if self._had_lease and not ok:
             self.lease["expiries"] += 1
+            self.lease["expired_at"] = time.time()
         self._had_lease = ok
         return ok
 
