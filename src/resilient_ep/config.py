@@ -150,6 +150,13 @@ class TransportConfig:
     (the instance uses 3 ports per rank plus 1, from here; docs/multinode.md). 0: one host,
     ports picked free on 127.0.0.1."""
 
+    key_file: str = ""
+    """With ``node_addresses``: the instance key, one file at this absolute path on every
+    node (mode 0600, owned by the user running the instance). The front end's node makes it
+    when it is missing (the reference runtime's coordinator, vLLM's head); any other node
+    refuses to start without it. Empty: the key is made in the instance's private directory
+    (vLLM across nodes: copy that file to the same path on the other nodes)."""
+
     step_timeout_ms: float = 2000.0
     """Deadline of one dispatch or combine receive. A peer that misses it is suspected and
     the detector decides; nothing waits forever."""
@@ -178,6 +185,8 @@ class TransportConfig:
                "must not name a node twice")
         _check(self.base_port == 0 or 1024 <= self.base_port <= 65535, f"{prefix}.base_port",
                self.base_port, "must be 0 (one host) or a port in 1024..65535")
+        _check(not self.key_file or self.key_file.startswith("/"), f"{prefix}.key_file",
+               self.key_file, "must be an absolute path (the same on every node)")
         if self.node_addresses:
             _check(self.address == "tcp", f"{prefix}.address", self.address,
                    "must be 'tcp' when transport.node_addresses is set (Unix sockets do not "

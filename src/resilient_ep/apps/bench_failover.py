@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="2: ranks on two nodes of a network test bed (root; network "
                         "namespaces): a node lost, powered off, partitioned, a 20 ms RTT link "
                         "(bench_nodes.py)")
+    p.add_argument("--nodes-hang-timeout-ms", type=float, default=None,
+                   help="--nodes: detector.heartbeat_timeout_ms (and lease) of the failure "
+                        "trials (default: the detector's default, 150; the steady state "
+                        "always runs at the default)")
     p.add_argument("--hang-timeout-ms", type=float, default=1000,
                    help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
                         "fenced after it; default 1000)")

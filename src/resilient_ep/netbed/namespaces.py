@@ -205,12 +205,25 @@ class NetBed:
         """Every process of ``node`` (this process is never one: its main thread stays home)."""
         return _pids_in(self.names[node])
 
-    def kill_node(self, node: int, *, power_off: bool = False) -> list[int]:
+    def kill_node(self, node: int, *, power_off: bool = False, at=None) -> list[int]:
         """SIGKILL every process of ``node`` at once; returns their pids. ``power_off``: cut
-        the link first, so the peers get no FIN or RST (a machine that lost power)."""
+        the link first, so the peers get no FIN or RST (a machine that lost power). ``at()``
+        is called at the moment of the failure (before the cut, or between listing the
+        node's processes and the first kill), for whoever times it."""
         if power_off:
+            if at is not None:
+                at()
             self.set_link(node, up=False)
-        return _kill_all_in(self.names[node])
+            return _kill_all_in(self.names[node])
+        pids = self.pids(node)
+        if at is not None:
+            at()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(set(pids) | set(_kill_all_in(self.names[node])))
 
     @contextlib.contextmanager
     def entered(self, node: int):

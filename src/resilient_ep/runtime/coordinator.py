@@ -216,8 +216,14 @@ class Coordinator:
 
     def _start(self) -> "Coordinator":
         det = self.config.detector
-        key_file = self.run_dir / "instance.key"
-        if self.config.transport.authenticate:
+        shared = self.config.transport.key_file  # several hosts: one file every node has
+        key_file = Path(shared) if shared else self.run_dir / "instance.key"
+        if self.config.transport.authenticate and shared:
+            try:
+                self.key = wire.new_key_file(key_file)
+            except FileExistsError:
+                self.key = wire.load_key(key_file)
+        elif self.config.transport.authenticate:
             key_file.unlink(missing_ok=True)  # a run dir given twice: a fresh key each start
             self.key = wire.new_key_file(key_file)
         # CURVE (keys derived from the instance key) or, without it, an HMAC tag per message.

@@ -10,8 +10,9 @@ the engine cores with, and ``wait_for_engine_startup`` the addresses it handed t
 replacement engine core, ``rejoin.py``, is started and handshaken with the same);
 ``monitor_engine_liveness`` runs the instance's liveness monitor instead (``liveness.py``:
 fence a lost rank whole, publish each loss to the API servers) and returns, as the original
-does, only once every engine core is gone or the manager is stopped. Otherwise the originals
-run.
+does, only once every engine core is gone or the manager is stopped; on a headless node of a
+multi-node instance (``multinode.py``) it follows the head's monitor instead (kills a local
+rank the head fenced). Otherwise the originals run.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def apply() -> None:
         cfg = getattr(self, "_resilient_vllm_config", None)
         if cfg is None or not failover_enabled(cfg):
             return orig_monitor(self)
+        from .. import multinode
+        from ..instance import instance_of
+
+        instance = instance_of(cfg)[1]
+        nodes = multinode.registered(instance)
+        if nodes is not None and not nodes.head:  # a headless node follows the head's monitor
+            why = multinode.follow_head(instance, list(self.processes),
+                                        int(cfg.parallel_config.data_parallel_size),
+                                        self.manager_stopped)
+            if why is not None:
+                self.failed_proc_name = why
+            self.shutdown()
+            return
         monitor, _ = start_monitor(cfg, list(self.processes))
         monitor.start()
         while monitor.alive and not self.manager_stopped.wait(0.5):
