@@ -54,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(bench_nodes.py)")
     p.add_argument("--nodes-hang-timeout-ms", type=float, default=None,
                    help="--nodes: detector.heartbeat_timeout_ms (and lease) of the failure "
-                        "trials (default: the detector's default, 150; the steady state "
-                        "always runs at the default)")
+                        "trials (reference runtime, default: the detector's default, 150; the "
+                        "steady state always runs at it) or of every instance (vllm, default "
+                        "1000)")
     p.add_argument("--hang-timeout-ms", type=float, default=1000,
                    help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
                         "fenced after it; default 1000)")
@@ -185,6 +186,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     if args.nodes > 1:
+        if args.engine == "vllm":
+            from . import bench_nodes_vllm
+            return bench_nodes_vllm.main(args)
         from . import bench_nodes
         return bench_nodes.main(args)
     if args.engine == "vllm":

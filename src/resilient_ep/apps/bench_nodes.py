@@ -196,10 +196,6 @@ def partition(model_dir, args, work, reference, log) -> dict:
 def run(args: argparse.Namespace, log=print) -> dict:
     from ..netbed import netbed_available
 
-    if args.engine != "reference":
-        raise ValueError("--nodes with --engine vllm: resilient failover across nodes is not "
-                         "built for vLLM yet (docs/multinode.md#vllm-across-nodes); "
-                         "--engine reference measures it on the reference runtime")
     why = netbed_available()
     if why is not None:
         raise ValueError(f"--nodes runs on a network test bed, which {why}")
