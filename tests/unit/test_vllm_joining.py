@@ -32,7 +32,9 @@ def _join(rank: int, joined: bool, incarnation: int = 0, latest: int = 0):
     j.engine = SimpleNamespace(step_counter=17, current_wave=5, engines_running=True)
     j.rank, j.joined, j.latest = rank, joined, latest
     j._incarnation = lambda kind: incarnation
-    j.switched = []
+    j.switched, j.switches, j.worker_switch, j.heard_at = [], [], [], 0.0
+    j.engine.scheduler = SimpleNamespace(has_requests=lambda: True)
+    j._measuring = None
     return j
 
 
@@ -186,9 +188,9 @@ def test_a_replacement_that_hangs_in_its_start_is_stopped_and_started_again(monk
             self.admitted.append(rank)
             return SimpleNamespace(epoch=7)
 
-    client = SimpleNamespace(resilient_dead={1}, resilient_liveness=Liveness(),
-                             resilient_rejoined=lambda rank, epoch: None)
-    r = rejoin.Rejoiner(client)
+    host = SimpleNamespace(dead=lambda: {1}, monitor=Liveness(),
+                           rejoined=lambda rank, epoch: None)
+    r = rejoin.Rejoiner(host)
     starts, stopped = [], []
 
     def start(rank, record, export):
@@ -200,12 +202,12 @@ def test_a_replacement_that_hangs_in_its_start_is_stopped_and_started_again(monk
     monkeypatch.setattr(r, "_export", lambda rank, record: None)
     monkeypatch.setattr(r, "_start", start)
     monkeypatch.setattr(r, "_stop_replacement", lambda rank, proc: stopped.append(proc))
-    monkeypatch.setattr(r, "_verify", lambda rank, record: None)
+    monkeypatch.setattr(r, "_verify", lambda rank, record, export: None)
     monkeypatch.setattr(r, "_wait_switched", lambda rank, epoch: None)
     record = {"rank": 1, "state": "queued"}
     r._rejoin(1, record)
     assert starts == [1, 1] and stopped == ["proc1"] and record["attempts"] == 2
-    assert record["state"] == "live" and client.resilient_liveness.admitted == [1]
+    assert record["state"] == "live" and host.monitor.admitted == [1]
 
     def hang(rank, record, export):
         record["_proc"] = "procN"

@@ -10,6 +10,16 @@ end fails it over and starts a replacement at once, which loads, warms up (and c
 - ``join_extra_pause_ms``: the survivor's longest inter-token gap in the window of the join
   (from the replacement's ``verifying`` to half a second after ``live``), minus one step: what
   the join costs the ranks that never stopped (target: at most one decode step);
+- ``steady_window_max_gap_ms``: the same longest gap in a window of the same length just
+  before the kill: what the machine's noise alone gives (the join's own cost is the
+  difference);
+- ``survivor_switch_ms`` / ``survivor_hello_ms``: measured in the survivor's engine core at
+  the join: its switch (the worker RPC that moves the workers to the join's groups and
+  rewrites the expert maps) and its hello with the joined rank on the new group;
+- ``survivor_engine_pause_ms``: measured in the survivor's engine core: from the end of its
+  last step before the switch to the end of its first step with the joined rank, less its
+  median step (``survivor_engine_step_ms``): the join's cost to the survivor, free of the
+  client's noise (the target: at most one decode step);
 - ``kill_to_full_size_s``: from the kill to the replacement live (and its parts: the
   failover, the replacement's start until HELLO, warm-up, verification and the flip);
 - ``served_by_new_rank``: requests pinned to the new DP1 after the join, and how many equal
@@ -58,6 +68,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     runs = [_one(args, model, workdir, str(t), log) for t in range(args.trials)]
     out = dict(runs[0])
     for k in ("survivor_step_ms", "join_extra_pause_ms", "join_window_max_gap_ms",
+              "steady_window_max_gap_ms", "survivor_switch_ms", "survivor_hello_ms",
+              "survivor_engine_pause_ms", "survivor_engine_step_ms",
               "kill_to_full_size_s", "kill_to_failover_s", "start_s", "warm_up_s",
               "verify_s", "flip_s", "export_s"):
         xs = [r[k] for r in runs if r.get(k) is not None]
@@ -132,6 +144,10 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
             after.append((i % 2, o))
         st = server.status()
         failover = next((f for f in st.get("failovers", []) if f["dp_rank"] == VICTIM), {})
+        switches = next((c.get("join_switches") or [] for c in st.get("counters", [])
+                         if c.get("dp_rank") == 0), [])
+        joined = next((c.get("join_switches") or [] for c in st.get("counters", [])
+                       if c.get("dp_rank") == VICTIM), [])
     finally:
         server.stop()
 
@@ -148,6 +164,8 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
     live = rec.get("live_monotonic")
     window = gaps(rec["verifying_monotonic"], live + 0.5) if live else []
     worst = max(window) if window else None
+    steady = gaps(killed_at - (live + 0.5 - rec["verifying_monotonic"]), killed_at) \
+        if live else []
     worst_at = None
     if worst is not None:
         for o in survivor:
@@ -163,6 +181,13 @@ def _one(args, model, workdir: Path, tag: str, log) -> dict:
         "survivor_step_ms": step * 1000 if step else None,
         "join_window_max_gap_ms": worst * 1000 if worst is not None else None,
         "join_max_gap_starts_s_after_admission": worst_at,
+        "steady_window_max_gap_ms": max(steady) * 1000 if steady else None,
+        "survivor_switch_ms": switches[-1]["switch_ms"] if switches else None,
+        "survivor_hello_ms": switches[-1]["hello_ms"] if switches else None,
+        "survivor_engine_pause_ms": switches[-1].get("pause_ms") if switches else None,
+        "survivor_engine_step_ms": switches[-1].get("step_ms") if switches else None,
+        "survivor_switch": switches[-1] if switches else None,
+        "joined_switch": joined[-1] if joined else None,
         "join_extra_pause_ms": max(0.0, (worst - step) * 1000)
         if worst is not None and step else None,
         "kill_to_full_size_s": live - killed_at if live else None,
@@ -193,8 +218,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"kill -> full size again   {res['kill_to_full_size_s']:.1f} s "
               f"(failover {res['kill_to_failover_s'] or 0:.2f} s, replacement start "
               f"{res['start_s'] or 0:.1f} s, warm-up {res['warm_up_s'] or 0:.1f} s)")
-        print(f"survivor extra pause      {res['join_extra_pause_ms'] or 0:.0f} ms at the join "
-              f"(one decode step: {res['survivor_step_ms'] or 0:.0f} ms)")
+        print(f"survivor extra pause      {res['survivor_engine_pause_ms'] or 0:.1f} ms at the "
+              f"join, in its engine (one step: {res['survivor_engine_step_ms'] or 0:.1f} ms); "
+              f"client's longest gap {res['join_window_max_gap_ms'] or 0:.0f} ms in the join "
+              f"window, {res['steady_window_max_gap_ms'] or 0:.0f} ms in as long a window "
+              f"without one")
         print(f"served by the new rank    {res['served_by_new_rank']['equal']} / "
               f"{res['served_by_new_rank']['requests']} equal to the failure-free run")
         print(f"outputs equal             {res['outputs_equal']}")

@@ -37,7 +37,7 @@ import zmq
 from ..config import DetectorConfig
 from ..membership import Membership, MembershipView, RankState
 from ..transport import curve, wire
-from ..transport.loops import run_restarting
+from ..transport.loops import ReceiveLoop, run_restarting
 from .tracker import LivenessTracker, RankJoin, RankLoss
 
 __all__ = ["RankLoss", "RankJoin", "LivenessMonitor", "MembershipSubscriber"]  # from .tracker
@@ -297,16 +297,20 @@ def parse_membership(msg: bytes) -> list[RankLoss | RankJoin] | None:
     return out
 
 
-class MembershipSubscriber:
+class MembershipSubscriber(ReceiveLoop):
     """Follows a :class:`LivenessMonitor` of another process (``endpoint``): applies each
     loss and join to this process's ``membership`` with the monitor's epoch (a replica: every
     process of the instance reports the same epoch for the same events) and calls
     ``on_loss(RankLoss)`` / ``on_join(RankJoin)``, in order, once each. ``events``: every
     event applied so far."""
 
+    loop_name = "membership subscriber"
+    max_restarts = 1_000_000
+
     def __init__(self, endpoint: str, membership: Membership,
                  on_loss: Callable[[RankLoss], None], *, poll_ms: int = 50,
                  on_join: Callable[[RankJoin], None] | None = None):
+        super().__init__("resilient-ep-membership")
         self.endpoint = endpoint
         self.membership = membership
         self.on_loss = on_loss
@@ -314,28 +318,7 @@ class MembershipSubscriber:
         self.poll_ms = poll_ms
         self.seen = 0
         self.events: list[RankLoss | RankJoin] = []
-        self.dropped: Counter[str] = Counter()
-        """Publications dropped (malformed, or not signed with this instance's key)."""
-        self.restarts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="resilient-ep-membership")
-
-    def start(self) -> "MembershipSubscriber":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        run_restarting(self._serve, name="membership subscriber", stop=self._stop,
-                       on_restart=self._restarted, max_restarts=1_000_000)
-
-    def _restarted(self, _e: BaseException) -> None:
-        self.restarts += 1
+        # ``dropped``: publications dropped (malformed, or not signed with this instance's key)
 
     def _serve(self) -> None:
         sock = curve.client(zmq.Context.instance().socket(zmq.SUB))

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["run_restarting"]
+__all__ = ["run_restarting", "ReceiveLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +42,42 @@ def run_restarting(body: Callable[[], None], *, name: str, stop: threading.Event
             on_restart(e)
             if stop.wait(pause_s):
                 return None
+
+
+class ReceiveLoop:
+    """A receive loop in a thread of its own, run by :func:`run_restarting`: subclasses
+    define ``_serve()`` (make the sockets, serve until ``self._stop`` is set, close them) and
+    count what they drop in ``dropped``. ``restarts`` counts the loop's restarts; ``error``
+    is the last error once it was given up."""
+
+    loop_name = "receive loop"
+    max_restarts = 10
+
+    def __init__(self, thread_name: str):
+        from collections import Counter
+
+        self.dropped: Counter[str] = Counter()
+        self.restarts = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=thread_name)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        self.error = run_restarting(self._serve, name=self.loop_name, stop=self._stop,
+                                    on_restart=self._restarted,
+                                    max_restarts=self.max_restarts)
+
+    def _restarted(self, _e: BaseException) -> None:
+        self.restarts += 1
+
+    def _serve(self) -> None:
+        raise NotImplementedError

@@ -1,8 +1,9 @@
 """``resilient-ep chaos --engine vllm``: a real ``vllm serve`` with ``--enable-resilience``
 (DP=4 + EP, vLLM's defaults otherwise: torch.compile, one API server per DP rank) under seeded
-random engine-core and worker kills and pauses, forged packets and bad inputs, with streaming
-load from the openai client. One engine start; bounded. Nothing lost, every answer equal to
-the failure-free pass, no membership change from a forged packet."""
+random engine-core and worker kills and pauses, rejoins of lost ranks (the join goes on while
+later events land), forged packets and bad inputs, with streaming load from the openai client.
+One engine start; bounded. Nothing lost, every answer equal to the failure-free pass, no
+membership change from a forged packet, every rejoin started completed."""
 
 from __future__ import annotations
 
@@ -39,4 +40,5 @@ def test_vllm_chaos_loses_nothing_and_stays_exact(tiny_model, tmp_path):
     assert r["bad_inputs_refused"] == r["bad_inputs"], detail
     assert sum(v for k, v in r["events_by_kind"].items()
                if k in ("kill", "kill-worker", "stop", "stop-worker")) >= 1, detail
+    assert r["rejoins_completed"] == r["rejoins"] and not r["rejoins_unfinished"], detail
     assert proc.returncode == 0, detail

@@ -5,12 +5,18 @@ own load generator. DP=2 + EP with ``--enable-resilience``; one engine start.
 of one rank is SIGKILLed mid-run: every request succeeds. Each API server then answers the
 same membership on ``/resilience/status`` (the launcher's liveness monitor publishes every
 loss to all of them), and the survivor's completions equal the failure-free ones.
+
+Then the lost rank rejoins on ``POST /resilience/ranks/1/rejoin`` sent to whichever API
+server takes it: the launcher runs the rejoin (it started the engine cores) and reaches the
+engines through an API server's relay; every API server shows the same rejoin and routes to
+the new rank, whose completions equal the failure-free ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import subprocess
 import sys
 import time
@@ -18,12 +24,13 @@ import uuid
 
 import pytest
 
-from vllm_harness import PROMPTS, Server, engine_env, kill_group
+from vllm_harness import PROMPTS, Server, engine_env, kill_group, stream_completion
 
 pytestmark = pytest.mark.engine
 
 SERVE_TIMEOUT_S = 480
 BENCH_TIMEOUT_S = 400
+JOIN_TIMEOUT_S = 400
 BENCH = ["--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "96",
          "--num-prompts", "64", "--max-concurrency", "16", "--ignore-eos", "--seed", "0"]
 
@@ -54,6 +61,9 @@ def server(tmp_path_factory, tiny_model):
         srv.stop()
 
 
+CLEAN: dict[str, list[int]] = {}
+
+
 def test_default_api_servers_bench_serve_survives_a_killed_rank(server, tiny_model):
     srv, work = server
     log = srv.tail(200_000)
@@ -62,6 +72,7 @@ def test_default_api_servers_bench_serve_survives_a_killed_rank(server, tiny_mod
     status = json.loads(srv.get("/resilience/status")[1])
     assert status["epoch"] == 0
     clean = [srv.complete(p) for p in PROMPTS]
+    CLEAN.update(zip(PROMPTS, clean))
 
     out = work / "bench"
     cmd = [sys.executable, "-c", BENCH_MAIN, "--model", str(tiny_model), "--tokenizer",
@@ -100,3 +111,44 @@ def test_default_api_servers_bench_serve_survives_a_killed_rank(server, tiny_mod
 def _served(srv: Server) -> int:
     """Completions answered so far (from the server log's access lines)."""
     return srv.tail(2_000_000).count('"POST /v1/completions HTTP/1.1" 200')
+
+
+def test_default_api_servers_a_lost_rank_rejoins_on_request(server):
+    srv, _ = server
+    if not CLEAN:
+        pytest.skip("needs the failover test's kill first")
+    assert srv.post_empty("/resilience/ranks/0/rejoin") == \
+        (409, {"error": "rank 0 is live: nothing to rejoin", "rank": 0})
+    code, record = srv.post_empty("/resilience/ranks/1/rejoin")
+    assert code == 202 and record["rank"] == 1 and record["state"] == "queued", record
+    code, body = srv.post_empty("/resilience/ranks/1/rejoin")
+    assert code == 409 and "already rejoining" in body["error"], body
+
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    rec: dict = {}
+    while time.monotonic() < deadline:
+        st = json.loads(srv.get("/resilience/status")[1])
+        rec = (st.get("rejoins") or [{}])[-1]
+        if rec.get("state") in ("live", "failed"):
+            break
+        time.sleep(0.5)
+    assert rec.get("state") == "live", (rec, srv.tail(6000))
+    assert rec["epoch"] == 2 and rec["verified"]["compared_with"] == 0
+    assert rec["verified"]["probe"]["experts_not_compared"] == 0, rec["verified"]
+    # every API server: the same rejoin, the join, both ranks live (ask several times)
+    seen = set()
+    for _ in range(8):
+        st = json.loads(srv.get("/resilience/status")[1])
+        seen.add((st["epoch"], tuple(sorted((r["dp_rank"], r["state"]) for r in st["ranks"])),
+                  st["rejoins"][-1]["state"], tuple(j["dp_rank"] for j in st["joins"])))
+    assert seen == {(2, ((0, "live"), (1, "live")), "live", (1,))}, seen
+    # the new rank serves: pinned to it, and unpinned
+    outs = [dict() for _ in PROMPTS]
+    threads = [threading.Thread(target=stream_completion, args=(srv, p, 24, o, 1))
+               for p, o in zip(PROMPTS, outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [o.get("tokens") for o in outs] == [CLEAN[p] for p in PROMPTS], outs
+    assert [srv.complete(p) for p in PROMPTS] == [CLEAN[p] for p in PROMPTS]

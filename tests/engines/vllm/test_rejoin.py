@@ -139,6 +139,12 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
     assert rec["export"]["failed"] == [] and rec["export"]["bytes"] > 0, rec["export"]
     held = len(rec["export"]["experts"])
     assert held > 0 and rec["verified"]["loaded"] == [{"peer": held}], rec["verified"]
+    # its probe forward equals the survivor's: every weighted module (2 layers x 7, embedding,
+    # final norm, LM head) and every expert it holds, which DP0 (full mirror) computed from
+    # its own slots
+    probe = rec["verified"]["probe"]
+    assert probe["dense_modules"] == 17 and probe["experts_not_compared"] == 0, probe
+    assert probe["experts_compared"] == 2 * held == probe["survivor_sources"]["slot"], probe
     assert not bad and served, bad
 
     after = _status(srv)

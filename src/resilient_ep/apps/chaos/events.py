@@ -131,12 +131,19 @@ class Chaos:
 
     def _forge(self, ev) -> None:
         self._quiescent()
-        before = (self.t.epoch(), sorted(self.t.live()))
+        joining = set(getattr(self.t, "joining", ()))  # rejoins under way may land meanwhile
+        before = (self.t.epoch(), set(self.t.live()))
         ev["epoch_before"] = before[0]
         ev["packets"] = sent = self.t.forge(self.rng, 300)
         time.sleep(max(0.3, self.t.hang_timeout_s * 0.5))
-        after = (self.t.epoch(), sorted(self.t.live()))
-        ev["changed"] = changed = before != after
+        after = (self.t.epoch(), set(self.t.live()))
+        joined = after[1] - before[1]
+        # a change is a rank lost, a rank taken in that was not joining, or an epoch moved
+        # by anything but those joins
+        ev["changed"] = changed = bool(before[1] - after[1] or joined - joining
+                                       or after[0] - before[0] != len(joined))
+        if joined:
+            ev["joined_meanwhile"] = sorted(joined)
         self.forged += sent
         self.forged_changes += int(changed)
 

@@ -78,7 +78,9 @@ def ask(client, model: str, w: Workload, i: int, stream: bool) -> Answer:
                                             max_tokens=w.max_tokens[i], temperature=0)
             a.text = out.choices[0].text
     except Exception as e:  # every way a request can be lost
-        a.error = f"{type(e).__name__}: {str(e)[:300]}"
+        cause = e.__cause__ or e.__context__  # the transport's own error, under openai's
+        a.error = f"{type(e).__name__}: {str(e)[:300]}" + (
+            f" (from {type(cause).__name__}: {str(cause)[:200]})" if cause is not None else "")
     a.t1 = time.monotonic()
     return a
 

@@ -27,6 +27,7 @@ class ReferenceTarget(Target):
             [f"detector.heartbeat_timeout_ms={hang_timeout_ms}",
              "placement.redundant_slots_per_rank=2", *settings])
         self.model_dir = Path(model_dir)
+        self._rejoined: list[dict] = []
         self.vocab = MoEConfig.from_dir(model_dir).vocab_size
         self._poison = self.vocab - 1
         self.coord = Coordinator(model_dir, num_ranks=ranks, config=cfg,
@@ -74,7 +75,12 @@ class ReferenceTarget(Target):
             self.coord.kill(rank, sig)
 
     def rejoin(self, rank: int) -> float:
-        return self.coord.rejoin(rank, timeout=120)
+        took = self.coord.rejoin(rank, timeout=120)  # done when it returns
+        self._rejoined.append({"rank": rank, "state": "live", "error": None})
+        return took
+
+    def settle_rejoins(self, timeout_s: float) -> list[dict]:
+        return list(self._rejoined)
 
     def poison_prompt(self) -> list[int]:
         return [self._poison, 5, 6, 7]

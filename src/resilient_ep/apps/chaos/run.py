@@ -40,6 +40,7 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
             chaos.run_one(n)
         chaos.finish()
         time.sleep(1.0)  # what is in flight lands
+        rejoins = target.settle_rejoins(600.0)  # joins still under way end under load
     finally:
         chaos.finish()
         drained = load.stop()
@@ -55,7 +56,9 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "events": len(chaos.events), "events_by_kind": dict(sorted(kinds.items())),
         "duration_s": round(duration, 1), "clients": clients, "prompts": len(w.prompts),
         "requests": len(answers), "requests_lost": len(lost),
-        "lost_examples": [a.error for a in lost[:5]],
+        "lost_examples": [{"error": a.error, "stream": a.stream, "prompt": a.prompt,
+                           "sent_s": round(a.t0 - t_start, 3),
+                           "failed_s": round(a.t1 - t_start, 3)} for a in lost[:5]],
         "equal_to_failure_free": len(done) - len(differing), "differing": len(differing),
         "differing_streamed": sum(1 for a in differing if a.stream),
         "differing_examples": [{"prompt": a.prompt, "stream": a.stream, "got": a.text,
@@ -67,11 +70,14 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "bad_inputs": len(chaos.bad), "bad_inputs_refused": sum(1 for e in chaos.bad if e["ok"]),
         "forged_packets": chaos.forged, "membership_changes_by_forged": chaos.forged_changes,
         "rejoins": sum(1 for e in chaos.events if e["kind"] == "rejoin" and "rejoin_s" in e),
+        "rejoins_completed": sum(1 for r in rejoins if r["state"] == "live"),
+        "rejoins_unfinished": [r for r in rejoins if r["state"] != "live"],
         "clients_drained": drained,
         "final": {"epoch": status.get("epoch"),
                   "live": [r["rank"] for r in status.get("ranks", []) if r.get("state") == "live"]},
         "metrics": target.metrics(),
         "event_log": chaos.events,
+        "t_start_monotonic": t_start,
     }
     report["ok"] = bool(
         report["requests"] > 0 and not lost and not differing and drained
@@ -94,11 +100,18 @@ def summary(r: dict) -> str:
         f"bad inputs {r['bad_inputs_refused']}/{r['bad_inputs']} refused with a 400 naming the field",
         f"  forged packets  {r['forged_packets']} sent, {r['membership_changes_by_forged']} "
         "membership changes",
+        f"  rejoins         {r['rejoins']} started, {r['rejoins_completed']} completed"
+        + (f", unfinished {r['rejoins_unfinished']}" if r["rejoins_unfinished"] else ""),
         f"  final           epoch {r['final']['epoch']}, live ranks {r['final']['live']}",
         f"  {'OK' if r['ok'] else 'FAILED'}",
     ]
     for e in r["lost_examples"]:
         lines.append(f"  lost: {e}")
+    if r["lost_examples"]:
+        t0 = r.get("t_start_monotonic")
+        for e in r["event_log"]:
+            lines.append(f"  event {e['n']} at {e['t'] - t0:.3f} s: {e['kind']} "
+                         f"{e.get('rank', '')}" if t0 else "")
     for d in r["differing_examples"]:
         lines.append(f"  differing: {d}")
     return "\n".join(lines)

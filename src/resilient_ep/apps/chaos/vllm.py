@@ -9,13 +9,18 @@ What it does to vLLM:
   dies more often than the engine core);
 - ``forge``: forged packets at the instance's liveness socket, its engine and worker failover
   groups and its KV peer stores;
-- ``bad-input``: bodies vLLM's API must refuse (400) before an engine sees them.
+- ``bad-input``: bodies vLLM's API must refuse (400) before an engine sees them;
+- ``rejoin``: ``POST /resilience/ranks/{rank}/rejoin`` for a lost rank (to whichever API
+  server takes it: the launcher runs it). The event only starts it; the replacement loads,
+  warms up and joins while the run goes on, so later events (a kill of another rank, a pause)
+  land at random points of the join. Once the authority has admitted it, the rank's new
+  processes are read from the status and it may be a victim again.
 
-Not done here, and why: ``rejoin`` (vLLM takes no rank back yet: issue 12) and ``poison``
-(its two rank deaths land where the request policy puts the request, and vLLM's two-copy ring
-of experts loses an expert when two neighbouring ranks are lost: the outputs would degrade by
-design). Victims are drawn while the survivors' slots can still hold every expert (the
-placement's ``repairable_deaths``): a loss that uncovers experts is repaired while serving.
+Not done here, and why: ``poison`` (its two rank deaths land where the request policy puts
+the request, and vLLM's two-copy ring of experts loses an expert when two neighbouring ranks
+are lost: the outputs would degrade by design). Victims are drawn while the survivors' slots
+can still hold every expert (the placement's ``repairable_deaths``): a loss that uncovers
+experts is repaired while serving.
 
 The operator's view of the membership comes from the instance's own publication (a replica,
 ``engines/vllm/liveness.membership_replica``), which a stopped engine does not delay.
@@ -60,7 +65,7 @@ def _free_port() -> int:
 
 
 class VllmTarget(Target):
-    kinds = ("kill", "kill-worker", "stop", "stop-worker", "forge", "bad-input")
+    kinds = ("kill", "kill-worker", "stop", "stop-worker", "forge", "bad-input", "rejoin")
     bad_inputs = BAD_INPUTS_VLLM
 
     def __init__(self, model_dir: Path, *, dp: int, work: Path, settings: list[str],
@@ -106,6 +111,7 @@ class VllmTarget(Target):
             self.repairable = int(st.get("experts", {}).get("plan", {}).get(
                 "repairable_deaths", 1))
             self.replica = membership_replica(self.instance, dp)
+            self.joining: set[int] = set()  # rejoins asked for, not admitted yet
         except BaseException:
             self.close()
             raise
@@ -140,6 +146,8 @@ class VllmTarget(Target):
 
     # ------------------------------------------------------------------ the target
     def live(self) -> list[int]:
+        if getattr(self, "joining", None):
+            self._settle_joins()  # a rank just admitted: its new processes
         return list(self.replica.membership.view().live_ranks)
 
     def lost(self) -> list[int]:
@@ -150,15 +158,59 @@ class VllmTarget(Target):
         return self.replica.membership.epoch
 
     def rejoinable(self) -> list[int]:
-        return []
+        self._settle_joins()
+        return [r for r in self.lost() if r not in self.joining]
+
+    def rejoin(self, rank: int) -> float:
+        """Ask for ``rank``'s replacement (202); the seconds the request took. The join goes
+        on in the background (:meth:`_settle_joins` takes it in)."""
+        t0 = time.monotonic()
+        req = urllib.request.Request(self.url + f"/resilience/ranks/{rank}/rejoin", data=b"",
+                                     method="POST",
+                                     headers={"Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                code, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read()
+        if code != 202:
+            raise RuntimeError(f"rejoin of DP{rank}: {code} {body[:200]!r}")
+        self.joining.add(rank)
+        return time.monotonic() - t0
+
+    def _settle_joins(self) -> None:
+        """Ranks whose join the authority admitted: their new processes, from the status."""
+        view = self.replica.membership.view()
+        done = {r for r in self.joining if view.is_live(r)}
+        failed = set()
+        if self.joining - done:
+            st = self.status()
+            last = {j["rank"]: j for j in st.get("rejoins", [])}
+            failed = {r for r in self.joining - done if last.get(r, {}).get("state") == "failed"}
+        if done:
+            st = self.status()
+            for r in st.get("ranks", []):
+                if r["dp_rank"] in done and r.get("pid"):
+                    self.pids[r["dp_rank"]] = (r["engine_pid"], r["pid"])
+        self.joining -= done | failed
 
     def victims(self) -> list[int]:
         """Live ranks whose loss the instance can cover again: while fewer ranks than the
-        placement's ``repairable_deaths`` are lost, any (an expert that loses every copy is
-        repaired into the survivors' slots, and tokens that need it wait for it)."""
+        placement's ``repairable_deaths`` are lost (or joining), any (an expert that loses
+        every copy is repaired into the survivors' slots, and tokens that need it wait for
+        it); a rank just admitted once its new processes are known."""
+        self._settle_joins()
         if len(self.lost()) + 1 > self.repairable:
             return []
-        return self.live()
+        return [r for r in self.live() if r not in self.joining]
+
+    def settle_rejoins(self, timeout_s: float) -> list[dict]:
+        end = time.monotonic() + timeout_s
+        while self.joining and time.monotonic() < end:
+            time.sleep(1.0)
+            self._settle_joins()
+        return [{"rank": r["rank"], "state": r["state"], "error": r.get("error")}
+                for r in self.status().get("rejoins") or []]
 
     def signal_rank(self, rank: int, sig: int, worker: bool = False) -> None:
         engine, wpid = self.pids[rank]

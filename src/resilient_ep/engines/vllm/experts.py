@@ -278,6 +278,16 @@ class ExpertState:
         return {"rank": self.rank, "held": held, "checked": checked, "mismatched": bad,
                 "sources": dict(sources), "loaded": dict(self.loaded_from)}
 
+    def settled_slots(self) -> dict[int, int]:
+        """Expert -> local slot, for each expert this rank holds in a slot whose copy has
+        landed (a copy still pending is left out)."""
+        S = self.plan.slots_per_rank
+        with self._lock:
+            row = self.recovery.physical.physical_to_logical[
+                0, self.rank * S:(self.rank + 1) * S].tolist()
+            pending = set(self._pending)
+        return {e: i for i, e in enumerate(row) if e >= 0 and self.rank * S + i not in pending}
+
     # ------------------------------------------------------------------ reintegration
     def export(self, ep_ranks, root: str) -> dict[str, Any]:
         """A survivor's part of a rejoin: write every expert that the replacement(s) of
@@ -285,12 +295,7 @@ class ExpertState:
         pending) into the :class:`HostBackup` at ``root``, every layer, as it sits in the
         slot. The first writer of an expert wins; runs between two steps."""
         out = HostBackup(root)
-        S = self.plan.slots_per_rank
-        with self._lock:
-            row = self.recovery.physical.physical_to_logical[
-                0, self.rank * S:(self.rank + 1) * S].tolist()
-            pending = set(self._pending)
-        mine = {e: i for i, e in enumerate(row) if e >= 0 and self.rank * S + i not in pending}
+        mine = self.settled_slots()
         wanted: set[int] = set()
         for r in ep_ranks:
             wanted |= set(self.plan.layout.experts_on_rank(0, int(r)))
@@ -593,9 +598,11 @@ def after_load(model: Any = None) -> None:
     if s is not None and s.layers:
         s.after_load()
         if model is not None:  # what a rejoin compares, ready before anyone asks
-            from .weights_digest import start
+            from . import probe, weights_digest
 
-            start(model, routed_param_ids())
+            routed = routed_param_ids()
+            weights_digest.start(model, routed)
+            probe.start(model, routed)
 
 
 def skip_disk_experts() -> bool:

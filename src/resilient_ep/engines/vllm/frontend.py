@@ -86,9 +86,15 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self._re_deaths: dict[str, int] = {}  # rank deaths each request was in flight at
         self.resilient_poisoned: list[dict] = []
         self.resilient_joins: list[dict] = []
-        self.resilient_rejoiner = None  # rejoin.Rejoiner, where this process started the cores
+        self.resilient_rejoiner = None  # rejoin.Rejoiner here, or the launcher's (RemoteRejoiner)
         self._re_rank_procs = None
-        self._re_loop: asyncio.AbstractEventLoop | None = None
+        self._re_relay = None  # rejoin_relay.EngineCallRelay, with several API servers
+        # (this API server's index: vLLM sets ``client_index`` only after the monitor starts)
+        self._re_index = int(kwargs.get("client_index", args[4] if len(args) > 4 else 0))
+        try:  # vLLM makes the client inside the API server's event loop
+            self._re_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._re_loop = None
         super().__init__(vllm_config, *args, **kwargs)
         import zmq
 
@@ -133,19 +139,32 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         manager = self.resources.engine_manager
         if manager is not None:
             from .rejoin import Rejoiner
+            from .rejoin_hosts import ClientHost
 
             monitor, self._re_rank_procs = start_monitor(self.vllm_config,
                                                          list(manager.processes),
                                                          membership=self.resilient_membership)
             monitor.add_listener(on_loss)
-            self.resilient_rejoiner = Rejoiner(self)
+            self.resilient_rejoiner = Rejoiner(ClientHost(self, monitor, self._re_rank_procs))
             self.resilient_liveness = monitor.start()
             return
         settings = instance_of(self.vllm_config)
         if settings is None:
             return
+        from .rejoin_relay import EngineCallRelay, RemoteRejoiner
+
+        def on_join(join) -> None:  # the launcher's rejoin: this API server routes to it again
+            me = self_ref()
+            if me is not None:
+                me.resilient_rejoined(join.rank, join.epoch)
+
+        # The launcher runs the rejoins (``rejoin_relay.py``): it takes this API server's
+        # requests and calls the engines through this API server's relay.
+        self.resilient_rejoiner = RemoteRejoiner(settings[1])
+        self._re_relay = EngineCallRelay(self, settings[1], self._re_index).start()
         self.resilient_liveness = MembershipSubscriber(
-            membership_endpoint(settings[1]), self.resilient_membership, on_loss).start()
+            membership_endpoint(settings[1]), self.resilient_membership, on_loss,
+            on_join=on_join).start()
 
     def _engine_died(self, loss) -> None:
         t = time.monotonic()
@@ -202,22 +221,12 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self._maybe_respawn(rank)
 
     def _maybe_respawn(self, rank: int) -> None:
-        """``recovery.respawn``: a replacement for the lost rank, at once."""
-        from .instance import instance_of
+        """``recovery.respawn``: a replacement for the lost rank, at once (with several API
+        servers the launcher starts it, on the same loss)."""
+        from .rejoin import Rejoiner, respawn
 
-        settings = instance_of(self.vllm_config)
-        if settings is None or not settings[0].recovery.respawn:
-            return
-        if self.resilient_rejoiner is None:
-            log.warning("resilient-ep: recovery.respawn needs --api-server-count 1; DP%d "
-                        "stays out", rank)
-            return
-        from .rejoin import RejoinError
-
-        try:
-            self.resilient_rejoiner.request(rank, reason="respawn")
-        except RejoinError as e:
-            log.warning("resilient-ep: no respawn of DP%d: %s", rank, e)
+        if isinstance(self.resilient_rejoiner, Rejoiner):
+            respawn(self.resilient_rejoiner, self.vllm_config, rank)
 
     def resilient_rejoined(self, rank: int, epoch: int) -> None:
         """A replacement for ``rank`` joined at ``epoch`` (``rejoin.py``): new requests go to

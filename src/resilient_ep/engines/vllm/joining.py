@@ -30,7 +30,10 @@ worker RPC and two new sockets per group) at one step boundary.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
+import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -138,6 +141,13 @@ class EngineJoin:
         self.rank = int(cfg.parallel_config.data_parallel_rank)
         self.joined = not is_replacement()
         self.latest = 0
+        self.switches: list[dict] = []
+        self.worker_switch: list[dict] = []
+        self.heard_at = 0.0
+        self.step_ends: deque[float] = deque(maxlen=65)
+        """When this engine's last steps (or dummy passes) ended (``note_step``)."""
+        self._measuring: dict | None = None
+        """One record per switch of this engine: its worker RPC and its hello (ms)."""
         self._incarnation = incarnation
         _, instance = instance_of(cfg)
         self.replica = membership_replica(instance, int(cfg.parallel_config.data_parallel_size))
@@ -160,6 +170,7 @@ class EngineJoin:
             if join.epoch <= self.latest:
                 return
             self.latest = join.epoch
+            self.heard_at = time.monotonic()
         from vllm.v1.engine import EngineCoreRequestType
 
         self.engine.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
@@ -192,28 +203,66 @@ class EngineJoin:
         epoch = joins.pop()
         if epoch <= self._incarnation("core"):
             return
+        t0 = time.monotonic()
         core = self._switch(epoch)
+        t1 = time.monotonic()
         e = self.engine
         mine = torch.tensor([e.step_counter, e.current_wave, int(has_unfinished)],
                             dtype=torch.int64)
         core.allgather([mine], strict=False)
+        t2 = time.monotonic()
+        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
+                  "at": t0, "heard_ms_before": (t0 - self.heard_at) * 1e3,
+                  "workers": self.worker_switch}
+        self.switches.append(record)
+        if _has_requests(e):  # (an idle engine's next step waits for work, not for the join)
+            self._measuring = record
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
-                 "wave %d", self.rank, epoch, e.step_counter, e.current_wave)
+                 "wave %d (switch %.1f ms, of which in the workers %s; hello with the joined "
+                 "rank %.1f ms)", self.rank, epoch, e.step_counter, e.current_wave,
+                 (t1 - t0) * 1e3, self.worker_switch, (t2 - t1) * 1e3)
+
+    def note_step(self) -> None:
+        """A step (or a dummy pass) of this engine ended. The first one after a switch made
+        with requests running gives the join's cost to this engine: the time from the end of
+        the step before the switch to the end of this one, less the median step before
+        (``pause_ms``)."""
+        now = time.monotonic()
+        m = self._measuring
+        if m is not None and self.step_ends:
+            self._measuring = None
+            gaps = [b - a for a, b in zip(self.step_ends, list(self.step_ends)[1:])]
+            step = statistics.median(gaps) if gaps else 0.0
+            m["step_ms"] = step * 1e3
+            m["first_step_after_ms"] = (now - self.step_ends[-1]) * 1e3
+            m["pause_ms"] = max(0.0, now - self.step_ends[-1] - step) * 1e3
+            self.step_ends.clear()  # the join's gap is not a step
+        self.step_ends.append(now)
 
     def _switch(self, epoch: int):
         from .groups import switch_core_group
 
         history = history_of(self.replica.events(), epoch)
-        self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
-                                                  args=(epoch, history))
+        got = self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
+                                                        args=(epoch, history))
+        self.worker_switch = [{k: round(w[k], 2) for k in ("experts_ms", "group_ms")}
+                              for w in got]
         return switch_core_group(self.engine.vllm_config, epoch)
 
     def _flip(self, epoch: int) -> None:
         """The replacement: switch to the join's groups, learn where the survivors are, take
         their step count and wave."""
+        t0 = time.monotonic()
         core = self._switch(epoch)
+        t1 = time.monotonic()
         none = torch.tensor([-1, -1, -1], dtype=torch.int64)
         got = core.allgather([none], strict=False)
+        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
+                  "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
+                  "heard_ms_before": (t0 - self.heard_at) * 1e3,
+                  "workers": self.worker_switch}
+        self.switches.append(record)
+        self._measuring = record  # its first step with the survivors
         theirs = [t[0] for r, t in got.items() if r != self.rank and int(t[0][0]) >= 0]
         e = self.engine
         self.joined = True
@@ -230,6 +279,14 @@ class EngineJoin:
             e.engines_running, e.step_counter, e.current_wave = False, 0, wave + 1
         log.info("resilient-ep: DP%d joined at epoch %d: step %d of wave %d, busy %s",
                  self.rank, epoch, step, wave, bool(busy))
+
+
+def _has_requests(engine: Any) -> bool:
+    scheduler = getattr(engine, "scheduler", None)
+    try:
+        return bool(scheduler.has_requests())
+    except Exception:
+        return False
 
 
 _joins: dict[int, EngineJoin] = {}

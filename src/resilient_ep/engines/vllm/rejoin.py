@@ -22,8 +22,13 @@ A rejoin goes through these states (``GET /resilience/status``, ``rejoins``):
 
 One rejoin at a time (a second one waits its turn). Started by
 ``POST /resilience/ranks/{rank}/rejoin`` or, with ``recovery.respawn``, on every loss.
-One API server (``--api-server-count 1``): the process that started the engine cores holds
-the handshake; with several API servers the launcher does, and rejoin is refused there.
+
+The :class:`Rejoiner` runs where the engine cores were started and the membership authority
+runs (its :class:`RejoinHost`): in the API server with ``--api-server-count 1``
+(:class:`~.rejoin_hosts.ClientHost`), in the ``vllm serve`` launcher with several API servers,
+vLLM's default for DP (:class:`~.rejoin_hosts.LauncherHost`: the launcher has no engine
+client, so it calls the engines through an API server's relay, and the API servers hand it
+their rejoin requests, ``rejoin_relay.py``).
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from resilient_ep.repair import HostBackup
 
-__all__ = ["Rejoiner", "RejoinError", "STATES", "run_replacement_engine_core"]
+__all__ = ["Rejoiner", "RejoinError", "RejoinHost", "STATES", "run_replacement_engine_core",
+           "respawn"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
@@ -73,9 +79,35 @@ class StartTimeout(TimeoutError):
     """The replacement did not reach READY in time (it is stopped; the rejoin may retry)."""
 
 
+class RejoinHost(Protocol):
+    """What a :class:`Rejoiner` needs of the process it runs in (``rejoin_hosts.py``)."""
+
+    vllm_config: Any
+    manager: Any
+    """vLLM's ``CoreEngineProcManager`` that started the engine cores (patched by
+    ``vllm-engine-manager-failover`` to keep their start arguments and addresses)."""
+    monitor: Any
+    """The instance's :class:`~resilient_ep.liveness.LivenessMonitor` (the authority)."""
+    rank_procs: Any
+    """The monitor's :class:`~.fencing.RankProcesses` (a replacement is fenced like any)."""
+    num_ranks: int
+
+    def dead(self) -> set[int]:
+        """DP ranks not live now (lost, or joining)."""
+
+    def call(self, engine: int, utility: str, args: tuple, timeout_s: float, *,
+             watch_loss: bool = True) -> Any:
+        """An engine-core utility call on DP rank ``engine`` (``collective_rpc`` or one of
+        ours), its result; given up on (``RuntimeError``) as soon as the engine is lost with
+        ``watch_loss``, or after ``timeout_s`` (``TimeoutError``)."""
+
+    def rejoined(self, rank: int, epoch: int) -> None:
+        """``rank`` joined at ``epoch``."""
+
+
 class Rejoiner:
-    def __init__(self, client: Any):
-        self.client = client
+    def __init__(self, host: RejoinHost):
+        self.host = host
         self.rejoins: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._queue: list[int] = []
@@ -86,20 +118,15 @@ class Rejoiner:
     def request(self, rank: int, reason: str = "api") -> dict[str, Any]:
         """Queue a rejoin of the lost DP ``rank``; returns its record (state ``joining`` or
         ``queued``). Raises :class:`RejoinError` for one that cannot be done."""
-        c = self.client
-        size = len(c.core_engines)
+        h = self.host
+        size = h.num_ranks
         if not 0 <= rank < size:
             raise RejoinError(f"rank {rank} is not a DP rank of this instance (0..{size - 1})")
-        manager = getattr(c.resources, "engine_manager", None)
-        monitor = c.resilient_liveness
-        if manager is None or not hasattr(monitor, "begin_join"):
-            raise RejoinError("this API server did not start the engine cores (several API "
-                              "servers: the launcher did); rejoin needs --api-server-count 1")
-        if getattr(manager, "_resilient_addresses", None) is None:
+        if getattr(h.manager, "_resilient_addresses", None) is None:
             raise RejoinError("the engine start-up addresses were not recorded "
                               "(vllm-engine-manager-failover patch not applied)")
         with self._lock:
-            if rank not in c.resilient_dead:
+            if rank not in h.dead():
                 raise RejoinError(f"rank {rank} is live: nothing to rejoin")
             if rank in self._queue or any(r["rank"] == rank and r["state"] in
                                           ("exporting", "joining", "warming", "verifying")
@@ -113,11 +140,11 @@ class Rejoiner:
                 self._thread = threading.Thread(target=self._worker, daemon=True,
                                                 name="resilient-ep-rejoin")
                 self._thread.start()
-        return dict(record)
+        return public(record)
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(r) for r in self.rejoins]
+            return [public(r) for r in self.rejoins]
 
     def _worker(self) -> None:
         while True:
@@ -145,8 +172,8 @@ class Rejoiner:
 
     # ------------------------------------------------------------------ the steps
     def _rejoin(self, rank: int, record: dict) -> None:
-        c = self.client
-        if rank not in c.resilient_dead:
+        h = self.host
+        if rank not in h.dead():
             raise RejoinError(f"rank {rank} is live again")
         export = self._export(rank, record)
         try:
@@ -163,18 +190,18 @@ class Rejoiner:
                                 START_ATTEMPTS)
                     with self._lock:
                         record["attempts"] = attempt + 1
+            self._verify(rank, record, export)
         finally:
             if export is not None:
                 HostBackup(export).remove()
-        self._verify(rank, record)
-        join = c.resilient_liveness.admit(rank)
+        join = h.monitor.admit(rank)
         with self._lock:
             record["epoch"] = join.epoch
             record["admitted_monotonic"] = time.monotonic()
         self._wait_switched(rank, join.epoch)
         record.pop("_proc", None)
         self._set(record, "live")
-        c.resilient_rejoined(rank, join.epoch)
+        h.rejoined(rank, join.epoch)
 
     def _export(self, rank: int, record: dict) -> str | None:
         """The survivors write what the replacement of ``rank`` will hold into a fresh
@@ -185,8 +212,8 @@ class Rejoiner:
 
         from .instance import instance_of
 
-        c = self.client
-        settings = instance_of(c.vllm_config)
+        h = self.host
+        settings = instance_of(h.vllm_config)
         if settings is None:
             return None
         rcfg, instance = settings
@@ -202,8 +229,8 @@ class Rejoiner:
         progress = {"experts": [], "bytes": 0, "failed": [], "asking": None, "seconds": 0.0}
         with self._lock:
             record["export"] = progress
-        for i in range(len(c.core_engines)):
-            if i in c.resilient_dead:
+        for i in range(h.num_ranks):
+            if i in h.dead():
                 continue
             with self._lock:
                 progress["asking"] = i
@@ -225,22 +252,14 @@ class Rejoiner:
     def _rpc_live(self, engine: int, method: str, args: tuple, timeout_s: float = RPC_TIMEOUT_S):
         """``collective_rpc`` on one engine, given up on as soon as the engine is lost (its
         answer would never come) or after ``timeout_s``."""
-        import concurrent.futures
+        return self.host.call(engine, "collective_rpc", (method, timeout_s, args, None),
+                              timeout_s)
 
-        c = self.client
-        fut = self._submit(c._call_utility_async(
-            "collective_rpc", method, timeout_s, args, None, engine=c.core_engines[engine]))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return fut.result(0.1)
-            except concurrent.futures.TimeoutError:
-                if engine in c.resilient_dead:
-                    fut.cancel()
-                    raise RuntimeError(f"DP{engine} was lost while it answered {method}")
-                if time.monotonic() > deadline:
-                    fut.cancel()
-                    raise TimeoutError(f"DP{engine} did not answer {method} in {timeout_s} s")
+    def _rpc_joining(self, engine: int, method: str, args: tuple = (),
+                     timeout_s: float = RPC_TIMEOUT_S):
+        """``collective_rpc`` on the replacement (not live yet: no loss to watch for)."""
+        return self.host.call(engine, "collective_rpc", (method, timeout_s, args, None),
+                              timeout_s, watch_loss=False)
 
     def _start(self, rank: int, record: dict, export: str | None) -> None:
         """The replacement process, up to READY."""
@@ -265,7 +284,7 @@ class Rejoiner:
 
         from .instance import instance_of
 
-        settings = instance_of(self.client.vllm_config)
+        settings = instance_of(self.host.vllm_config)
         recovery = settings[0].recovery if settings else RecoveryConfig()
         return recovery.rejoin_start_timeout_s
 
@@ -277,7 +296,7 @@ class Rejoiner:
         if proc is not None and proc.is_alive():
             proc.kill()
             proc.join(timeout_s)
-        membership = getattr(self.client.resilient_liveness, "membership", None)
+        membership = getattr(self.host.monitor, "membership", None)
         deadline = time.monotonic() + timeout_s
         while membership is not None and membership.state(rank) is RankState.JOINING:
             if time.monotonic() > deadline:
@@ -290,8 +309,8 @@ class Rejoiner:
 
         from .replacement import EXPERTS_ENV, REJOIN_ENV
 
-        c = self.client
-        manager = c.resources.engine_manager
+        h = self.host
+        manager = h.manager
         start = dict(manager._resilient_start)
         cfg = manager._resilient_vllm_config
         kwargs = {"vllm_config": cfg, "local_client": start.get("local_client", True),
@@ -317,10 +336,13 @@ class Rejoiner:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-        c.resilient_liveness.begin_join(rank, proc)
-        ranks = getattr(c, "_re_rank_procs", None)
-        if ranks is not None:
-            ranks.by_rank[rank] = proc
+        h.monitor.begin_join(rank, proc)
+        if h.rank_procs is not None:
+            h.rank_procs.by_rank[rank] = proc
+        # vLLM's manager stops what it holds at shutdown: the replacement, not the lost one
+        for i, old in enumerate(manager.processes):
+            if old.name == proc.name:
+                manager.processes[i] = proc
         return proc
 
     def _handshake(self, sock, proc, rank: int, record: dict) -> None:
@@ -329,8 +351,8 @@ class Rejoiner:
         import zmq
         from vllm.v1.engine.utils import EngineHandshakeMetadata
 
-        c = self.client
-        manager = c.resources.engine_manager
+        h = self.host
+        manager = h.manager
         pc = manager._resilient_vllm_config.parallel_config
         identity = rank.to_bytes(2, "little")
         timeout_s = self._start_timeout_s()
@@ -341,7 +363,7 @@ class Rejoiner:
         while not ready:
             if time.monotonic() > deadline:
                 raise StartTimeout(f"not READY within {timeout_s:.0f} s of its start")
-            if proc.exitcode is not None or rank not in c.resilient_dead:
+            if proc.exitcode is not None or rank not in h.dead():
                 raise RuntimeError(f"DP{rank} replacement exited (code {proc.exitcode}) "
                                    "while it started")
             if not poller.poll(500):
@@ -365,30 +387,30 @@ class Rejoiner:
                 ready = True
         self._set(record, "verifying")
 
-    def _submit(self, coro):
-        """Run ``coro`` on the API server's event loop; its future."""
-        loop = self.client._re_loop
-        if loop is None or loop.is_closed():
-            raise RuntimeError("the API server's event loop is not known yet")
-        return asyncio.run_coroutine_threadsafe(coro, loop)
+    def _verify(self, rank: int, record: dict, export: str | None = None) -> None:
+        """The replacement's weights and its probe forward against a survivor's: its dense
+        weights' digest equal, its expert slots equal to the host backup or the model files
+        (bitwise), and every module's output on the probe input (``probe.py``) equal to what
+        the survivor's modules give, within rounding."""
+        from resilient_ep.probe import compare
 
-    def _run(self, coro, timeout_s: float = RPC_TIMEOUT_S):
-        return self._submit(coro).result(timeout_s)
-
-    def _verify(self, rank: int, record: dict) -> None:
-        c = self.client
-        new = self._run(c._call_utility_async("collective_rpc", "resilient_ep_verify",
-                                              RPC_TIMEOUT_S, (), None,
-                                              engine=c.core_engines[rank]))
-        ref, survivor = None, None
-        for i in range(len(c.core_engines)):
-            if i in c.resilient_dead:
+        h = self.host
+        new = self._rpc_joining(rank, "resilient_ep_verify")
+        probes = self._rpc_joining(rank, "resilient_ep_probe")
+        ref = ref_probes = survivor = None
+        for i in range(h.num_ranks):
+            if i in h.dead():
                 continue
             try:  # a survivor lost while it answers: the next one
-                ref, survivor = self._rpc_live(i, "resilient_ep_verify", (False,)), i
+                ref = self._rpc_live(i, "resilient_ep_verify", (False,))
+                wanted = sorted({tuple(pair) for p in probes
+                                 for pair in (p.get("experts") or {}).get("pairs") or []})
+                ref_probes = self._rpc_live(i, "resilient_ep_probe",
+                                            ([list(w) for w in wanted], export))
+                survivor = i
                 break
             except Exception as e:
-                log.warning("resilient-ep: DP%d could not give its digest: %r", i, e)
+                log.warning("resilient-ep: DP%d could not give its digest or probe: %r", i, e)
         if ref is None:
             raise RuntimeError("no live rank to compare with")
         for mine, theirs in zip(new, ref):
@@ -400,6 +422,26 @@ class Rejoiner:
             if bad:
                 raise RuntimeError(f"DP{rank} replacement's expert slots differ from the "
                                    f"host backup / model files: {bad[:8]}")
+        probe_summary = {"dense_modules": 0, "experts_compared": 0, "experts_not_compared": 0,
+                         "survivor_sources": {}}
+        for mine, theirs in zip(probes, ref_probes):
+            names = sorted(set(mine["dense"]) | set(theirs["dense"]))
+            bad = compare(mine["dense"], theirs["dense"], names=names)
+            mx, tx = mine.get("experts") or {}, theirs.get("experts") or {}
+            if mx.get("skipped") or tx.get("skipped"):
+                probe_summary["experts_skipped"] = mx.get("skipped") or tx.get("skipped")
+            else:
+                got = sorted(tx.get("experts") or {})
+                bad += compare(mx.get("experts") or {}, tx.get("experts") or {}, names=got)
+                probe_summary["experts_compared"] += len(got)
+                probe_summary["experts_not_compared"] += len(mx.get("experts") or {}) - len(got)
+                for k, v in (tx.get("sources") or {}).items():
+                    probe_summary["survivor_sources"][k] = \
+                        probe_summary["survivor_sources"].get(k, 0) + int(v)
+            if bad:
+                raise RuntimeError(f"DP{rank} replacement's probe forward differs from DP"
+                                   f"{survivor}'s: {bad[:8]}")
+            probe_summary["dense_modules"] += len(names)
         with self._lock:
             record["verified"] = {"dense_digest": new[0]["dense_digest"],
                                   "compared_with": survivor,
@@ -408,19 +450,19 @@ class Rejoiner:
                                   "loaded": [(w.get("experts") or {}).get("loaded")
                                              for w in new],
                                   "sources": [(w.get("experts") or {}).get("sources")
-                                              for w in new]}
+                                              for w in new],
+                                  "probe": probe_summary}
 
     def _wait_switched(self, rank: int, epoch: int) -> None:
         """Until the replacement's workers run on the join's group (the survivors switched at
         the same step: the replacement's switch completes only with theirs)."""
-        c = self.client
+        h = self.host
         deadline = time.monotonic() + SWITCH_TIMEOUT_S
         while True:
-            if rank in c.resilient_dead:
+            if rank in h.dead():
                 raise RuntimeError(f"DP{rank} was lost again while it joined")
             try:
-                got = self._run(c._call_utility_async("resilient_ep_counters",
-                                                      engine=c.core_engines[rank]), 10.0)
+                got = h.call(rank, "resilient_ep_counters", (), 10.0)
                 if all(int(w.get("incarnation", -1)) >= epoch for w in got.get("workers", [])):
                     return
             except Exception as e:  # busy in the switch: ask again
@@ -429,3 +471,22 @@ class Rejoiner:
                 raise TimeoutError(f"DP{rank} did not switch to epoch {epoch} within "
                                    f"{SWITCH_TIMEOUT_S} s")
             time.sleep(0.05)
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """A rejoin record as the status shows it (no private fields such as the process)."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def respawn(rejoiner: Any, vllm_config: Any, rank: int) -> None:
+    """``recovery.respawn``: a replacement for the lost ``rank``, at once (nothing when the
+    setting is off; a rejoin that cannot start is logged, the instance serves on)."""
+    from .instance import instance_of
+
+    settings = instance_of(vllm_config)
+    if settings is None or not settings[0].recovery.respawn:
+        return
+    try:
+        rejoiner.request(rank, reason="respawn")
+    except RejoinError as e:
+        log.warning("resilient-ep: no respawn of DP%d: %s", rank, e)

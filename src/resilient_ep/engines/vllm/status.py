@@ -223,20 +223,19 @@ class ResilienceStatusMiddleware:
         core = getattr(engine_client, "engine_core", None)
         rejoiner = getattr(core, "resilient_rejoiner", None)
         if rejoiner is None:
-            await _respond(send, 409, {"error": "rejoin needs resilience on with DP > 1 and EP, "
-                                                "and --api-server-count 1 (this API server did "
-                                                "not start the engine cores)"})
+            await _respond(send, 409, {"error": "rejoin needs resilience on with DP > 1 and "
+                                                "expert parallelism"})
             return
         from .rejoin import RejoinError
 
+        loop = asyncio.get_running_loop()
         if core._re_loop is None:
-            core._re_loop = asyncio.get_running_loop()
-        try:
-            record = rejoiner.request(rank)
+            core._re_loop = loop
+        try:  # with several API servers the launcher answers: off this loop
+            record = await loop.run_in_executor(None, rejoiner.request, rank)
         except RejoinError as e:
             await _respond(send, 409, {"error": str(e), "rank": rank})
             return
-        record.pop("_proc", None)
         await _respond(send, 202, record)
 
     async def status(self, state) -> tuple[int, dict]:
@@ -260,9 +259,9 @@ class ResilienceStatusMiddleware:
                                 dead_dp_ranks=set(getattr(core, "resilient_dead", ())))
             body["failovers"] = list(getattr(core, "resilient_events", []))
             rejoiner = getattr(core, "resilient_rejoiner", None)
-            if rejoiner is not None:
-                rejoins = [{k: v for k, v in r.items() if not k.startswith("_")}
-                           for r in rejoiner.status()]
+            if rejoiner is not None:  # the launcher's, with several API servers: off this loop
+                rejoins = await asyncio.get_running_loop().run_in_executor(None,
+                                                                           rejoiner.status)
                 body["rejoins"] = rejoins
                 body["joins"] = list(getattr(core, "resilient_joins", []))
                 active = {r["rank"]: r["state"] for r in rejoins

@@ -9,6 +9,7 @@ holds. Method names start with ``resilient_ep_`` so they cannot clash with vLLM'
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 __all__ = ["ResilienceWorkerExtension", "local_experts_of"]
@@ -85,6 +86,7 @@ class ResilienceWorkerExtension:
         def ep_ranks_of(dp_rank: int) -> set[int]:
             return {dp_rank * tp_size + t for t in range(tp_size)}
 
+        t0 = time.monotonic()
         state = experts.current()
         if state is not None and state.layers:
             if is_solo("worker"):
@@ -93,10 +95,12 @@ class ResilienceWorkerExtension:
                 joined = {int(e["rank"]) for e in history
                           if e["kind"] == "join" and int(e["epoch"]) == int(epoch)}
                 state.set_joined(set().union(set(), *(ep_ranks_of(d) for d in joined)))
+        t1 = time.monotonic()
         group = switch_worker_group(self.vllm_config,  # type: ignore[attr-defined]
                                     int(epoch), int(dp.rank_in_group), int(dp.world_size),
                                     int(tp.rank_in_group))
-        return {"epoch": int(epoch), "live": group.live}
+        return {"epoch": int(epoch), "live": group.live, "experts_ms": (t1 - t0) * 1e3,
+                "group_ms": (time.monotonic() - t1) * 1e3}
 
     def resilient_ep_export_experts(self, dp_rank: int, root: str) -> dict[str, Any]:
         """A survivor's part of a rejoin of ``dp_rank``: write the experts its replacement
@@ -123,6 +127,25 @@ class ResilienceWorkerExtension:
         state = expert_state.current()
         if experts and state is not None and state.layers:
             out["experts"] = state.verify()
+        return out
+
+    def resilient_ep_probe(self, wanted: list | None = None,
+                           export_root: str | None = None) -> dict[str, Any]:
+        """The probe forward of a rejoin (``probe.py``): the dense modules' fingerprints
+        (cached) and the experts' (``wanted`` None: every expert this rank holds, as a
+        replacement asks; else these ``[layer name, expert]`` pairs, as a survivor asks)."""
+        from . import experts as expert_state
+        from . import probe
+
+        runner = getattr(self, "model_runner", None)
+        model = runner.get_model() if runner is not None else None
+        out: dict[str, Any] = {"pid": os.getpid(), "dense": {}, "skipped": {}}
+        if model is not None:
+            out.update(probe.dense_probe(model, expert_state.routed_param_ids()))
+        state = expert_state.current()
+        if state is not None and state.layers:
+            pairs = None if wanted is None else [(str(n), int(e)) for n, e in wanted]
+            out["experts"] = probe.expert_probe(state, pairs, export_root)
         return out
 
     def resilient_ep_counters(self) -> dict[str, Any]:

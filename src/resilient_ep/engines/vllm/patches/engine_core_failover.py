@@ -121,6 +121,8 @@ def apply() -> None:
     orig_dummy = core.__dict__["execute_dummy_batch"]
     orig_sync = dp.__dict__["_has_global_unfinished_reqs"]
 
+    from ..joining import _joins
+
     @functools.wraps(orig_step)
     def step(self):
         from ..beacon import leased_hold
@@ -133,6 +135,10 @@ def apply() -> None:
                 raise
             recover_scheduler(self.scheduler, e)
             return {}, False
+        finally:
+            join = _joins.get(id(self))
+            if join is not None:  # (what a join costs this engine: joining.note_step)
+                join.note_step()
         leased_hold(self)  # ... and no output leaves without one
         return out
 
@@ -144,6 +150,10 @@ def apply() -> None:
             if not (_on(self) and is_peer_lost(e)):
                 raise
             log.warning("resilient-ep: dummy pass dropped, a DP peer was lost")
+        finally:
+            join = _joins.get(id(self))
+            if join is not None:
+                join.note_step()
 
     @functools.wraps(orig_sync)
     def _has_global_unfinished_reqs(self, local_unfinished):
@@ -215,10 +225,14 @@ def apply() -> None:
             workers = self.model_executor.collective_rpc("resilient_ep_counters", timeout=5)
         except Exception as e:  # a worker that does not answer
             workers = [{"error": repr(e)}]
+        from ..joining import _joins
+
+        join = _joins.get(id(self))
         return {"dp_rank": int(self.vllm_config.parallel_config.data_parallel_rank),
                 "fallback_recoveries": len(RECOVERIES),
                 "fallback_requests_recomputed": sum(r["requests"] for r in RECOVERIES),
-                **_group_view(current_core_group()), "workers": workers}
+                **_group_view(current_core_group()), "workers": workers,
+                "join_switches": list(join.switches) if join is not None else []}
 
     def _group_view(group):
         return {} if group is None else {"epoch": group.epoch, "live": group.live,

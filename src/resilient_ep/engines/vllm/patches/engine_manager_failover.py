@@ -9,10 +9,12 @@ How (only when failover applies): ``__init__`` keeps the ``VllmConfig`` and what
 the engine cores with, and ``wait_for_engine_startup`` the addresses it handed them (a
 replacement engine core, ``rejoin.py``, is started and handshaken with the same);
 ``monitor_engine_liveness`` runs the instance's liveness monitor instead (``liveness.py``:
-fence a lost rank whole, publish each loss to the API servers) and returns, as the original
-does, only once every engine core is gone or the manager is stopped; on a headless node of a
-multi-node instance (``multinode.py``) it follows the head's monitor instead (kills a local
-rank the head fenced). Otherwise the originals run.
+fence a lost rank whole, publish each loss to the API servers) and the instance's rejoins
+(``rejoin_hosts.serve_rejoins``: a lost rank's replacement, asked for by any API server or by
+``recovery.respawn``), and returns, as the original does, only once every engine core is gone
+or the manager is stopped; on a headless node of a multi-node instance (``multinode.py``) it
+follows the head's monitor instead (kills a local rank the head fenced; no rejoin across
+nodes). Otherwise the originals run.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def apply() -> None:
             return orig_monitor(self)
         from .. import multinode
         from ..instance import instance_of
+        from ..rejoin_hosts import serve_rejoins
 
         instance = instance_of(cfg)[1]
         nodes = multinode.registered(instance)
@@ -110,10 +113,14 @@ def apply() -> None:
                 self.failed_proc_name = why
             self.shutdown()
             return
-        monitor, _ = start_monitor(cfg, list(self.processes))
+        monitor, ranks = start_monitor(cfg, list(self.processes))
+        # rejoins start a replacement here: one host only (refused across nodes)
+        service = serve_rejoins(self, monitor, ranks, instance) if nodes is None else None
         monitor.start()
         while monitor.alive and not self.manager_stopped.wait(0.5):
             pass
+        if service is not None:
+            service.stop()
         monitor.stop()
         if monitor.errored() is not None:
             self.failed_proc_name = f"resilient-ep liveness monitor ({monitor.errored()!r})"
