@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--nodes: detector.heartbeat_timeout_ms (and lease) of the failure "
                         "trials (reference runtime, default: the detector's default, 150; the "
                         "steady state always runs at it) or of every instance (vllm, default "
-                        "1000)")
+                        "2000: a loaded 2-core machine can starve an engine's heartbeat for a "
+                        "second)")
     p.add_argument("--hang-timeout-ms", type=float, default=1000,
                    help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
                         "fenced after it; default 1000)")

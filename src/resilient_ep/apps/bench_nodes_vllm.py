@@ -251,7 +251,8 @@ def failure(model, work, args, log, *, partition: bool) -> dict:
         finally:
             head.stop()
             node.stop()
-    events = status.get("failovers", [])
+    every = status.get("failovers", [])
+    events = [e for e in every if e["detected_monotonic"] >= at]  # the failure's, not before
     detect = (events[0]["detected_monotonic"] - at) if events else None
     stall = _stall_s(failed, at)
     out = {"failed_over_after_ms": None if detect is None else round(detect * 1000, 1),
@@ -260,7 +261,8 @@ def failure(model, work, args, log, *, partition: bool) -> dict:
            "streams_equal": all(a.get("tokens") == b.get("tokens") and "error" not in b
                                 for a, b in zip(clean, failed)),
            "requests_lost": sum("error" in b for b in failed),
-           "failovers": events, "ranks": status["ranks"],
+           "false_fences_before_the_failure": len(every) - len(events),
+           "failovers": every, "ranks": status["ranks"],
            "streams": [_stream_detail(o, at) for o in failed]}
     if partition:
         out["node1_stopped_its_rank_after_mend_ms"] = (None if node_stopped is None
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--nodes runs on a network test bed, which {why}")
     if args.nodes != 2:
         raise ValueError(f"--nodes: only 2 is measured, got {args.nodes}")
-    args.timeout_ms = getattr(args, "nodes_hang_timeout_ms", None) or 1000.0
+    args.timeout_ms = getattr(args, "nodes_hang_timeout_ms", None) or 2000.0
     args.max_tokens = args.max_tokens or 64
     args.stream_tokens = 600
     model = ensure_model(args.model, quiet=args.json)
