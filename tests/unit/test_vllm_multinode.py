@@ -148,3 +148,19 @@ def test_an_engine_without_its_lease_holds_until_it_has_one_again():
     threading.Timer(0.1, setattr, args=(b, "ok", True)).start()
     t0 = time.monotonic()
     assert multinode.hold_without_lease(b, 1) > 0.0 and time.monotonic() - t0 >= 0.09
+
+
+def test_expert_replicas_are_placed_on_different_nodes():
+    """With a budget below the full mirror, the replicas of an expert sit on ranks of
+    different nodes (placement knows the nodes): a lost node leaves a copy of each."""
+    from resilient_ep.engines.vllm.experts import ExpertPlan
+
+    cfg = ResilienceConfig().with_overrides([*NODES, "placement.redundant_slots_per_rank=1"])
+    plan = ExpertPlan(8, 4, cfg)  # EP ranks 0, 1 on node 0; 2, 3 on node 1
+    for node_lost in ({0, 1}, {2, 3}):
+        held = {e for r in range(4) if r not in node_lost for e in plan.layout.experts_on_rank(0, r)}
+        pairs = [(e, [r for r in range(4) if e in plan.layout.experts_on_rank(0, r)])
+                 for e in range(8)]
+        doubled = [e for e, rs in pairs if len(rs) == 2]
+        assert doubled and all({r // 2 for r in rs} == {0, 1} for e, rs in pairs if e in doubled)
+        assert set(doubled) <= held
