@@ -63,12 +63,37 @@ class DetectorConfig:
     """Declare a peer dead as soon as its connection drops (socket monitor), without waiting
     for the heartbeat timeout."""
 
+    lease_ms: float | None = None
+    """Between hosts (``transport.node_addresses``): a rank serves only while it holds a lease
+    from the front end, renewed by the front end's answer to each of its heartbeats and
+    counted from when that heartbeat was *sent*. A rank that has not heard an answer to a
+    heartbeat sent in the last ``lease_ms`` (a partition, a front end gone) stops serving by
+    itself: it starts no step and emits no token until a lease comes again. Because the
+    front end fences a rank only ``heartbeat_timeout_ms`` after its last heartbeat arrived,
+    a lease no longer than that timeout means an isolated rank has stopped before its
+    requests are moved, so no request is ever served twice. None: ``heartbeat_timeout_ms``.
+    Must be > ``heartbeat_interval_ms`` and <= ``heartbeat_timeout_ms``."""
+
+    @property
+    def lease_s(self) -> float:
+        """The lease in seconds (``lease_ms``, or the heartbeat timeout when unset)."""
+        return (self.heartbeat_timeout_ms if self.lease_ms is None else self.lease_ms) / 1000.0
+
     def validate(self, prefix: str) -> None:
         _check(self.heartbeat_interval_ms > 0, f"{prefix}.heartbeat_interval_ms",
                self.heartbeat_interval_ms, "must be > 0")
         _check(self.heartbeat_timeout_ms > self.heartbeat_interval_ms,
                f"{prefix}.heartbeat_timeout_ms", self.heartbeat_timeout_ms,
                f"must be > heartbeat_interval_ms ({self.heartbeat_interval_ms})")
+        if self.lease_ms is not None:
+            _check(self.lease_ms > self.heartbeat_interval_ms, f"{prefix}.lease_ms",
+                   self.lease_ms, f"must be > heartbeat_interval_ms "
+                                  f"({self.heartbeat_interval_ms}): a lease is renewed once "
+                                  "per heartbeat")
+            _check(self.lease_ms <= self.heartbeat_timeout_ms, f"{prefix}.lease_ms",
+                   self.lease_ms, f"must be <= heartbeat_timeout_ms "
+                                  f"({self.heartbeat_timeout_ms}): an isolated rank must stop "
+                                  "before the front end moves its requests")
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,29 @@ class TransportConfig:
     """Dispatch/combine and control messages between ranks."""
 
     address: Literal["ipc", "tcp"] = "ipc"
-    """zmq only: ``ipc`` (Unix sockets in a private temp dir) or ``tcp`` (127.0.0.1)."""
+    """``ipc``: Unix sockets in the instance's private directory (one host); ``tcp``: TCP,
+    on 127.0.0.1 (one host) or, with ``node_addresses``, on each node's address (several
+    hosts)."""
+
+    node_addresses: tuple[str, ...] = ()
+    """Several hosts: the address (IPv4 or host name) of each node, the front end's node
+    first. Ranks go to the nodes node-major (ranks / nodes consecutive ranks each), every
+    socket binds its node's address at a port derived from ``base_port``, and heartbeats and
+    leases travel as authenticated UDP datagrams (a lost datagram costs nothing; a lost TCP
+    segment stalls a heartbeat stream for 200 ms or more). Needs ``address: tcp``, a
+    ``base_port`` and the instance key on every node (docs/multinode.md). Empty: one host."""
+
+    base_port: int = 0
+    """With ``node_addresses``: the first port of the instance's range on every node
+    (the instance uses 3 ports per rank plus 1, from here; docs/multinode.md). 0: one host,
+    ports picked free on 127.0.0.1."""
+
+    key_file: str = ""
+    """With ``node_addresses``: the instance key, one file at this absolute path on every
+    node (mode 0600, owned by the user running the instance). The front end's node makes it
+    when it is missing (the reference runtime's coordinator, vLLM's head); any other node
+    refuses to start without it. Empty: the key is made in the instance's private directory
+    (vLLM across nodes: copy that file to the same path on the other nodes)."""
 
     step_timeout_ms: float = 2000.0
     """Deadline of one dispatch or combine receive. A peer that misses it is suspected and
@@ -126,8 +173,27 @@ class TransportConfig:
     libzmq has no CURVE, the tag alone authenticates."""
 
     def validate(self, prefix: str) -> None:
+        from .transport.addressing import check_host
+
         _check(self.step_timeout_ms > 0, f"{prefix}.step_timeout_ms", self.step_timeout_ms,
                "must be > 0")
+        for i, host in enumerate(self.node_addresses):
+            why = check_host(host)
+            _check(why is None, f"{prefix}.node_addresses[{i}]", host, why or "")
+        _check(len(set(self.node_addresses)) == len(self.node_addresses),
+               f"{prefix}.node_addresses", list(self.node_addresses),
+               "must not name a node twice")
+        _check(self.base_port == 0 or 1024 <= self.base_port <= 65535, f"{prefix}.base_port",
+               self.base_port, "must be 0 (one host) or a port in 1024..65535")
+        _check(not self.key_file or self.key_file.startswith("/"), f"{prefix}.key_file",
+               self.key_file, "must be an absolute path (the same on every node)")
+        if self.node_addresses:
+            _check(self.address == "tcp", f"{prefix}.address", self.address,
+                   "must be 'tcp' when transport.node_addresses is set (Unix sockets do not "
+                   "cross hosts)")
+            _check(self.base_port != 0, f"{prefix}.base_port", self.base_port,
+                   "must be set (1024..65535, the same on every node) when "
+                   "transport.node_addresses is set")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ the host (the reference runtime's coordinator, an engine adapter) carries the de
    moves; experts that lost every replica are listed as ``uncovered``) — the host broadcasts it
    and every rank patches its routing table in place;
 3. **restore**: each request owned by a lost rank gets a new owner, the least-loaded live rank
-   (ties to the lowest rank id), so the host re-admits it there (resuming from a KV checkpoint
-   where one survives, else recomputing prompt + generated tokens);
+   (ties to the lowest rank id; on several hosts a rank of another node first), so the host
+   re-admits it there (resuming from a KV checkpoint where one survives, else recomputing
+   prompt + generated tokens);
 4. **repair**: ``plan.replan.moves`` are the weight copies that restore coverage. The host
    first routes by :meth:`RecoveryOrchestrator.vacate` (the slots to overwrite taken out of
    the tables), has the owners load the weights, reports each finished copy with
@@ -81,8 +82,8 @@ class Assignment(NamedTuple):
 
 def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iterable[int], *,
                     load: Mapping[int, int] | None = None, migrate: bool = True,
-                    deaths: Mapping[str, int] | None = None, max_request_failures: int = 0
-                    ) -> Assignment:
+                    deaths: Mapping[str, int] | None = None, max_request_failures: int = 0,
+                    nodes: Mapping[int, int] | None = None) -> Assignment:
     """Who takes which request when ``failed`` ranks are lost: the one policy of every host
     (the reference coordinator, the vLLM front end).
 
@@ -98,7 +99,13 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
     ranks): each moved request goes to the live rank holding the fewest suspects first, then
     the least work, so that suspects are kept apart where there are ranks enough. A request
     that kills every rank it runs on then meets ``max_request_failures`` alone, instead of
-    taking an innocent request that was moved beside it down too. Returns an
+    taking an innocent request that was moved beside it down too.
+
+    ``nodes``: rank -> node (several hosts). A live rank on the node of a rank lost now comes
+    after every rank of the other nodes: a node that fails whole is seen one rank at a time,
+    and a request moved to the next victim would die twice (and count a death too many
+    towards ``max_request_failures``); the lost rank's KV copies are on other nodes too. Only
+    when no other node has a live rank do its node-mates take the requests. Returns an
     :class:`Assignment`.
     """
     failed = set(failed)
@@ -117,6 +124,8 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
     for rid, owner in owners.items():
         if owner in suspects and deaths.get(rid, 0) >= 1:
             suspects[owner] += 1
+    failed_nodes = {nodes[r] for r in failed if r in nodes} if nodes else set()
+    shares_fate = {r: bool(nodes) and nodes.get(r) in failed_nodes for r in work}
     for rid, owner in owners.items():
         if owner not in failed:
             continue
@@ -126,7 +135,7 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
         if not migrate or not work:
             abandoned.append(rid)
             continue
-        target = min(work, key=lambda r: (suspects[r], work[r], r))
+        target = min(work, key=lambda r: (shares_fate[r], suspects[r], work[r], r))
         migrations[rid] = target
         work[target] += 1
         suspects[target] += 1
@@ -135,8 +144,11 @@ def assign_requests(owners: Mapping[str, int], failed: Iterable[int], live: Iter
 
 class RecoveryOrchestrator:
     def __init__(self, membership: Membership, layout: ExpertLayout,
-                 config: ResilienceConfig | None = None, *, shadow_mask=None):
+                 config: ResilienceConfig | None = None, *, shadow_mask=None,
+                 rank_nodes: Mapping[int, int] | None = None):
         self.membership = membership
+        self.rank_nodes = dict(rank_nodes) if rank_nodes else None
+        """rank -> node (several hosts): requests leave a failing node (``assign_requests``)."""
         self.initial_layout = layout
         self.physical = layout
         """What every slot holds now (dead ranks: what they held)."""
@@ -178,7 +190,8 @@ class RecoveryOrchestrator:
         rc = self.config.recovery
         a = assign_requests(owners, ranks, view.live_ranks,
                             migrate=rc.migrate_requests and not too_many, deaths=deaths,
-                            max_request_failures=rc.max_request_failures)
+                            max_request_failures=rc.max_request_failures,
+                            nodes=self.rank_nodes)
         return RecoveryPlan(view, ranks, kind, self.layout, res, sorted(self.uncovered),
                             a.migrations, a.abandoned, a.exhausted)
 

@@ -32,3 +32,22 @@ def reference(model_dir):
     m = MoEModel.load(model_dir, linear=batch_invariant.linear, attention_mode="per_row")
     m.experts.linear = batch_invariant.linear
     return [m.generate_greedy(p, MAX_TOKENS) for p in workload()]
+
+
+@pytest.fixture
+def netbed(request):
+    """A two-node network test bed (``resilient_ep.netbed``), removed afterwards even when the
+    test fails; ``@pytest.mark.netbed(nodes=3, link="emulated")`` changes its shape. Skipped
+    where beds cannot be made (not root, no iproute2)."""
+    from resilient_ep.netbed import NetBed, netbed_available
+
+    why = netbed_available()
+    if why is not None:
+        pytest.skip(f"network test bed: {why}")
+    marker = request.node.get_closest_marker("netbed")
+    kw = dict(marker.kwargs) if marker else {}
+    bed = NetBed(kw.pop("nodes", 2), **kw).start()
+    try:
+        yield bed
+    finally:
+        bed.close()

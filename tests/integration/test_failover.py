@@ -317,8 +317,8 @@ def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference, 
                             push.send(msg, zmq.NOBLOCK)
                         except zmq.Again:
                             pass
-        finally:
-            push.close(linger=0)
+        finally:  # let the queued forgeries leave (linger 0 could discard them unsent)
+            push.close(linger=0 if curve_on else 5000)
         recs = [c.submit(p, MAX_TOKENS) for p in prompts]
         for r in recs:
             r.wait(TIMEOUT)
@@ -329,3 +329,21 @@ def test_forged_liveness_messages_change_nothing(model_dir, prompts, reference, 
         status = c.status()
         assert status["epoch"] == 0 and all(r["state"] == "live" for r in status["ranks"])
     _assert_nothing_lost(recs, reference)
+
+
+def test_ranks_that_do_not_come_up_leave_nothing_behind(model_dir, tmp_path):
+    """A start that fails (here: the ranks cannot load the model) stops every rank it
+    started and closes every socket and the context before raising."""
+    import shutil
+
+    from resilient_ep.runtime.coordinator import RuntimeStartError
+
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    c = Coordinator(broken, num_ranks=2)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"broken")
+    with pytest.raises(RuntimeStartError, match="exited"):
+        c.start()
+    assert all(p.poll() is not None for p in c.procs)
+    assert c.ctx.closed

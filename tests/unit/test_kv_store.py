@@ -88,7 +88,36 @@ def _dir(kind):
     return make
 
 
+def _peer_tcp(tmp_path):
+    """The peer store between hosts: TCP, CURVE under the instance key."""
+    from resilient_ep.runtime.rank_processes import free_port_base
+    from resilient_ep.transport import curve, wire
+
+    if not curve.available():
+        pytest.skip("libzmq without CURVE")
+    wire.set_key(b"k" * 32, tag=False)
+    ctx = zmq.Context()
+    server = PeerStoreServer(f"tcp://127.0.0.1:{free_port_base(1)}", location="peer:0",
+                             ctx=ctx).start()
+    client = PeerStore(server.endpoint, "peer:0", ctx=ctx)
+
+    def corrupt(rid):
+        server.store._blocks[rid][0].view(-1)[0] += 1.0
+
+    def close():
+        client.shutdown()
+        server.shutdown()
+        ctx.term()
+        wire.set_key(None)
+
+    def configure(epoch, members):
+        server.configure(epoch, members)
+        client.configure(epoch, members)
+    return Harness(client, corrupt, server.shutdown, close, configure)
+
+
 STORES = [pytest.param(_memory, id="memory"), pytest.param(_peer, id="peer"),
+          pytest.param(_peer_tcp, id="peer_tcp_curve"),
           pytest.param(_dir("shm"), id="shm"), pytest.param(_dir("file"), id="file")]
 
 
@@ -184,3 +213,43 @@ def test_meta_round_trip_and_layout():
     assert token_crc([4, 5, 6], token_crc([1, 2, 3])) == token_crc([1, 2, 3, 4, 5, 6])
     with pytest.raises(ValueError, match="need 2 checksums"):
         CheckpointMeta("x", 7, BS, 0, 0, (), (1,), 0, SHAPE, "float32")
+
+
+def test_peer_copies_leave_the_owners_node_and_spread():
+    from resilient_ep.kv.locations import StoreSpec
+
+    one = StoreSpec("peer", 1, peer_endpoints=tuple("abcd"))
+    assert [one.targets(o, range(4)) for o in range(4)] == [["peer:1"], ["peer:2"], ["peer:3"], ["peer:0"]]
+    two = StoreSpec("peer", 1, peer_endpoints=tuple("abcd"), peer_nodes=(0, 0, 1, 1))
+    # each owner's copy on its mirror partner, on the other node
+    assert [two.targets(o, range(4)) for o in range(4)] == [["peer:2"], ["peer:3"], ["peer:0"], ["peer:1"]]
+    assert two.targets(0, [0, 1]) == ["peer:1"]  # the other node gone: a node-mate is better than none
+    three = StoreSpec("peer", 2, peer_endpoints=tuple("abcdef"), peer_nodes=(0, 0, 1, 1, 2, 2))
+    assert three.targets(0, range(6)) == ["peer:2", "peer:3"]
+    with pytest.raises(ValueError, match="peer_nodes"):
+        StoreSpec("peer", 1, peer_endpoints=tuple("ab"), peer_nodes=(0,))
+
+
+def test_a_store_the_newest_membership_left_out_answers_at_once(tmp_path):
+    """A call made under an older membership to a rank the newer one left out (a node that
+    lost power: its TCP connections stay up, nothing answers) gives up at once, whether the
+    store was open before the news or is opened after it."""
+    from resilient_ep.kv.locations import StoreSet, StoreSpec
+
+    spec = StoreSpec("peer", 1, peer_endpoints=(f"ipc://{tmp_path}/a", f"ipc://{tmp_path}/b"))
+    ctx = zmq.Context()
+    stores = StoreSet(spec, ctx=ctx)
+    try:
+        stores.configure(1, {0, 1})
+        stores.abort_outside({0})              # the news, from the decode thread
+        s = stores.get("peer:1")               # opened after it
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="aborted"):
+            s.head("r", time.monotonic() + 5)
+        stores.configure(1, {0, 1})            # an I/O job made under the older membership
+        with pytest.raises(StoreError, match="aborted"):
+            stores.get("peer:1").head("r", time.monotonic() + 5)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        stores.shutdown()
+        ctx.term()

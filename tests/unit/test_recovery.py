@@ -179,3 +179,17 @@ def test_losses_repairs_and_rejoins_in_any_order_keep_routing_within_its_table()
                 live_held = {e for slot, e in enumerate(truth[layer].tolist())
                              if e >= 0 and view.is_live(slot // 4)}
                 assert set(routed[layer].tolist()) - {-1} == live_held
+
+
+def test_requests_leave_a_failing_node_for_another():
+    """Several hosts: node 1 (ranks 2, 3) fails whole but is seen one rank at a time. Rank 3's
+    requests go to node 0 even though rank 2 is idle and still live, so the requests do not
+    die twice; with no other node left, a node-mate takes them."""
+    from resilient_ep.recovery import assign_requests
+
+    nodes = {0: 0, 1: 0, 2: 1, 3: 1}
+    owners = {"a": 0, "b": 0, "c": 1, "x": 3, "y": 3}
+    a = assign_requests(owners, [3], [0, 1, 2], nodes=nodes)
+    assert set(a.migrations.values()) <= {0, 1} and a.migrations == {"x": 1, "y": 0}
+    assert assign_requests(owners, [3], [0, 1, 2]).migrations["x"] == 2  # one host: least work
+    assert assign_requests({"x": 3}, [3], [2], nodes=nodes).migrations == {"x": 2}

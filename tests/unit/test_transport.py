@@ -33,7 +33,45 @@ def _zmq_world(tmp_path, n):
     return ctx, ts
 
 
-TRANSPORTS = [pytest.param(_zmq_world, id="zmq_ipc")]
+def _keyed_tcp():
+    """Between hosts: TCP, every socket a CURVE server or client of the instance key (as
+    every process of a multi-node instance runs). Returns the undo."""
+    from resilient_ep.transport import curve
+
+    if not curve.available():
+        pytest.skip("libzmq without CURVE")
+    wire.set_key(b"k" * 32, tag=False)
+    curve.set_enabled(True)
+
+    def undo():
+        wire.set_key(None)
+        curve.set_enabled(True)
+    return undo
+
+
+def _tcp_endpoints(n, channel="data"):
+    from resilient_ep.runtime.rank_processes import free_port_base
+    from resilient_ep.transport.addressing import Addressing
+
+    return Addressing.tcp(["127.0.0.1"], n, free_port_base(3 * n + 1)).rank_endpoints(channel)
+
+
+def _zmq_tcp_world(tmp_path, n):
+    undo = _keyed_tcp()
+
+    class Ctx(zmq.Context):  # the test terms the context last: drop the key then
+        def term(self):
+            super().term()
+            undo()
+    ctx = Ctx()
+    eps = _tcp_endpoints(n)
+    ts = [ZmqTransport(r, eps, ctx=ctx) for r in range(n)]
+    for t in ts:
+        assert t.wait_connected(range(n), time.monotonic() + 5) == []
+    return ctx, ts
+
+
+TRANSPORTS = [pytest.param(_zmq_world, id="zmq_ipc"), pytest.param(_zmq_tcp_world, id="zmq_tcp_curve")]
 
 
 @pytest.mark.parametrize("make", TRANSPORTS)
@@ -288,12 +326,13 @@ def _raised(fn, *args, **kw):
     raise AssertionError(f"{fn} did not raise")
 
 
-def _live_groups(tmp_path):
+def _live_groups(tmp_path, tcp=False):
+    undo = _keyed_tcp() if tcp else (lambda: None)
     ctx = zmq.Context()
     made = []
 
     def make(n, name, memberships=None, replica=False):
-        eps = [f"ipc://{tmp_path}/{name}-{r}" for r in range(n)]
+        eps = _tcp_endpoints(n) if tcp else [f"ipc://{tmp_path}/{name}-{r}" for r in range(n)]
         gs = []
         try:
             for r in range(n):
@@ -308,10 +347,12 @@ def _live_groups(tmp_path):
         for g in made:
             g.shutdown()
         ctx.term()
+        undo()
     return make, close
 
 
-GROUPS = [pytest.param(_live_groups, id="live_group_ipc")]
+GROUPS = [pytest.param(_live_groups, id="live_group_ipc"),
+          pytest.param(lambda tmp_path: _live_groups(tmp_path, tcp=True), id="live_group_tcp_curve")]
 
 
 @pytest.mark.parametrize("world", GROUPS)
@@ -376,8 +417,9 @@ def test_a_group_under_malformed_traffic_changes_nothing(tmp_path):
         ctx.term()
 
 
-@pytest.mark.parametrize("use_curve", [False, True], ids=["tag", "curve"])
-def test_forged_well_formed_messages_are_refused_with_an_instance_key(tmp_path, use_curve):
+@pytest.mark.parametrize("use_curve, where", [(False, "ipc"), (True, "ipc"), (True, "tcp")],
+                         ids=["tag", "curve", "curve_tcp"])
+def test_forged_well_formed_messages_are_refused_with_an_instance_key(tmp_path, use_curve, where):
     """With the instance key (every process of an instance has it), a forged heartbeat, a
     forged "bye" and a forged contribution from a process without it change neither
     membership nor results: with the tag alone they are dropped as ``auth``; with CURVE
@@ -389,7 +431,7 @@ def test_forged_well_formed_messages_are_refused_with_an_instance_key(tmp_path, 
     ctx = zmq.Context()
     wire.set_key(b"i" * 32)
     curve.set_enabled(use_curve)
-    eps = [f"ipc://{tmp_path}/auth-{r}" for r in range(3)]
+    eps = _tcp_endpoints(3) if where == "tcp" else [f"ipc://{tmp_path}/auth-{r}" for r in range(3)]
     gs = [LiveGroup("auth", r, eps, detector=FAST, ctx=ctx) for r in range(3)]
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)

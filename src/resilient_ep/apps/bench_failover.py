@@ -48,6 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", default=None, metavar="N,N,...",
                    help="vllm: also measure at these prompt lengths in tokens, e.g. "
                         "64,1024,4096 (adds one object per length to the JSON)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="2: ranks on two nodes of a network test bed (root; network "
+                        "namespaces): a node lost, powered off, partitioned, a 20 ms RTT link "
+                        "(bench_nodes.py)")
+    p.add_argument("--nodes-hang-timeout-ms", type=float, default=None,
+                   help="--nodes: detector.heartbeat_timeout_ms (and lease) of the failure "
+                        "trials (reference runtime, default: the detector's default, 150; the "
+                        "steady state always runs at it) or of every instance (vllm, default "
+                        "2000: a loaded 2-core machine can starve an engine's heartbeat for a "
+                        "second)")
     p.add_argument("--hang-timeout-ms", type=float, default=1000,
                    help="vllm: detector.heartbeat_timeout_ms of the servers (a frozen rank is "
                         "fenced after it; default 1000)")
@@ -176,6 +186,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        if args.engine == "vllm":
+            from . import bench_nodes_vllm
+            return bench_nodes_vllm.main(args)
+        from . import bench_nodes
+        return bench_nodes.main(args)
     if args.engine == "vllm":
         from . import bench_failover_vllm as vllm_bench
 

@@ -8,7 +8,11 @@ runs a :class:`~.tracker.LivenessTracker` (the decisions) and feeds it, in one t
   (``"hang"``); a loss report from a collective group fences the rank it names
   (``"reported"``: a dead or frozen helper process of a rank whose main process still runs);
 - a periodic ``tick`` the host uses for its own bookkeeping (e.g. a census of each rank's
-  child processes, so that a fence can kill them all).
+  child processes, so that a fence can kill them all);
+- several hosts: ``remote`` ranks (no process here to watch or kill) and a heartbeat datagram
+  socket (``datagrams``: ``(host, port)`` and the instance key,
+  :mod:`.datagrams`): each heartbeat feeds the detector and earns a live rank its lease; a
+  remote rank's loss is recorded when it is fenced (it stops by itself: lease, membership).
 
 Fencing is the host's ``fence(rank, why)`` (kill the rank's processes: it must never serve
 again); the loss itself is recorded when the process is seen gone: one epoch bump in the
@@ -25,7 +29,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
 import zmq
@@ -51,10 +55,14 @@ class LivenessMonitor:
                  detector: DetectorConfig | None = None, beacon_endpoint: str | None = None,
                  publish_endpoint: str | None = None,
                  fence: Callable[[int, str], None] | None = None,
-                 tick: Callable[[], None] | None = None, name: str = "liveness"):
+                 tick: Callable[[], None] | None = None, name: str = "liveness",
+                 remote: Iterable[int] = (), datagrams: tuple[tuple[str, int], bytes] | None = None):
         self.membership = membership
         self.procs = dict(procs)
-        self.tracker = LivenessTracker(membership, self.procs, detector=detector, fence=fence)
+        self.tracker = LivenessTracker(membership, self.procs, detector=detector, fence=fence,
+                                       remote=remote)
+        self.datagrams = datagrams
+        self.leases_granted = 0
         self.beacon_endpoint = beacon_endpoint
         self.publish_endpoint = publish_endpoint
         self._tick = tick
@@ -147,8 +155,12 @@ class LivenessMonitor:
 
     def _serve(self) -> None:
         ctx = zmq.Context.instance()
-        beacons = pub = None
+        beacons = pub = dgram = None
         try:
+            if self.datagrams is not None:
+                from .datagrams import BeaconReceiver
+                dgram = BeaconReceiver(self.datagrams[0], self.tracker.ranks,
+                                       key=self.datagrams[1])
             if self.beacon_endpoint:
                 beacons = curve.server(ctx.socket(zmq.PULL))
                 beacons.setsockopt(zmq.LINGER, 0)
@@ -158,18 +170,20 @@ class LivenessMonitor:
                 pub.setsockopt(zmq.LINGER, 500)
                 pub.bind(self.publish_endpoint)
             self._pub = pub
-            self._loop(beacons, pub)
+            self._loop(beacons, pub, dgram)
         finally:
             self._pub = None
             for s in (beacons, pub):
                 if s is not None:
                     s.close(linger=0)
+            if dgram is not None:
+                dgram.close()
 
     def _publish_loss(self, _loss: RankLoss) -> None:
         if self._pub is not None:
             self._publish(self._pub)
 
-    def _loop(self, beacons, pub) -> None:
+    def _loop(self, beacons, pub, dgram=None) -> None:
         tracker = self.tracker
         alive = {p.sentinel: (r, p) for r, p in self.procs.items()}
         poller = zmq.Poller()
@@ -177,9 +191,12 @@ class LivenessMonitor:
             poller.register(s, zmq.POLLIN)
         if beacons is not None:
             poller.register(beacons, zmq.POLLIN)
+        if dgram is not None:
+            poller.register(dgram.fileno(), zmq.POLLIN)
+        remote_in = bool(tracker.remote)  # runs while a remote rank may still be in
         interval_ms = tracker.detector.config.heartbeat_interval_ms
         next_tick = next_publish = 0.0
-        while alive and not self._stop.is_set():
+        while (alive or (remote_in and self._remote_left())) and not self._stop.is_set():
             ready = dict(poller.poll(interval_ms))
             now = time.monotonic()
             if self._tick is not None and now >= next_tick:
@@ -191,6 +208,12 @@ class LivenessMonitor:
                         tracker.beacon(beacons.recv(zmq.NOBLOCK), now)
                     except zmq.Again:
                         break
+            if dgram is not None and dgram.fileno() in ready:
+                for rank, _pid, seq, boot, addr in dgram.receive():
+                    tracker.alive(rank, now)
+                    if self.membership.state(rank) is RankState.LIVE:
+                        dgram.grant(rank, seq, boot, addr)
+                        self.leases_granted += 1
             tracker.poll(now)
             self._take_admissions(alive, poller, now)
             for sentinel in [s for s in alive if s in ready]:
@@ -203,6 +226,10 @@ class LivenessMonitor:
             if pub is not None and now >= next_publish:
                 next_publish = now + REPUBLISH_S
                 self._publish(pub)
+
+    def _remote_left(self) -> bool:
+        return any(self.membership.state(r) in (RankState.LIVE, RankState.JOINING)
+                   for r in self.tracker.remote)
 
     def _take_admissions(self, alive: dict, poller, now: float) -> None:
         with self._admissions_lock:

@@ -21,6 +21,10 @@ fence is for the host (``out_at_fence``):
 - True (the reference runtime: a fence is a membership decision, the process may wake up and
   be taken back): the loss is recorded at once, the rank ``fenced``.
 
+``remote`` ranks run on other hosts (several hosts): their processes are not the host's to
+kill or to see exit, so their loss is recorded at the fence, as with ``out_at_fence``; they
+stop by themselves (their lease ran out, or they read the fence in the membership).
+
 Each call returns the :class:`RankLoss` es it recorded (one epoch bump for every rank lost in
 that call) and hands each to the listeners. A rank taken back (``watch`` after a join) is
 watched afresh.
@@ -85,9 +89,10 @@ class LivenessTracker:
     def __init__(self, membership: Membership, ranks: Iterable[int], *,
                  detector: DetectorConfig | None = None,
                  fence: Callable[[int, str], None] | None = None, out_at_fence: bool = False,
-                 key: bytes | None = None):
+                 key: bytes | None = None, remote: Iterable[int] = ()):
         self.membership = membership
-        self.ranks = frozenset(int(r) for r in ranks)
+        self.remote = frozenset(int(r) for r in remote)
+        self.ranks = frozenset(int(r) for r in ranks) | self.remote
         self.detector = FailureDetector([], detector or DetectorConfig())
         self.out_at_fence = out_at_fence
         self._key = {"key": key} if key is not None else {}  # else this process's key
@@ -150,12 +155,18 @@ class LivenessTracker:
                 self.dropped["joining"] += 1
                 return got
             self.fence(rank, "reported", "was lost by its peers", now)
-        elif self.membership.state(rank) in _IN:
+        else:
+            self.alive(rank, now)
+        return got
+
+    def alive(self, rank: int, now: float | None = None) -> None:
+        """Rank ``rank`` said it is alive through a channel its host checked itself (a
+        heartbeat datagram, :mod:`.datagrams`), as an "alive" beacon does."""
+        if rank in self.ranks and self.membership.state(rank) in _IN:
             if rank not in self._heard:  # watched from its first beacon on
                 self._heard.add(rank)
                 self.detector.reset(rank, now)
             self.detector.heartbeat(rank, now)
-        return got
 
     def exited(self, rank: int, exitcode: int | None = None,
                now: float | None = None) -> list[RankLoss]:
@@ -188,9 +199,9 @@ class LivenessTracker:
             return []
         self._fenced[rank] = cause
         log.warning("resilient-ep: rank %d %s: fencing it", rank, why)
-        if self._fence is not None:
+        if self._fence is not None and rank not in self.remote:
             self._fence(rank, why)
-        if self.out_at_fence:
+        if self.out_at_fence or rank in self.remote:
             return self._lost([rank], cause, None, now)
         return []
 

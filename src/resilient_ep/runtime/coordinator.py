@@ -44,10 +44,11 @@ from ..repair import HostBackup, candidates
 from ..repair.host_backup import default_root
 from ..shadow import plan_shadows, residual_bytes, shadow_slots_for_memory
 from ..transport import curve, wire
-from ..transport.zmq_transport import data_endpoint
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
-from .rank_processes import RankProcesses, RuntimeStartError, free_port_base
+from ..liveness.datagrams import BeaconReceiver
+from .hosts import Launcher, RankHosts
+from .rank_processes import RankProcesses, RuntimeStartError
 from .requests import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Coordinator:
                  config: ResilienceConfig | None = None, resilience: bool = True,
                  kv_blocks: int = 512, block_size: int = 16, run_dir: str | Path | None = None,
                  start_timeout_s: float = 120.0, fail_at: dict[int, dict] | None = None,
-                 exact: bool = True, poison_token: int | None = None):
+                 exact: bool = True, poison_token: int | None = None,
+                 launcher: Launcher | None = None):
         self.model_dir = str(model_dir)
         self.num_ranks = num_ranks
         self.config = config or ResilienceConfig()
@@ -114,9 +116,14 @@ class Coordinator:
         base = -(-self.num_experts // num_ranks)
         redundant = self.config.placement.redundant_slots_per_rank
         self.slots_per_rank = base + (DEFAULT_REDUNDANT_SLOTS if redundant is None else redundant)
-        nodes = max(1, num_ranks // self.config.placement.ranks_per_node)
-        if num_ranks % nodes:
-            nodes = 1
+        self.hosts = RankHosts(self.config, num_ranks, self.run_dir, launcher)
+        """Where the ranks run: one host, or the nodes of ``transport.node_addresses``."""
+        if self.hosts.multi:
+            nodes = self.hosts.num_nodes  # replicas of an expert on distinct nodes
+        else:
+            nodes = max(1, num_ranks // self.config.placement.ranks_per_node)
+            if num_ranks % nodes:
+                nodes = 1
         self.layout = place(num_layers=self.num_layers, num_experts=self.num_experts,
                             num_ranks=num_ranks, slots_per_rank=self.slots_per_rank,
                             num_nodes=nodes, fault_aware=self.config.placement.fault_aware,
@@ -139,8 +146,10 @@ class Coordinator:
         self.kv = KVTracker(self.config.kv_checkpoint, num_ranks, self.run_dir,
                             enabled=self.resilience and self.config.kv_checkpoint.enabled)
         """KV checkpoints: per-request records (``kv.requests``) and metrics."""
-        self.recovery = RecoveryOrchestrator(self.membership, self.layout, self.config,
-                                             shadow_mask=shadow_mask)
+        self.recovery = RecoveryOrchestrator(
+            self.membership, self.layout, self.config, shadow_mask=shadow_mask,
+            rank_nodes={r: self.hosts.node_of(r) for r in range(num_ranks)}
+            if self.hosts.multi else None)
         self.uncovered: list[tuple[int, int]] = []
         self.requests: dict[str, RequestRecord] = {}
         self.failures: list[FailureEvent] = []
@@ -159,7 +168,10 @@ class Coordinator:
         self._layout_version = 0
         self.steps: list[dict] = []          # per-step timeline from every rank (recent)
         self._finished: collections.deque[str] = collections.deque()
-        self.ranks = RankProcesses(num_ranks, self.run_dir)
+        self.ranks = RankProcesses(num_ranks, self.run_dir, control=self.hosts.control_endpoint,
+                                   prefix=self.hosts.prefix, spec_of=self.hosts.rank_liveness)
+        self.beacons: BeaconReceiver | None = None
+        """Several hosts: the heartbeat datagram socket (leases go out of it)."""
         self._ids = itertools.count()
         self._inject: dict[int, float] = {}
         self._calls: queue.Queue = queue.Queue()
@@ -175,6 +187,10 @@ class Coordinator:
         self.dropped: Counter[str] = Counter()
         """Control messages dropped, by reason (``wire.WireError.reason`` or ``content``)."""
         self.rank_dropped: dict[int, dict[str, int]] = {}
+        self.rank_lease: dict[int, dict[str, int]] = {}
+        """Several hosts, per rank: ``expiries`` (its lease ran out), ``discarded_steps``
+        (computed without a lease, never emitted) and ``expired_at`` (``time.time()`` of the
+        last expiry), as last reported."""
         """What each rank reported dropping (``control/<reason>``, ``data/<reason>``)."""
         self.ctx = zmq.Context()
 
@@ -189,9 +205,25 @@ class Coordinator:
 
     # ================================================================== lifecycle
     def start(self) -> "Coordinator":
+        """Start the ranks and the loop. On failure (a rank that does not come up) everything
+        started so far is stopped and closed before the error is raised: nothing is left
+        behind to block the interpreter's exit."""
+        try:
+            return self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> "Coordinator":
         det = self.config.detector
-        key_file = self.run_dir / "instance.key"
-        if self.config.transport.authenticate:
+        shared = self.config.transport.key_file  # several hosts: one file every node has
+        key_file = Path(shared) if shared else self.run_dir / "instance.key"
+        if self.config.transport.authenticate and shared:
+            try:
+                self.key = wire.new_key_file(key_file)
+            except FileExistsError:
+                self.key = wire.load_key(key_file)
+        elif self.config.transport.authenticate:
             key_file.unlink(missing_ok=True)  # a run dir given twice: a fresh key each start
             self.key = wire.new_key_file(key_file)
         # CURVE (keys derived from the instance key) or, without it, an HMAC tag per message.
@@ -199,14 +231,16 @@ class Coordinator:
                     and curve.available())
         self._curve_key = self.key if curve_on else None
         self._tag_key = None if curve_on else self.key
-        kind = self.config.transport.address
-        where = str(self.run_dir) if kind == "ipc" else str(free_port_base(self.num_ranks))
-        data = [data_endpoint(kind, where, r) for r in range(self.num_ranks)]
+        data = self.hosts.data_endpoints()
         ckey = self._curve_key
         self.hb = curve.server(self.ctx.socket(zmq.PULL), key=ckey)
         self.hb.setsockopt(zmq.LINGER, 0)
-        hb_ep = f"ipc://{self.run_dir}/heartbeat"
+        hb_ep = self.hosts.heartbeat_endpoint()
         self.hb.bind(hb_ep)
+        if self.hosts.multi:  # heartbeats and leases between hosts: datagrams
+            self.beacons = BeaconReceiver(self.hosts.liveness_bind(), range(self.num_ranks),
+                                          key=self.key)
+        self.kv.set_peers(self.hosts.kv_endpoints(), self.hosts.kv_nodes())
         self.wake_rx = self.ctx.socket(zmq.PAIR)
         self.wake_rx.bind(f"inproc://wake-{id(self)}")
         self.wake_tx = self.ctx.socket(zmq.PAIR)
@@ -214,7 +248,7 @@ class Coordinator:
         self.ctl: list[zmq.Socket] = []
         self.mon: list[zmq.Socket] = []
         self.ranks.spec_base = {
-            "num_ranks": self.num_ranks, "model_dir": self.model_dir, "heartbeat": hb_ep,
+            "num_ranks": self.num_ranks, "model_dir": self.model_dir,
             "data": data, "layout": self.layout.physical_to_logical.tolist(),
             "route_layout": self.recovery.layout.physical_to_logical.tolist(),
             "num_experts": self.num_experts, "max_replicas": self.layout.max_replicas,
@@ -225,6 +259,7 @@ class Coordinator:
             "exact": self.exact, "kv_checkpoint": self.kv.rank_spec(),
             "key_file": str(key_file) if self.key is not None else None,
             "poison_token": self.poison_token, "curve": self.config.transport.curve,
+            "connect_timeout_s": self.start_timeout_s,
             "host_backup": str(self.host_backup.root) if self.host_backup else None,
         }
         for r in range(self.num_ranks):
@@ -258,6 +293,8 @@ class Coordinator:
                   getattr(self, "wake_tx", None)]:
             if s is not None:
                 s.close(linger=0)
+        if self.beacons is not None:
+            self.beacons.close()
         self.ctx.term()
         self.kv.cleanup()
         if self.host_backup is not None:
@@ -303,6 +340,15 @@ class Coordinator:
         self.ranks.send_signal(rank, sig)
         return t
 
+    def mark_injected(self, ranks, t: float | None = None) -> float:
+        """Record that a failure of ``ranks`` was injected at ``t`` (``time.time()``; now by
+        default) from outside (a node killed, a cable cut): their :class:`FailureEvent`
+        then carries it, and ``recovery_stall`` counts from it."""
+        t = time.time() if t is None else t
+        for r in ranks:
+            self._inject[int(r)] = t
+        return t
+
     def rejoin(self, rank: int, timeout: float = 120.0) -> float:
         """Take a failed rank back without a restart: a fresh process for it loads its
         weights and connects in the background (state ``joining``), then the live ranks admit
@@ -339,7 +385,10 @@ class Coordinator:
                 "uncovered_experts": uncovered,
                 "poisoned_requests": list(self.poisoned),
                 "kv_checkpoint": self.kv.status(live=set(view.live_ranks)),
-                "experts": self._experts_status()}
+                "experts": self._experts_status(),
+                "hosts": {**self.hosts.describe(),
+                          "lease": {str(r): v for r, v in self.rank_lease.items()},
+                          "datagrams_dropped": dict(self.beacons.dropped) if self.beacons else {}}}
 
     def _experts_status(self) -> dict:
         """Slots, shadows (held, and serving now), repairs by source."""
@@ -415,6 +464,8 @@ class Coordinator:
         poller = zmq.Poller()
         for s in (*self.ctl, *self.mon, self.hb, self.wake_rx):
             poller.register(s, zmq.POLLIN)
+        if self.beacons is not None:
+            poller.register(self.beacons.fileno(), zmq.POLLIN)
         tick = max(1.0, self.config.detector.heartbeat_interval_ms / 5)
         try:
             while True:
@@ -443,11 +494,10 @@ class Coordinator:
                 if self.hb in events:
                     while self.hb.poll(0):
                         got = self.liveness.beacon(self.hb.recv())
-                        if (got is not None and got[0] == "alive" and self.resilience
-                                and self.membership.state(got[1]) is RankState.FENCED
-                                and got[2] == self.pids[got[1]]
-                                and self.config.recovery.readmit_fenced):
-                            self._readmit(got[1])
+                        if got is not None and got[0] == "alive":
+                            self._on_alive(got[1], got[2])
+                if self.beacons is not None and self.beacons.fileno() in events:
+                    self._on_datagrams()
                 if not self.resilience:
                     continue
                 for r, m in enumerate(self.mon):
@@ -461,6 +511,25 @@ class Coordinator:
             for rec in list(self.requests.values()):
                 if not rec.finished:
                     self._finish(rec, error=f"runtime error: {e!r}")
+
+    def _on_alive(self, rank: int, pid: int) -> None:
+        """Rank ``rank`` (process ``pid``) says it is alive: a fenced one is taken back."""
+        if (self.resilience and self.membership.state(rank) is RankState.FENCED
+                and pid == self.pids[rank] and self.config.recovery.readmit_fenced):
+            self._readmit(rank)
+
+    def _on_datagrams(self) -> None:
+        """Heartbeats from other hosts: each is a beacon, and earns its sender a lease while
+        it is a live member (a fenced rank gets none until it is taken back)."""
+        now = time.monotonic()
+        for rank, pid, seq, boot, addr in self.beacons.receive():
+            if pid != self.pids[rank]:
+                continue  # an old process of the rank (it was replaced)
+            self.liveness.alive(rank, now)
+            if self.membership.state(rank) is RankState.LIVE:
+                self.beacons.grant(rank, seq, boot, addr)
+            else:
+                self._on_alive(rank, pid)
 
     # ------------------------------------------------------------------ requests
     def _live_load(self) -> dict[int, int]:
@@ -512,6 +581,9 @@ class Coordinator:
             return
         if msg["t"] != "tokens":
             return
+        if isinstance(msg.get("lease"), dict):  # several hosts: how often its lease ran out
+            self.rank_lease[rank] = {str(k): v for k, v in msg["lease"].items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.membership.state(rank) is not RankState.LIVE:
             self.dropped["non_member"] += 1  # a fenced rank woke up: not ours any more
             return

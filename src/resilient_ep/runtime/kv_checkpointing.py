@@ -35,7 +35,8 @@ class RankKV:
         self.rank = rank
         self.cache = cache
         cfg = KVCheckpointConfig(**spec["config"])
-        store = StoreSpec(**{**spec["store"], "peer_endpoints": tuple(spec["store"]["peer_endpoints"])})
+        store = StoreSpec(**{**spec["store"], "peer_endpoints": tuple(spec["store"]["peer_endpoints"]),
+                             "peer_nodes": tuple(spec["store"].get("peer_nodes", ()))})
         self.server = None
         if store.kind == "peer":
             self.server = PeerStoreServer(store.peer_endpoints[rank], location=f"peer:{rank}").start()
@@ -132,6 +133,13 @@ class KVTracker:
         self._samples: deque = deque(maxlen=64)
         self._own_dirs: list[Path] = []
         self._store: dict | None = None
+        self._peers: list[str] | None = None
+        self._peer_nodes: list[int] = []
+
+    def set_peers(self, endpoints: list[str], nodes: list[int]) -> None:
+        """Where each rank's peer store listens, and each rank's node (several hosts: the
+        copies go to other nodes first); before :meth:`rank_spec`."""
+        self._peers, self._peer_nodes = list(endpoints), list(nodes)
 
     def rank_spec(self) -> dict | None:
         """``kv_checkpoint`` of each rank's spec (None: off)."""
@@ -150,8 +158,10 @@ class KVTracker:
                 base = Path(self.config.path) if self.config.path else self.run_dir / "kv-files"
                 if not self.config.path:
                     self._own_dirs.append(base)
+            peers = self._peers or [peer_endpoint(str(self.run_dir), r)
+                                    for r in range(self.num_ranks)]
             self._store = {"kind": kind, "replicas": self.config.replicas, "base_dir": str(base),
-                           "peer_endpoints": [peer_endpoint(str(self.run_dir), r) for r in range(self.num_ranks)]}
+                           "peer_endpoints": peers, "peer_nodes": self._peer_nodes}
         return {"config": asdict(self.config), "store": self._store}
 
     def restore_hint(self, rid: str, tokens: int) -> dict | None:

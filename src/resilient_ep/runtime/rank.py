@@ -9,6 +9,10 @@ Started by the coordinator as ``python -m resilient_ep.runtime.rank SPEC_JSON``.
 - liveness: a :class:`~resilient_ep.liveness.Beacon` tells ``spec["heartbeat"]`` (the
   coordinator's liveness socket) every ``detector.heartbeat_interval_ms`` that this rank is
   alive, in the wire format every engine's ranks use (a SIGSTOPped rank goes silent: a hang);
+  between hosts a :class:`~resilient_ep.liveness.datagrams.LeaseBeacon` sends the same as
+  UDP datagrams to ``spec["udp"]`` and holds the lease the answers renew: without one the
+  rank starts no step and emits no token (``detector.lease_ms``: an isolated rank stops by
+  itself before the front end moves its requests);
 - data: :class:`~resilient_ep.transport.zmq_transport.ZmqTransport` for dispatch/combine.
 """
 
@@ -112,6 +116,10 @@ class Rank:
         # this id kills the rank that computes it, like an input that crashes a kernel.
         self.poison_token = spec.get("poison_token")
         self.dropped: Counter[str] = Counter()  # control messages dropped, by reason
+        self.beacon = None            # Beacon (one host) or LeaseBeacon (several hosts)
+        self.lease = {"expiries": 0, "discarded_steps": 0}
+        """Several hosts: times this rank's lease ran out, steps computed but not emitted."""
+        self._had_lease = False
         self._dropped_sent: dict[str, int] = {}
         self.repairing: set[tuple[int, int]] = set()
 
@@ -295,6 +303,19 @@ class Rank:
             self.sched.drop(rid)
         self.exchange = None
 
+    def holds_lease(self) -> bool:
+        """May this rank serve now? Always on one host; between hosts only while the front
+        end's last answer to a heartbeat sent within ``detector.lease_ms`` holds."""
+        b = self.beacon
+        if b is None or not hasattr(b, "holds_lease"):
+            return True
+        ok = b.holds_lease()
+        if self._had_lease and not ok:
+            self.lease["expiries"] += 1
+            self.lease["expired_at"] = time.time()
+        self._had_lease = ok
+        return ok
+
     def _maybe_fail(self, point: str) -> None:
         f = self.fail_at
         if f and f["point"] == point and self.step >= f.get("step", 0):
@@ -353,6 +374,8 @@ class Rank:
                 raise _Stopped()
             if self.fenced:
                 raise _Fenced()
+            if not self.holds_lease():
+                raise _LeaseLost()
             self.exchange.retry()
             if time.monotonic() > deadline and not self.exchange.pending:
                 self.exchange.stop_waiting()  # "wait": no repair in time; degraded, counted
@@ -396,6 +419,11 @@ class Rank:
                       for i in range(len(plan.requests))]
         req_degraded = [bool(degraded[plan.batch.query_start[i]:plan.batch.query_start[i + 1]].any())
                         for i in range(len(plan.requests))]
+        if not self.holds_lease():
+            # Computed, but the lease ran out meanwhile: the front end may be moving these
+            # requests. Emit nothing; the step is run again (same plan, the KV rewritten
+            # alike) once a lease comes back, unless a fence drops the requests first.
+            raise _LeaseLost()
         items = []
         for i, (rid, tok, fin) in enumerate(self.sched.commit(plan, next_tokens)):
             if req_failed[i]:
@@ -409,7 +437,7 @@ class Rank:
                             "epoch_start": epoch0, "t0": t0, "t1": time.time(),
                             "num_tokens": int(plan.token_ids.numel()), "items": items,
                             "uncovered": sorted(set(uncovered)), "kv": kv_report,
-                            **self._drop_report()})
+                            "lease": dict(self.lease), **self._drop_report()})
         self.step += 1
 
     def _drop_report(self) -> dict:
@@ -425,14 +453,20 @@ class Rank:
     # ------------------------------------------------------------------ main loop
     def serve(self) -> int:
         peers = sorted(self.live) if self.spec.get("membership") else range(self.num_ranks)
-        missing = self.transport.wait_connected(peers, time.monotonic() + 60)
+        missing = self.transport.wait_connected(
+            peers, time.monotonic() + self.spec.get("connect_timeout_s", 60))
         if missing:
             print(f"rank {self.rank}: peers {missing} never connected", file=sys.stderr)
             return 1
-        beacon = None
-        if self.resilience:
-            beacon = Beacon(self.spec["heartbeat"], self.rank,
-                            self.spec["heartbeat_interval_ms"] / 1000.0)
+        interval = self.spec["heartbeat_interval_ms"] / 1000.0
+        if self.spec.get("udp"):  # several hosts: leased; serving needs one, resilience or not
+            from ..liveness.datagrams import LeaseBeacon
+            self.beacon = LeaseBeacon(tuple(self.spec["udp"]), self.rank, interval,
+                                      self.spec["lease_s"], key=wire.process_key(),
+                                      bind_host=self.spec.get("bind_host"))
+        elif self.resilience:
+            self.beacon = Beacon(self.spec["heartbeat"], self.rank, interval)
+        beacon = self.beacon
         self._send_control({"t": "ready", "rank": self.rank, "pid": os.getpid(),
                             "loaded_from": self.loaded_from})
         try:
@@ -444,10 +478,16 @@ class Rank:
                 if self.kvc is not None:
                     self.kvc.poll(self.sched)
                 if self.sched.running and not self.stop:
+                    if not self.holds_lease():
+                        self.pump(5)  # no lease: serve nothing, wait for one (or a fence)
+                        continue
                     try:
                         self.run_step()
                     except _Fenced:
                         self.exchange = None
+                    except _LeaseLost:
+                        self.exchange = None
+                        self.lease["discarded_steps"] += 1
         except _Stopped:
             pass
         finally:
@@ -467,6 +507,10 @@ class _Stopped(Exception):
 
 class _Fenced(Exception):
     pass
+
+
+class _LeaseLost(Exception):
+    """The lease ran out during a step: nothing of it is emitted."""
 
 
 def main(argv: list[str] | None = None) -> int:

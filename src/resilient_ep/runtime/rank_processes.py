@@ -30,22 +30,29 @@ class RankProcesses:
     """One process per rank, ``procs[r]`` / ``pids[r]`` (a rejoined rank's fresh process replaces
     its old one). ``spec_base``: the spec fields every rank gets (set before the first spawn)."""
 
-    def __init__(self, num_ranks: int, run_dir: Path) -> None:
+    def __init__(self, num_ranks: int, run_dir: Path, *, control=None, prefix=None,
+                 spec_of=None) -> None:
         self.num_ranks = num_ranks
         self.run_dir = run_dir
         self.spec_base: dict = {}
         self.procs: list[subprocess.Popen] = []
         self.pids: list[int] = []
+        self._control = control or (lambda r: f"ipc://{self.run_dir}/control-{r}")
+        """``control(rank)``: where the rank's control PAIR binds."""
+        self._prefix = prefix or (lambda r: [])
+        """``prefix(rank)``: the command prefix that starts it on its node (several hosts)."""
+        self._spec_of = spec_of or (lambda r: {})
+        """``spec_of(rank)``: spec fields of that rank alone (its liveness endpoints)."""
 
     def spec(self, rank: int, **extra) -> dict:
-        return dict(self.spec_base, rank=rank, control=f"ipc://{self.run_dir}/control-{rank}",
-                    **extra)
+        return dict(self.spec_base, rank=rank, control=self._control(rank),
+                    **self._spec_of(rank), **extra)
 
     def spawn(self, rank: int, **extra) -> dict:
         """Start a process for ``rank`` (the next one, or a fresh one in place of an old one).
         Returns its spec; ``spec["control"]`` is where its control PAIR binds."""
         spec = self.spec(rank, **extra)
-        p = self._popen(spec)
+        p = self._popen(spec, self._prefix(rank))
         if rank == len(self.procs):
             self.procs.append(p)
             self.pids.append(p.pid)
@@ -55,10 +62,10 @@ class RankProcesses:
         return spec
 
     @staticmethod
-    def _popen(spec: dict) -> subprocess.Popen:
+    def _popen(spec: dict, prefix: list[str]) -> subprocess.Popen:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        return subprocess.Popen([sys.executable, "-m", "resilient_ep.runtime.rank", json.dumps(spec)],
-                                env=env, stdin=subprocess.DEVNULL)
+        return subprocess.Popen([*prefix, sys.executable, "-m", "resilient_ep.runtime.rank",
+                                 json.dumps(spec)], env=env, stdin=subprocess.DEVNULL)
 
     def await_ready(self, ctl: list[zmq.Socket], timeout_s: float, *,
                     key: bytes | None = None) -> None:

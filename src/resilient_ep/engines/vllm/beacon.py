@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from resilient_ep.liveness import Beacon
 
-__all__ = ["start_beacon"]
+__all__ = ["start_beacon", "leased_hold"]
 
 _started: Beacon | None = None
 
@@ -30,7 +30,20 @@ def start_beacon(vllm_config) -> Beacon | None:
     if not failover_enabled(vllm_config):
         return None
     cfg, instance = instance_of(vllm_config)
-    _started = Beacon(beacon_endpoint(instance),
-                      int(vllm_config.parallel_config.data_parallel_rank),
-                      cfg.detector.heartbeat_interval_ms / 1000.0)
+    endpoint = beacon_endpoint(instance)  # joins the instance: its key is this process's now
+    from . import multinode
+
+    rank = int(vllm_config.parallel_config.data_parallel_rank)
+    if multinode.registered(instance) is not None:  # across nodes: datagrams and a lease
+        _started = multinode.start_leased_beacon(instance, rank, cfg)
+        return _started
+    _started = Beacon(endpoint, rank, cfg.detector.heartbeat_interval_ms / 1000.0)
     return _started
+
+
+def leased_hold(engine) -> None:
+    """Across nodes: wait while this engine core's lease has run out (``multinode.py``)."""
+    if _started is not None and hasattr(_started, "holds_lease"):
+        from .multinode import hold_without_lease
+
+        hold_without_lease(_started, int(engine.vllm_config.parallel_config.data_parallel_rank))

@@ -211,7 +211,12 @@ def install() -> None:
             # launcher's instance id (it names the instance's sockets).
             section = engine_args.additional_config[KEY]
             if not section.get("instance"):
-                section["instance"] = new_instance_id()
+                from .config import resilience_config
+                from .multinode import instance_id
+
+                # across nodes every `vllm serve` derives the same id; else a fresh one
+                section["instance"] = (instance_id(resilience_config(
+                    engine_args.additional_config), engine_args) or new_instance_id())
             if hasattr(args, "additional_config"):
                 args.additional_config = engine_args.additional_config
         return engine_args
@@ -225,6 +230,12 @@ def install() -> None:
         if is_enabled(self.additional_config):
             self.additional_config = dict(self.additional_config)
             normalize(self.additional_config)
+            if int(self.data_parallel_size or 1) > 1:
+                from .config import resilience_config
+                from .multinode import check_topology
+
+                check_topology(self, resilience_config(self.additional_config),
+                               headless=headless)
             if not self.worker_extension_cls:
                 self.worker_extension_cls = WORKER_EXTENSION
             elif self.worker_extension_cls != WORKER_EXTENSION:

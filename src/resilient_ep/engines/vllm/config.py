@@ -79,7 +79,8 @@ def resilience_config(additional_config: Any) -> ResilienceConfig | None:
 log = logging.getLogger("vllm." + __name__)
 
 UNSUPPORTED: dict[str, str] = {
-    "transport.address": "vLLM's failover groups use Unix sockets within one host",
+    "transport.address": "vLLM's failover groups use Unix sockets within one host (TCP only "
+                         "across nodes, with transport.node_addresses)",
     "kv_checkpoint.max_stall_ms": "the vLLM connector never holds decoding back for a save",
     "recovery.migrate_requests": "vLLM always re-admits a lost rank's requests on the survivors",
     "recovery.max_failures": "vLLM serves on until one engine rank is left",
@@ -97,7 +98,10 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
     cfg = resilience_config(additional_config)
     if cfg is None:
         return None
-    refuse_unsupported(cfg, "vllm", UNSUPPORTED)
+    unsupported = dict(UNSUPPORTED)
+    if cfg.transport.node_addresses:  # across nodes: TCP (multinode.py)
+        unsupported.pop("transport.address")
+    refuse_unsupported(cfg, "vllm", unsupported)
     if cfg.recovery.on_uncovered == "fail":
         raise ConfigError("recovery.on_uncovered", "fail",
                           "is not supported on vllm (a token routed to an expert with no live "

@@ -81,6 +81,8 @@ class ExpertPlan:
         self.shadow_slots = max(0, min(int(shadow_slots), num_experts - self.regular))
         pc = cfg.placement
         nodes = max(1, num_ranks // pc.ranks_per_node)
+        if cfg.transport.node_addresses:  # across nodes: the real ones (EP ranks node-major)
+            nodes = len(cfg.transport.node_addresses)
         if num_ranks % nodes:
             nodes = 1
         regular = place(num_layers=1, num_experts=num_experts, num_ranks=num_ranks,

@@ -12,7 +12,9 @@ The directories are private: made mode 0700, and one that exists must belong to 
 The first process of an instance to reach its directory makes the instance key there
 (``instance.key``, 0600); every process of the instance then tags and checks every message
 with it (``transport/wire.py``), so a process outside the instance can neither inject data nor
-change membership. Single node: DP ranks on other hosts need TCP endpoints, not built yet.
+change membership. Across nodes (``transport.node_addresses``, ``multinode.py``) the sockets
+are TCP at each rank's node address and the key is ``transport.key_file`` (or this
+directory's ``instance.key``, copied to the other nodes); only the head makes a key.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def instance_of(vllm_config: Any) -> tuple[ResilienceConfig, str] | None:
     if raw is None or not raw.get("instance"):
         return None  # off, or not normalized by our front end
     cfg = resilience_config(extra)
-    return (cfg, str(raw["instance"])) if cfg is not None else None
+    if cfg is None:
+        return None
+    if cfg.transport.node_addresses:  # several hosts: where this instance's sockets live
+        from . import multinode
+        multinode.register(str(raw["instance"]), cfg, vllm_config.parallel_config)
+    return cfg, str(raw["instance"])
 
 
 def failover_enabled(vllm_config: Any) -> bool:
@@ -65,7 +72,13 @@ def join_instance(instance: str) -> Path:
     Called by whatever builds one of the instance's socket addresses. Returns its directory."""
     root = instance_dir(instance)
     if instance not in _keyed:
-        _use_key(root / "instance.key")
+        from . import multinode
+        nodes = multinode.registered(instance)
+        if nodes is None:
+            _use_key(root / "instance.key")
+        else:
+            path, may_make = multinode.own_key_file(nodes, root)
+            _use_key(Path(path), make=may_make)
         _keyed.add(instance)
     return root
 
@@ -88,9 +101,13 @@ def _private_dir(d: Path) -> None:
         os.chmod(d, 0o700)
 
 
-def _use_key(path: Path) -> None:
+def _use_key(path: Path, *, make: bool = True) -> None:
     from resilient_ep.transport import curve, wire
 
+    if not make and not path.exists():
+        raise FileNotFoundError(
+            f"resilient-ep: the instance key {path} is missing on this node: copy it from the "
+            "head (the same path, mode 0600) or set transport.key_file (docs/multinode.md)")
     try:
         key = wire.new_key_file(path)
     except FileExistsError:
@@ -99,5 +116,11 @@ def _use_key(path: Path) -> None:
 
 
 def endpoints(instance: str, kind: str, size: int) -> list[str]:
+    """Where the ``size`` members of the instance's ``kind`` sockets bind: Unix sockets in its
+    directory, or TCP at each rank's node across nodes (``multinode.py``)."""
     root = join_instance(instance)
+    from . import multinode
+    remote = multinode.endpoints(instance, kind, size)
+    if remote is not None:
+        return remote
     return [f"ipc://{root}/{kind}-{r}" for r in range(size)]

@@ -114,12 +114,20 @@ class ResilientKVConnector(KVConnectorBase_V1):
                 raise ValueError("kv_connector_extra_config.instance is required with store "
                                  "peer (the resilient-ep instance whose ranks hold the copies)")
             from ...kv.peer_store import peer_endpoint
-            from .instance import join_instance
+            from . import multinode
+            from .instance import instance_of, join_instance
             from .liveness import membership_replica
 
+            instance_of(vllm_config)  # across nodes: registers where the stores listen
             run_dir = str(join_instance(str(instance)))
-            self.spec = StoreSpec("peer", self.cfg.replicas, peer_endpoints=tuple(
-                peer_endpoint(run_dir, r) for r in range(self.dp_size)))
+            nodes = multinode.registered(str(instance))
+            if nodes is not None:  # TCP at each rank's node; copies to other nodes first
+                self.spec = StoreSpec("peer", self.cfg.replicas, peer_endpoints=tuple(
+                    nodes.endpoints("kvstore", self.dp_size)), peer_nodes=tuple(
+                    nodes.addressing.node_of(r) for r in range(self.dp_size)))
+            else:
+                self.spec = StoreSpec("peer", self.cfg.replicas, peer_endpoints=tuple(
+                    peer_endpoint(run_dir, r) for r in range(self.dp_size)))
             self.replica = membership_replica(str(instance), self.dp_size)
             if role == KVConnectorRole.SCHEDULER:
                 _serve_peer_store(self.spec.peer_endpoints[self.dp_rank], self.dp_rank)

@@ -104,13 +104,16 @@ def prepare_environment(argv: Sequence[str] = (), env: MutableMapping[str, str] 
     """Set what a vLLM run on this machine needs (only where unset); returns what it set."""
     env = os.environ if env is None else env
     cpu_build = is_cpu_build() if cpu_build is None else cpu_build
+    from .multinode import node_environment
+
+    across = node_environment(argv, env)  # data parallel across nodes: this node's address
     wanted = {"VLLM_HOST_IP": "127.0.0.1"}
     if cpu_build:
         sizes = parallel_sizes(argv)
         wanted["VLLM_CPU_KVCACHE_SPACE"] = "1"
         wanted["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
             sizes["dp_local"] * sizes["tp"] * sizes["pp"])
-    set_now = {}
+    set_now = dict(across)
     for key, value in wanted.items():
         if key not in env:
             env[key] = value

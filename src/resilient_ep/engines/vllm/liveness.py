@@ -28,6 +28,7 @@ from resilient_ep.membership import Membership
 
 from .fencing import RankProcesses
 from .instance import endpoints, instance_dir, instance_of, join_instance
+from .multinode import monitor_across_nodes
 
 __all__ = ["beacon_endpoint", "membership_endpoint", "start_monitor", "MembershipReplica",
            "membership_replica"]
@@ -38,7 +39,10 @@ def beacon_endpoint(instance: str) -> str:
 
 
 def membership_endpoint(instance: str) -> str:
-    return f"ipc://{join_instance(instance)}/membership"
+    from . import multinode
+
+    root = join_instance(instance)
+    return (multinode.endpoints(instance, "membership", 1) or [f"ipc://{root}/membership"])[0]
 
 
 def start_monitor(vllm_config, procs: list, *,
@@ -51,7 +55,8 @@ def start_monitor(vllm_config, procs: list, *,
         membership or Membership(size), ranks.by_rank, detector=cfg.detector,
         beacon_endpoint=beacon_endpoint(instance),
         publish_endpoint=membership_endpoint(instance),
-        fence=ranks.fence, tick=ranks.census, name="vllm-liveness")
+        fence=ranks.fence, tick=ranks.census, name="vllm-liveness",
+        **monitor_across_nodes(instance, ranks.by_rank, size))
 
     def reap(loss: RankLoss) -> None:
         ranks.reap(loss.rank)

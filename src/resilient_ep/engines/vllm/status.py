@@ -74,7 +74,9 @@ def build_status(infos: list[dict[str, Any]], epoch: int = 0,
     held: dict[tuple[int, int], int] = {}  # (layer, expert) -> live replicas
     num_experts = 0
     for info in sorted(infos, key=lambda i: i["ep_rank"]):
-        state = "dead" if int(info["dp_rank"]) in dead_dp_ranks else _pid_state(int(info["pid"]))
+        remote = bool(info.get("host")) and info["host"] != os.environ.get("VLLM_HOST_IP", "")
+        state = ("dead" if int(info["dp_rank"]) in dead_dp_ranks  # remote: the membership says
+                 else "live" if remote else _pid_state(int(info["pid"])))
         layers = info.get("local_experts") or []
         ranks.append({
             "rank": int(info["ep_rank"]), "pid": int(info["pid"]), "state": state,

@@ -68,6 +68,7 @@ class ResilienceWorkerExtension:
             "pid": os.getpid(),
             "engine_pid": os.getpid() if in_engine else os.getppid(),
             "local_experts": local_experts_of(model) if model is not None else [],
+            "host": os.environ.get("VLLM_HOST_IP", ""),  # across nodes: whose pid it is
         }
 
     def resilient_ep_switch_groups(self, epoch: int, history: list[dict]) -> dict[str, Any]:

@@ -19,7 +19,9 @@ so the survivors switch to a joined rank's groups after the same sum (``joining.
 _send_engine_dead`` (a worker died or raised, so the executor failed) fences this rank (its
 workers, then itself) instead of sending vLLM's instance-wide ``ENGINE_CORE_DEAD``; the front
 end sees the engine core exit and fails over this one rank. And ``EngineCore`` gains the
-utility ``resilient_ep_counters`` (the status endpoint's ``counters``).
+utility ``resilient_ep_counters`` (the status endpoint's ``counters``). (e) Across nodes
+(``multinode.py``), ``step`` holds while the engine's lease has run out, before it runs and
+before its outputs are handed on.
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ def apply() -> None:
 
     @functools.wraps(orig_step)
     def step(self):
+        from ..beacon import leased_hold
+
+        leased_hold(self)  # across nodes: no step without a lease
         try:
-            return orig_step(self)
+            out = orig_step(self)
         except Exception as e:
             if not (_on(self) and is_peer_lost(e)):
                 raise
@@ -134,6 +139,8 @@ def apply() -> None:
             join = _joins.get(id(self))
             if join is not None:  # (what a join costs this engine: joining.note_step)
                 join.note_step()
+        leased_hold(self)  # ... and no output leaves without one
+        return out
 
     @functools.wraps(orig_dummy)
     def execute_dummy_batch(self):

@@ -12,7 +12,9 @@ replacement engine core, ``rejoin.py``, is started and handshaken with the same)
 fence a lost rank whole, publish each loss to the API servers) and the instance's rejoins
 (``rejoin_hosts.serve_rejoins``: a lost rank's replacement, asked for by any API server or by
 ``recovery.respawn``), and returns, as the original does, only once every engine core is gone
-or the manager is stopped. Otherwise the originals run.
+or the manager is stopped; on a headless node of a multi-node instance (``multinode.py``) it
+follows the head's monitor instead (kills a local rank the head fenced; no rejoin across
+nodes). Otherwise the originals run.
 """
 
 from __future__ import annotations
@@ -97,15 +99,28 @@ def apply() -> None:
         cfg = getattr(self, "_resilient_vllm_config", None)
         if cfg is None or not failover_enabled(cfg):
             return orig_monitor(self)
+        from .. import multinode
         from ..instance import instance_of
         from ..rejoin_hosts import serve_rejoins
 
+        instance = instance_of(cfg)[1]
+        nodes = multinode.registered(instance)
+        if nodes is not None and not nodes.head:  # a headless node follows the head's monitor
+            why = multinode.follow_head(instance, list(self.processes),
+                                        int(cfg.parallel_config.data_parallel_size),
+                                        self.manager_stopped)
+            if why is not None:
+                self.failed_proc_name = why
+            self.shutdown()
+            return
         monitor, ranks = start_monitor(cfg, list(self.processes))
-        service = serve_rejoins(self, monitor, ranks, instance_of(cfg)[1])
+        # rejoins start a replacement here: one host only (refused across nodes)
+        service = serve_rejoins(self, monitor, ranks, instance) if nodes is None else None
         monitor.start()
         while monitor.alive and not self.manager_stopped.wait(0.5):
             pass
-        service.stop()
+        if service is not None:
+            service.stop()
         monitor.stop()
         if monitor.errored() is not None:
             self.failed_proc_name = f"resilient-ep liveness monitor ({monitor.errored()!r})"
