@@ -1,0 +1,127 @@
+"""The resilience switches on SGLang, installed through SGLang's own ``HookRegistry``
+(official plugin hooks; no monkeypatch):
+
+- ``ServerArgs.add_cli_args`` (AFTER): adds the Resilience group (``--enable-resilience``,
+  ``--resilience-config FILE.yaml``, ``--resilience-set key.sub=value``) to every SGLang parser
+  (``python -m sglang.launch_server``, ``sglang serve``);
+- ``ServerArgs.from_cli_args`` (AFTER): carries the flags onto the record (``config.ATTR``);
+- ``Engine._launch_subprocesses`` (BEFORE): the one place every entry (HTTP server,
+  ``Engine``) passes before SGLang starts a subprocess. With resilience on it validates and
+  resolves the settings (a bad value fails here, naming the dotted field), checks the
+  topology, hands the result to the processes about to start (``config.export``) and
+  activates the plugin there and here (``plugin.activate``). With it off it clears what an
+  earlier engine of this process may have exported, and changes nothing else.
+
+Each hook checks the upstream signature first (:func:`check`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..common.flags import add_resilience_args, fold_flags
+from . import config
+
+__all__ = ["install_server_args", "install_engine", "is_installed", "SERVER_ARGS_HOOKS",
+           "ENGINE_HOOKS"]
+
+log = logging.getLogger(__name__)
+
+NAME = "sglang-server-args-hooks"
+"""Not a ledger entry (official hooks); the name PatchError messages carry."""
+
+_ADD = "sglang.srt.server_args.ServerArgs.add_cli_args"
+_FROM = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_LAUNCH = "sglang.srt.entrypoints.engine.Engine._launch_subprocesses"
+_LAUNCH_PARAMS = ("cls", "server_args", "init_tokenizer_manager_func",
+                  "run_scheduler_process_func", "run_detokenizer_process_func", "port_args",
+                  "placement_group")
+
+def after_add_cli_args(result, parser):
+    add_resilience_args(parser)
+    return result
+
+
+def after_from_cli_args(server_args, cls, args):
+    """AFTER hook of the classmethod: (result, cls, args)."""
+    section = fold_flags(args, config.settings_of(server_args))
+    if section is not None:
+        config.enable(server_args, section)
+    return server_args
+
+
+def before_launch(cls, server_args, *args, **kwargs):
+    from . import plugin
+
+    settings = config.normalize(config.settings_of(server_args))
+    if settings is None:
+        config.clear_env()
+        return None
+    topo = config.topology_of(server_args)
+    config.enable(server_args, settings)
+    config.export(settings)
+    plugin.activate()
+    log.info("resilient-ep: resilience on (instance %s, %s%s)", settings["instance"],
+             topo.describe(), "" if topo.failover_capable else
+             "; failover needs --dp-size N --enable-dp-attention --ep-size N with tp N >= 2")
+    return None
+
+
+def _unwrapped(cls: type, name: str):
+    raw = cls.__dict__[name]
+    fn = getattr(raw, "__func__", raw)
+    while hasattr(fn, "__wrapped__"):  # our own hook, installed before
+        fn = fn.__wrapped__
+    return fn
+
+
+def check_server_args() -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    from .patches import PatchError, check_version, expect_signature
+
+    check_version(NAME)
+    expect_signature(NAME, _unwrapped(ServerArgs, "add_cli_args"), ("parser",))
+    expect_signature(NAME, _unwrapped(ServerArgs, "from_cli_args"), ("cls", "args"))
+    if "__reduce__" not in ServerArgs.__dict__:
+        raise PatchError(f"{NAME}: ServerArgs no longer pickles its bookkeeping attributes")
+
+
+def check_engine() -> None:
+    from sglang.srt.entrypoints.engine import Engine
+
+    from .patches import check_version, expect_signature
+
+    check_version(NAME)
+    expect_signature(NAME, _unwrapped(Engine, "_launch_subprocesses"), _LAUNCH_PARAMS)
+
+
+SERVER_ARGS_HOOKS = ((_ADD, after_add_cli_args, "AFTER"), (_FROM, after_from_cli_args, "AFTER"))
+ENGINE_HOOKS = ((_LAUNCH, before_launch, "BEFORE"),)
+
+
+def _install(hooks, check) -> None:
+    from .patches import hook, hooked
+
+    if all(hooked(t, fn) for t, fn, _ in hooks):
+        return
+    check()
+    for target, fn, kind in hooks:
+        hook(NAME, target, fn, kind)
+
+
+def install_server_args() -> None:
+    """The flag hooks (when ``sglang.srt.server_args`` is imported); idempotent."""
+    _install(SERVER_ARGS_HOOKS, check_server_args)
+
+
+def install_engine() -> None:
+    """The engine hooks (when ``sglang.srt.entrypoints.engine`` is imported); idempotent."""
+    _install(ENGINE_HOOKS, check_engine)
+
+
+def is_installed() -> bool:
+    from .patches import hooked
+
+    return all(hooked(t, fn) for t, fn, _ in SERVER_ARGS_HOOKS + ENGINE_HOOKS)
