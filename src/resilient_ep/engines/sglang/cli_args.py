@@ -18,8 +18,6 @@ Each hook checks the upstream signature first (:func:`check`).
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from ..common.flags import add_resilience_args, fold_flags
 from . import config
 

@@ -18,13 +18,11 @@ change membership. Single node: DP ranks on other hosts need TCP endpoints, not 
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from resilient_ep.config import ResilienceConfig
 
+from ..common.instance import _keyed, endpoints, instance_dir, join_instance  # noqa: F401
 from .config import resilience_config, resilience_settings
 
 __all__ = ["instance_of", "failover_enabled", "instance_dir", "join_instance", "endpoints"]
@@ -46,58 +44,3 @@ def failover_enabled(vllm_config: Any) -> bool:
     pc = vllm_config.parallel_config
     return (instance_of(vllm_config) is not None and int(pc.data_parallel_size) > 1
             and bool(pc.enable_expert_parallel))
-
-
-def instance_dir(instance: str) -> Path:
-    """This instance's private directory (its Unix sockets, fault-injection triggers, key)."""
-    if not instance or "/" in instance or instance.startswith("."):
-        raise ValueError(f"instance id {instance!r} is not a plain name")
-    base = Path(tempfile.gettempdir()) / f"resilient-ep-{os.getuid()}"
-    root = base / instance
-    for d in (base, root):
-        _private_dir(d)
-    return root
-
-
-def join_instance(instance: str) -> Path:
-    """Make this process speak for ``instance``: every message it sends is tagged with the
-    instance's key and every one it receives checked (made by the first process to join).
-    Called by whatever builds one of the instance's socket addresses. Returns its directory."""
-    root = instance_dir(instance)
-    if instance not in _keyed:
-        _use_key(root / "instance.key")
-        _keyed.add(instance)
-    return root
-
-
-_keyed: set[str] = set()
-
-
-def _private_dir(d: Path) -> None:
-    try:
-        d.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"{d} is not a directory (a link or a file is there)")
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{d} belongs to uid {st.st_uid}, not to this user "
-                              f"({os.getuid()}): refusing to put sockets there")
-    if st.st_mode & 0o077:
-        os.chmod(d, 0o700)
-
-
-def _use_key(path: Path) -> None:
-    from resilient_ep.transport import curve, wire
-
-    try:
-        key = wire.new_key_file(path)
-    except FileExistsError:
-        key = wire.load_key(path)
-    wire.set_key(key, tag=not curve.enabled())  # CURVE authenticates every byte, or the tag
-
-
-def endpoints(instance: str, kind: str, size: int) -> list[str]:
-    root = join_instance(instance)
-    return [f"ipc://{root}/{kind}-{r}" for r in range(size)]

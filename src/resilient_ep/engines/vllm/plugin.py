@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from ..common.trace import TRACE_ENV, trace
+from ..common.trace import TRACE_ENV, trace  # noqa: F401 (TRACE_ENV re-exported)
 
 __all__ = ["register", "activate", "deactivate_children", "is_active", "ACTIVE_ENV"]
 
