@@ -45,8 +45,67 @@ def after_from_cli_args(server_args, cls, args):
     """AFTER hook of the classmethod: (result, cls, args)."""
     section = fold_flags(args, config.settings_of(server_args))
     if section is not None:
-        config.enable(server_args, section)
+        config.attach(server_args, section)
+        prepare_record(server_args)
     return server_args
+
+
+def raw_topology(server_args) -> config.SglangTopology:
+    """The parallel layout asked for on an unresolved ``ServerArgs`` (raw fields)."""
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    dp = int(getattr(server_args, "dp_size", 1) or 1)
+    attn_dp = int(getattr(server_args, "attn_dp_size", 1) or 1)
+    if attn_dp <= 1 and getattr(server_args, "enable_dp_attention", False):
+        attn_dp = dp
+    return config.SglangTopology(tp_size=tp, dp_size=max(dp, attn_dp),
+                                 ep_size=int(getattr(server_args, "ep_size", 1) or 1),
+                                 dp_attention=attn_dp > 1)
+
+
+def prepare_record(server_args) -> dict | None:
+    """Validate the settings on an unresolved ``ServerArgs`` and, where failover applies,
+    set the SGLang arguments it needs (before SGLang resolves the record): the core's expert
+    placement (``experts.launch_settings``) and, so that no weight and no per-step exchange
+    spans the whole TP group, each DP rank's own LM head and embedding
+    (``enable_dp_lm_head``), unsharded dense MLPs (``moe_dense_tp_size=1``) and the DP
+    controller's control fan-out to every DP rank
+    (``enable_dp_attention_local_control_broadcast``). What SGLang's DWDP mode forces too.
+    Returns the normalized settings (None: off)."""
+    import os
+
+    from .instance import FAILOVER_ENV
+
+    settings = config.normalize(config.settings_of(server_args))
+    if settings is None:
+        return None
+    config.attach(server_args, settings)
+    topo = raw_topology(server_args)
+    if not topo.failover_capable or os.environ.get(FAILOVER_ENV, "1") == "0":
+        return settings
+    from transformers import AutoConfig
+
+    from resilient_ep.config import ConfigError, ResilienceConfig
+
+    from .experts import launch_settings
+
+    hf = AutoConfig.from_pretrained(server_args.model_path,
+                                    trust_remote_code=bool(server_args.trust_remote_code))
+    given = {k: getattr(server_args, k) for k in ("ep_num_redundant_experts",
+                                                  "init_expert_location",
+                                                  "ep_dispatch_algorithm", "enable_eplb")}
+    cfg = ResilienceConfig.from_dict({k: v for k, v in settings.items() if k != "instance"})
+    for name, value in launch_settings(hf, topo.ep_size, cfg, given).items():
+        setattr(server_args, name, value)
+    if server_args.moe_dense_tp_size not in (None, 1):
+        raise ConfigError("moe_dense_tp_size", server_args.moe_dense_tp_size,
+                          "must be 1 with resilience on (a dense MLP sharded over the TP group "
+                          "loses its shard with the rank)")
+    server_args.moe_dense_tp_size = 1
+    server_args.enable_dp_lm_head = True
+    server_args.enable_dp_attention_local_control_broadcast = True
+    log.info("resilient-ep: failover path on (%s): experts placed by the core (full mirror, "
+             "%d redundant slots)", topo.describe(), server_args.ep_num_redundant_experts)
+    return settings
 
 
 def before_launch(cls, server_args, *args, **kwargs):
@@ -57,9 +116,12 @@ def before_launch(cls, server_args, *args, **kwargs):
         config.clear_env()
         return None
     topo = config.topology_of(server_args)
-    config.enable(server_args, settings)
+    config.attach(server_args, settings)
     config.export(settings)
     plugin.activate()
+    from .status import install_route
+
+    install_route()
     log.info("resilient-ep: resilience on (instance %s, %s%s)", settings["instance"],
              topo.describe(), "" if topo.failover_capable else
              "; failover needs --dp-size N --enable-dp-attention --ep-size N with tp N >= 2")

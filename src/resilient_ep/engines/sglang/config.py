@@ -29,7 +29,8 @@ from resilient_ep.config import ConfigError, ResilienceConfig, refuse_unsupporte
 
 from ..common.settings import new_instance_id, resolve
 
-__all__ = ["ATTR", "ENV", "KEY", "UNSUPPORTED", "SglangTopology", "enable", "settings_of",
+__all__ = ["ATTR", "ENV", "KEY", "UNSUPPORTED", "SglangTopology", "enable", "attach",
+           "settings_of",
            "normalize", "from_env", "export", "clear_env"]
 
 KEY = "resilience"
@@ -69,11 +70,21 @@ def _as_settings(value: Any) -> dict[str, Any] | None:
 
 
 def enable(server_args: Any, settings: Any = True) -> Any:
-    """Turn resilience on for an SGLang ``ServerArgs`` (``settings``: True for the
+    """Turn resilience on for an unresolved SGLang ``ServerArgs`` (``settings``: True for the
     defaults, or a dict of :class:`ResilienceConfig` fields plus ``config_file`` /
-    ``overrides``); returns ``server_args``. Validated when the engine starts."""
-    setattr(server_args, ATTR, _as_settings(settings))
+    ``overrides``); returns ``server_args``. Validated at once (a bad value raises
+    :class:`ConfigError` naming the field); where failover applies this also sets the SGLang
+    arguments it needs (``cli_args.prepare_record``)."""
+    attach(server_args, settings)
+    from .cli_args import prepare_record
+
+    prepare_record(server_args)
     return server_args
+
+
+def attach(server_args: Any, settings: Any) -> None:
+    """Put the raw settings on the record (no validation)."""
+    setattr(server_args, ATTR, _as_settings(settings))
 
 
 def settings_of(server_args: Any) -> dict[str, Any] | None:

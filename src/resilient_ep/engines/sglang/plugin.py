@@ -72,9 +72,9 @@ def activate() -> list[str]:
     if not _active:
         _active = True
         _trace("activate")
-        from .patches import CPU_PATCHES, apply_when_imported
+        from .patches import CPU_PATCHES, FAILOVER_PATCHES, apply_when_imported
 
-        apply_when_imported(CPU_PATCHES, on_applied=_patched)
+        apply_when_imported(CPU_PATCHES + FAILOVER_PATCHES, on_applied=_patched)
     return list(_applied)
 
 

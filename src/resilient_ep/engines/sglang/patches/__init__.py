@@ -25,7 +25,7 @@ from typing import Any
 from ...common import patching
 from ...common.patching import PatchError, expect_signature, is_marked, mark
 
-__all__ = ["PatchError", "CPU_PATCHES", "SUPPORTED_SGLANG_VERSIONS", "check_version",
+__all__ = ["PatchError", "CPU_PATCHES", "FAILOVER_PATCHES", "SUPPORTED_SGLANG_VERSIONS", "check_version",
            "sglang_version", "hook", "hooked", "expect_signature", "mark", "is_marked",
            "apply_when_imported", "applied_patches"]
 
@@ -39,6 +39,19 @@ CPU_PATCHES = (
     "resilient_ep.engines.sglang.patches.cpu_empty_cache",
 )
 """What SGLang's CPU backend needs for expert parallelism with DP attention."""
+
+FAILOVER_PATCHES = (
+    "resilient_ep.engines.sglang.patches.tp_collectives",
+    "resilient_ep.engines.sglang.patches.dp_batch_sync",
+    "resilient_ep.engines.sglang.patches.scheduler_failover",
+    "resilient_ep.engines.sglang.patches.expert_location",
+    "resilient_ep.engines.sglang.patches.launch_failover",
+    "resilient_ep.engines.sglang.patches.tokenizer_failover",
+    "resilient_ep.engines.sglang.patches.dp_controller_failover",
+)
+"""The failover path (each hook checks at call time whether failover applies: resilience on,
+DP attention with one attention-DP and one EP rank per scheduler, 2 or more; elsewhere it hands
+straight to SGLang's code)."""
 
 PLUGIN_SOURCE = ("resilient_ep", "resilient-ep")
 
