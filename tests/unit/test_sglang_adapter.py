@@ -166,3 +166,53 @@ def test_fill_unused_never_repeats_an_id_in_a_row():
         assert len(set(row)) == len(row) and all(0 <= x < 4 for x in row)
     with pytest.raises(ValueError, match="cannot stand in"):
         fill_unused(ids, ids >= 0, 1)
+
+
+def test_token_view_blocks_of_one_token_round_trip():
+    from resilient_ep.engines.sglang.kv import TokenView, base_rid
+
+    torch.manual_seed(0)
+    k = [torch.randn(10, 2, 4) for _ in range(3)]
+    v = [torch.randn(10, 2, 4) for _ in range(3)]
+    view = TokenView(k, v)
+    assert view.block_size == 1 and view.block_shape == (3, 2, 2, 4)
+    ids = torch.tensor([7, 2, 5])
+    blocks = view.read(ids)
+    assert blocks.shape == (3, 3, 2, 2, 4)
+    assert torch.equal(blocks[1, 2, 0], k[2][2]) and torch.equal(blocks[0, 0, 1], v[0][7])
+    dst = TokenView([torch.zeros(10, 2, 4) for _ in range(3)],
+                    [torch.zeros(10, 2, 4) for _ in range(3)])
+    dst.write(torch.tensor([0, 1, 9]), blocks)
+    assert torch.equal(dst.k[1][9], k[1][5]) and torch.equal(dst.v[2][0], v[2][7])
+    assert base_rid("abc@2") == "abc" and base_rid("abc") == "abc"
+    with pytest.raises(ValueError, match="one \\[heads, dim\\] shape"):
+        TokenView([torch.zeros(4, 2, 4)], [torch.zeros(4, 3, 4)])
+
+
+def test_checkpoint_of_a_token_view_restores_every_token(tmp_path):
+    """The core's checkpointer over SGLang-shaped buffers, through an shm-like store."""
+    import time as _time
+
+    from resilient_ep.config import KVCheckpointConfig
+    from resilient_ep.engines.sglang.kv import TokenView
+    from resilient_ep.kv import KVCheckpointer, StoreSpec
+
+    k = [torch.randn(64, 2, 4) for _ in range(2)]
+    v = [torch.randn(64, 2, 4) for _ in range(2)]
+    cfg = KVCheckpointConfig(interval_tokens=4, store="file", max_stall_ms=0)
+    spec = StoreSpec("file", 1, base_dir=str(tmp_path), durable=False)
+    ckpt = KVCheckpointer(0, TokenView(k, v), cfg, spec, members=[0, 1]).start()
+    tokens = list(range(100, 112))
+    table = list(range(20, 32))
+    assert ckpt.after_step([("r1", tokens, 11, table)]) == 1
+    assert ckpt.flush(_time.monotonic() + 10)
+    ckpt.shutdown()
+    other = KVCheckpointer(1, TokenView([torch.zeros(64, 2, 4)] * 2, [torch.zeros(64, 2, 4)] * 2),
+                           cfg, spec, members=[1]).start()
+    other.restore("r1", tokens)
+    assert other.flush(_time.monotonic() + 10)
+    (res,) = other.restored()
+    assert res.restored_tokens == 11
+    got = res.blocks.reshape(11, 2, 2, 2, 4)
+    assert torch.equal(got[3, 1, 0], k[1][23]) and torch.equal(got[10, 0, 1], v[0][30])
+    other.shutdown()

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from ..engines.vllm.launcher import main as vllm_main
         return vllm_main(argv[1:])
-    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference", "vllm"):
-        print(f"resilient-ep bench: error: --engine must be reference or vllm, "
+    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference", "vllm", "sglang"):
+        print(f"resilient-ep bench: error: --engine must be reference, vllm or sglang, "
               f"got {_engine(argv)!r}", file=sys.stderr)
         return 2
     if not (argv and argv[0] in ("bench", "chaos")):  # these take --engine themselves

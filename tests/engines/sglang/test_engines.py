@@ -5,7 +5,9 @@ plugin) and with it but no switch (same tokens, same processes, nothing activate
 ``resilient-ep serve --engine sglang`` servers with SGLang's wide-EP layout (DP attention 2 +
 EP 2) and ``--resilience-config``: the first answers the failure-free checks, then loses
 scheduler rank 1 to SIGKILL while 6 ``openai`` streams run; the second loses rank 0 to
-SIGSTOP. Every stream is compared with the same server's failure-free pass."""
+SIGSTOP. Every stream is compared with the same server's failure-free pass, and the moved
+requests resume from their KV checkpoints (the prefix caches are flushed between the passes,
+so nothing else could serve them)."""
 
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def test_without_the_switch_sglang_runs_as_without_the_plugin(tp1_without_plugin
 def resilience_yaml(workdir):
     f = workdir / "resilience.yaml"
     f.write_text("resilience:\n  detector:\n    heartbeat_interval_ms: 50\n"
-                 "    heartbeat_timeout_ms: 3000\n")
+                 "    heartbeat_timeout_ms: 3000\n  kv_checkpoint:\n    interval_tokens: 8\n")
     return f
 
 
@@ -83,12 +85,23 @@ def test_expert_parallel_gives_the_greedy_tokens_of_one_rank(dp_server, tp1_with
     assert got == tp1_without_plugin["ids"]
 
 
+def _flush(server) -> None:
+    """Empty every rank's prefix cache, so that a moved request finds nothing of itself on
+    the survivor but its KV checkpoint (the failure-free pass ran the same prompts)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{server.url}/flush_cache", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+
+
 def test_sigkill_of_a_rank_mid_stream(dp_server):
     clean = stream_all(dp_server, PROMPTS, STREAM_TOKENS)
     assert all(o["error"] is None and o["finish"] == "length" for o in clean), clean
     victim = next(r for r in dp_server.status()["ranks"] if r["rank"] == 1)
+    _flush(dp_server)
     failed = stream_all(dp_server, PROMPTS, STREAM_TOKENS, fail_pid=victim["pid"],
-                        sig=signal.SIGKILL)
+                        sig=signal.SIGKILL, after_tokens=20)
     marks = failed.pop()["failed_at_chunks"]
     assert all(0 < n < STREAM_TOKENS for n in marks), f"streams not mid-way at the kill: {marks}"
     for a, b in zip(clean, failed):
@@ -104,6 +117,12 @@ def test_sigkill_of_a_rank_mid_stream(dp_server):
     assert st["uncovered_experts"] == [], "the mirror keeps every expert"
     survivor = next(c for c in st["counters"] if c["rank"] == 0)
     assert survivor["step_reruns"] + survivor["sync_reruns"] >= 1
+    # every moved request resumed from its KV checkpoint (on the survivor's peer store),
+    # none prefilled from scratch
+    restores = survivor["kv"]["restores"]
+    assert len(restores) == ev["readmitted"]
+    assert all(0 < r["restored"] < r["tokens"] and r["source"] == "peer:0"
+               for r in restores), json.dumps(restores)
     # new requests go to the survivor, and are still the failure-free tokens
     again = stream_all(dp_server, PROMPTS[:2], STREAM_TOKENS)
     assert [o["text"] for o in again] == [o["text"] for o in clean[:2]]
@@ -122,8 +141,9 @@ def hang_server(tiny_model, workdir, resilience_yaml, dp_server):
 def test_a_frozen_rank_is_fenced_and_its_streams_continue(hang_server):
     clean = stream_all(hang_server, PROMPTS, STREAM_TOKENS)
     victim = next(r for r in hang_server.status()["ranks"] if r["rank"] == 0)
+    _flush(hang_server)
     failed = stream_all(hang_server, PROMPTS, STREAM_TOKENS, fail_pid=victim["pid"],
-                        sig=signal.SIGSTOP)
+                        sig=signal.SIGSTOP, after_tokens=20)
     failed.pop()
     assert [b["text"] for b in failed] == [a["text"] for a in clean]
     assert all(b["error"] is None for b in failed)
@@ -131,3 +151,5 @@ def test_a_frozen_rank_is_fenced_and_its_streams_continue(hang_server):
     (ev,) = st["failovers"]
     assert ev["rank"] == 0 and ev["cause"] == "hang" and ev["exitcode"] == -9
     assert [r["state"] for r in st["ranks"]] == ["dead", "live"]
+    survivor = next(c for c in st["counters"] if c["rank"] == 1)
+    assert survivor["kv"]["counters"]["restored_from_checkpoint"] == ev["readmitted"] >= 1

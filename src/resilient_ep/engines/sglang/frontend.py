@@ -39,13 +39,11 @@ from resilient_ep.liveness import LivenessMonitor, RankLoss
 from resilient_ep.membership import Membership
 from resilient_ep.recovery import assign_requests
 
-from .instance import beacon_endpoint, current, membership_endpoint
+from .instance import INCARNATION_SEP, beacon_endpoint, current, membership_endpoint
 
 __all__ = ["Frontend", "current_frontend", "start"]
 
 log = logging.getLogger(__name__)
-
-INCARNATION_SEP = "@"
 
 
 class Frontend:

@@ -22,7 +22,15 @@ from ..common.instance import endpoints, join_instance
 from . import config
 
 __all__ = ["current", "failover_enabled", "beacon_endpoint", "membership_endpoint",
-           "group_endpoints", "FAILOVER_ENV"]
+           "group_endpoints", "FAILOVER_ENV", "INCARNATION_SEP", "base_rid"]
+
+INCARNATION_SEP = "@"
+"""``<rid>@<n>``: the front end's n-th incarnation of request ``rid`` (moved off a lost rank)."""
+
+
+def base_rid(rid: str) -> str:
+    """The id the client knows, for any incarnation of a request."""
+    return rid.split(INCARNATION_SEP, 1)[0]
 
 FAILOVER_ENV = "RESILIENT_EP_SGLANG_FAILOVER"
 """``0`` turns the failover datapath off while resilience (and the CPU patches) stay on: the

@@ -51,7 +51,10 @@ def write_rank_file() -> None:
     cfg, instance = current()
     amap = experts.current()
     g = groups.current_group()
-    info = {**_state["identity"],
+    from . import kv
+
+    ckpt = kv.current()
+    info = {**_state["identity"], "kv": ckpt.status() if ckpt is not None else None,
             "local_experts": amap.local_experts(_state["identity"]["rank"]) if amap else [],
             "active_experts": amap.status()["active"] if amap else [],
             "dead": sorted(g.dead) if g else [], "epoch": g.epoch if g else 0,
@@ -106,6 +109,9 @@ def on_model_loaded(model_runner: Any) -> None:
 
     groups.add_listener(on_change)
     groups.group(rank, size)
+    from .kv import serve_peer_store
+
+    serve_peer_store(cfg, instance, rank, size)
     write_rank_file()
     log.info("resilient-ep: scheduler rank %d of %d ready for failover (holds experts %s, "
              "computes %s)", rank, size, amap.local_experts(rank),

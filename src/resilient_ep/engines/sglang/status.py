@@ -10,7 +10,10 @@ reference runtime answer::
                     "readmitted": 2, "detected_monotonic": ..., "handled_monotonic": ...,
                     "first_output_monotonic": ...}],
      "in_flight": [2, 0],              # requests per rank, as the front end routed them
-     "counters": [{"rank": 0, "step_reruns": 1, "sync_reruns": 0, "idle_skips": 0, ...}],
+     "counters": [{"rank": 0, "step_reruns": 1, "sync_reruns": 0, "idle_skips": 0, ...,
+                   "kv": {"counters": {"saves": 26, "restored_tokens": 48, ...},
+                          "restores": [{"rid": ..., "tokens": 24, "restored": 16,
+                                        "source": "peer:0", "seconds": 0.006}]}}],
      "poisoned_requests": [], "dropped_outputs": 0}
 
 ``rank`` is the expert-parallel rank (with SGLang's wide-EP layout, DP rank = TP rank = EP
@@ -93,7 +96,8 @@ def build_status() -> dict[str, Any]:
         "num_experts": num_experts,
         "failovers": list(fe.failovers) if fe is not None else [],
         "in_flight": [in_flight.get(r, 0) for r in sorted(pids)],
-        "counters": [{"rank": r, **infos[r].get("counters", {})} for r in sorted(infos)],
+        "counters": [{"rank": r, **infos[r].get("counters", {}), "kv": infos[r].get("kv")}
+                     for r in sorted(infos)],
         "poisoned_requests": list(fe.poisoned) if fe is not None else [],
         "dropped_outputs": fe.dropped_outputs if fe is not None else 0,
     }

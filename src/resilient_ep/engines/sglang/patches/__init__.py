@@ -48,6 +48,7 @@ FAILOVER_PATCHES = (
     "resilient_ep.engines.sglang.patches.launch_failover",
     "resilient_ep.engines.sglang.patches.tokenizer_failover",
     "resilient_ep.engines.sglang.patches.dp_controller_failover",
+    "resilient_ep.engines.sglang.patches.kv_checkpoints",
 )
 """The failover path (each hook checks at call time whether failover applies: resilience on,
 DP attention with one attention-DP and one EP rank per scheduler, 2 or more; elsewhere it hands
