@@ -4,8 +4,11 @@ with the same arms, figures and JSON keys as the vLLM bench (``bench_failover_vl
 whose loop it runs with an SGLang server):
 
 - **off**: the same instance with the failover path off (``RESILIENT_EP_SGLANG_FAILOVER=0``:
-  SGLang's own gloo datapath and placement, plus only the patches its CPU backend needs for
-  DP attention + EP) — throughput;
+  SGLang's own gloo datapath and expert placement, plus only the patches its CPU backend
+  needs for DP attention + EP), with the SGLang switches the failover path sets itself
+  (``--enable-dp-lm-head --moe-dense-tp-size 1
+  --enable-dp-attention-local-control-broadcast``), so that the ratio measures the layer,
+  not SGLang's options — throughput;
 - **on**: ``--enable-resilience`` — throughput, then a failure-free streamed run, then the
   same streams with scheduler rank 1 SIGKILLed mid-stream;
 - **hang**: ``--enable-resilience`` — the same with scheduler rank 1 frozen (SIGSTOP),
@@ -33,9 +36,14 @@ from . import bench_failover_vllm as base
 
 __all__ = ["SglangServer", "run", "main"]
 
-SERVER_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.05", "--max-total-tokens",
+SERVER_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.3", "--max-total-tokens",
                "8192", "--max-running-requests", "16", "--random-seed", "0", "--tp-size", "2",
                "--dp-size", "2", "--enable-dp-attention", "--ep-size", "2"]
+
+
+OFF_ARGS = ["--enable-dp-lm-head", "--moe-dense-tp-size", "1",
+            "--enable-dp-attention-local-control-broadcast"]
+"""What the failover path sets on SGLang (``cli_args.prepare_record``), given to the off arm."""
 
 
 class SglangServer(base._Server):
@@ -55,9 +63,11 @@ class SglangServer(base._Server):
         # Both arms run the plugin's CPU patches (SGLang cannot run DP attention + EP on the
         # CPU without them); "off" turns the failover path off.
         env["RESILIENT_EP_SGLANG_FAILOVER"] = "1" if resilience else "0"
+        same_options = [] if resilience else OFF_ARGS
         cmd = [sys.executable, "-m", "resilient_ep.cli", "serve", self.model, "--engine",
                "sglang", "--port", str(self.port),
-               *(SERVER_ARGS if base_args is None else base_args), *(extra_args or []),
+               *(SERVER_ARGS if base_args is None else base_args), *same_options,
+               *(extra_args or []),
                "--resilience-config", str(cfg), "--log-level", "warning"]
         self.log = open(workdir / f"serve-sglang-{tag}.log", "w")
         self.t0 = time.monotonic()

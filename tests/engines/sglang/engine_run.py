@@ -27,7 +27,7 @@ def main() -> None:
     resilience = extra.pop("resilience", None)
     kw = dict(model_path=model, device="cpu", attention_backend="torch_native",
               disable_cuda_graph=True, dtype="float32", max_total_tokens=4096,
-              max_running_requests=16, mem_fraction_static=0.05, log_level="error",
+              max_running_requests=16, mem_fraction_static=0.3, log_level="error",
               random_seed=0)
     kw.update(extra)
     sa = ServerArgs(**kw)

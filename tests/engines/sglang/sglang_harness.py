@@ -20,7 +20,7 @@ PROMPTS = ["the cat sat on the", "a new world is", "one two three four", "the sy
            "people say that the", "water and fire are"]
 MAX_TOKENS = 16
 DP_ARGS = ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", "--ep-size", "2"]
-COMMON_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.05", "--max-total-tokens",
+COMMON_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.3", "--max-total-tokens",
                "4096", "--max-running-requests", "16", "--random-seed", "0",
                "--log-level", "info"]
 
