@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["flag_value", "cpu_thread_binding"]
+__all__ = ["flag_value", "cpu_thread_binding", "strip_engine"]
 
 
 def flag_value(argv: Sequence[str], names: Sequence[str]) -> str | None:
@@ -45,3 +45,24 @@ def cpu_thread_binding(num_workers: int, cpus: Sequence[int] | None = None) -> s
         contiguous = group == list(range(group[0], group[-1] + 1))
         groups.append(f"{group[0]}-{group[-1]}" if contiguous and n > 1 else ",".join(map(str, group)))
     return "|".join(groups)
+
+
+def strip_engine(argv: Sequence[str], engine: str) -> list[str]:
+    """``argv`` without ``--engine NAME`` / ``--engine=NAME`` (resilient-ep's own flag); a
+    name other than ``engine`` is an error (this launcher runs ``engine``)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--engine":
+            if i + 1 < len(argv) and argv[i + 1] != engine:
+                raise SystemExit(f"resilient-ep serve: this launcher runs {engine}, "
+                                 f"not {argv[i + 1]}")
+            skip = True
+            continue
+        if arg.startswith("--engine="):
+            continue
+        out.append(arg)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["pid_state"]
+__all__ = ["pid_state", "free_port", "kill_group"]
 
 
 def pid_state(pid: int) -> str:
@@ -24,3 +24,37 @@ def pid_state(pid: int) -> str:
         return "dead"
     except PermissionError:
         return "live"
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(proc, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group of ``proc`` (a ``subprocess.Popen`` started with
+    ``start_new_session=True``), then SIGKILL what is left after ``grace_s``."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (engine processes, workers)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass

@@ -129,11 +129,10 @@ def before_launch(cls, server_args, *args, **kwargs):
 
 
 def _unwrapped(cls: type, name: str):
+    from .patches import unwrapped
+
     raw = cls.__dict__[name]
-    fn = getattr(raw, "__func__", raw)
-    while hasattr(fn, "__wrapped__"):  # our own hook, installed before
-        fn = fn.__wrapped__
-    return fn
+    return unwrapped(getattr(raw, "__func__", raw))
 
 
 def check_server_args() -> None:
@@ -162,13 +161,12 @@ ENGINE_HOOKS = ((_LAUNCH, before_launch, "BEFORE"),)
 
 
 def _install(hooks, check) -> None:
-    from .patches import hook, hooked
+    from .patches import hooks_installed, install_hooks
 
-    if all(hooked(t, fn) for t, fn, _ in hooks):
+    if hooks_installed(hooks):
         return
     check()
-    for target, fn, kind in hooks:
-        hook(NAME, target, fn, kind)
+    install_hooks(NAME, hooks)
 
 
 def install_server_args() -> None:
@@ -182,6 +180,6 @@ def install_engine() -> None:
 
 
 def is_installed() -> bool:
-    from .patches import hooked
+    from .patches import hooks_installed
 
-    return all(hooked(t, fn) for t, fn, _ in SERVER_ARGS_HOOKS + ENGINE_HOOKS)
+    return hooks_installed(SERVER_ARGS_HOOKS + ENGINE_HOOKS)

@@ -21,7 +21,7 @@ from resilient_ep.config import ResilienceConfig
 from ..common.instance import endpoints, join_instance
 from . import config
 
-__all__ = ["current", "failover_enabled", "beacon_endpoint", "membership_endpoint",
+__all__ = ["current", "failover_enabled", "failover_on", "beacon_endpoint", "membership_endpoint",
            "group_endpoints", "FAILOVER_ENV", "INCARNATION_SEP", "base_rid"]
 
 INCARNATION_SEP = "@"
@@ -58,6 +58,16 @@ def failover_enabled() -> bool:
     p = get_parallel()
     return (p.tp_size >= 2 and p.attn_dp_size == p.tp_size and p.moe_ep_size == p.tp_size
             and p.pp_size == 1)
+
+
+_failover: list[bool] = []
+
+
+def failover_on() -> bool:
+    """:func:`failover_enabled`, decided once per process (the hooks ask on every call)."""
+    if not _failover:
+        _failover.append(failover_enabled())
+    return _failover[0]
 
 
 def beacon_endpoint(instance: str) -> str:

@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import MutableMapping, Sequence
 
-from ..common.launch import cpu_thread_binding, flag_value
+from ..common.launch import cpu_thread_binding, flag_value, strip_engine
 
 __all__ = ["main", "server_argv", "prepare_environment", "cpu_only", "kernels_stubbed"]
 
@@ -55,23 +55,10 @@ def server_argv(argv: Sequence[str], *, cpu: bool | None = None,
                 stub: bool | None = None) -> list[str]:
     """The ``sglang.launch_server`` arguments for ``resilient-ep serve`` arguments."""
     argv = list(argv)
-    out: list[str] = []
-    skip = False
     model = None
     if argv and not argv[0].startswith("-"):
         model, argv = argv[0], argv[1:]
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--engine":
-            if i + 1 < len(argv) and argv[i + 1] != "sglang":
-                raise SystemExit(f"resilient-ep serve: this launcher runs sglang, not {argv[i + 1]}")
-            skip = True
-            continue
-        if arg.startswith("--engine="):
-            continue
-        out.append(arg)
+    out = strip_engine(argv, "sglang")
     if flag_value(out, ("--model-path", "--model")) is None:
         if model is None:
             raise SystemExit("resilient-ep serve --engine sglang: give MODEL (or --model-path)")

@@ -28,6 +28,7 @@ from collections.abc import MutableMapping, Sequence
 
 from ..common.launch import cpu_thread_binding
 from ..common.launch import flag_value as _flag_value
+from ..common.launch import strip_engine
 
 __all__ = ["main", "prepare_environment", "cpu_thread_binding", "parallel_sizes",
            "fix_version_lookup", "is_cpu_build", "serve_argv", "conflicting_wheels"]
@@ -125,20 +126,7 @@ def fix_version_lookup() -> None:
 
 def serve_argv(argv: Sequence[str]) -> list[str]:
     """The ``vllm serve`` arguments: ours stripped, loopback host added unless given."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--engine":
-            if i + 1 < len(argv) and argv[i + 1] != "vllm":
-                raise SystemExit(f"resilient-ep serve: this launcher runs vllm, not {argv[i + 1]}")
-            skip = True
-            continue
-        if arg.startswith("--engine="):
-            continue
-        out.append(arg)
+    out = strip_engine(argv, "vllm")
     if _flag_value(out, ("--host",)) is None and _flag_value(out, ("--uds",)) is None:
         out += ["--host", "127.0.0.1"]
     return out

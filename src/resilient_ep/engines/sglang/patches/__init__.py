@@ -26,7 +26,8 @@ from ...common import patching
 from ...common.patching import PatchError, expect_signature, is_marked, mark
 
 __all__ = ["PatchError", "CPU_PATCHES", "FAILOVER_PATCHES", "SUPPORTED_SGLANG_VERSIONS", "check_version",
-           "sglang_version", "hook", "hooked", "expect_signature", "mark", "is_marked",
+           "sglang_version", "hook", "hooked", "install_hooks", "hooks_installed", "unwrapped",
+           "expect_signature", "mark", "is_marked",
            "apply_when_imported", "applied_patches"]
 
 SUPPORTED_SGLANG_VERSIONS = ("0.5.23",)
@@ -99,6 +100,24 @@ def hooked(target: str, fn: Callable[..., Any]) -> bool:
         return False
     hooks = registry._hooks.get(target, ())
     return target in registry._patched and any(h is fn for _, h, _ in hooks)
+
+
+def unwrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The upstream function under any wrappers (the ``__wrapped__`` chain that ours and the
+    registry's leave), for signature checks once hooked."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def install_hooks(name: str, hooks: Iterable[tuple[str, Callable[..., Any], str]]) -> None:
+    """``hook`` each ``(target, fn, kind)`` of a patch module."""
+    for target, fn, kind in hooks:
+        hook(name, target, fn, kind)
+
+
+def hooks_installed(hooks: Iterable[tuple[str, Callable[..., Any], str]]) -> bool:
+    return all(hooked(target, fn) for target, fn, _ in hooks)
 
 
 def apply_when_imported(modules: Iterable[str] = CPU_PATCHES, on_applied=None) -> None:

@@ -16,7 +16,7 @@ everything else goes to the original.
 
 from __future__ import annotations
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hook, hooked, unwrapped
 
 NAME = "sglang-cpu-reduce-scatterv"
 TARGET_MODULE = "sglang.srt.distributed.parallel_state"
@@ -30,16 +30,11 @@ def _cls():
     return GroupCoordinator
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     cls = _cls()
-    expect_signature(NAME, _unwrapped(cls.reduce_scatterv), _PARAMS)
+    expect_signature(NAME, unwrapped(cls.reduce_scatterv), _PARAMS)
     expect_signature(NAME, cls._deterministic_reduce_scatterv, _PARAMS)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from resilient_ep.transport.group import is_peer_lost
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-dp-batch-sync"
 TARGET_MODULE = "sglang.srt.managers.scheduler_components.dp_attn"
@@ -35,17 +35,12 @@ def _module():
     return m
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     m = _module()
-    expect_signature(NAME, _unwrapped(m.exchange_sync_rows), ("global_flat", "local_row", "group"))
-    expect_signature(NAME, _unwrapped(m.SchedulerDPAttnAdapter.prepare_mlp_sync_batch),
+    expect_signature(NAME, unwrapped(m.exchange_sync_rows), ("global_flat", "local_row", "group"))
+    expect_signature(NAME, unwrapped(m.SchedulerDPAttnAdapter.prepare_mlp_sync_batch),
                      ("self", "local_batch"))
 
 
@@ -77,13 +72,12 @@ def prepare_mlp_sync_batch(original, self, local_batch):
             COUNTERS["sync_reruns"] += 1
 
 
-HOOKS = ((_ROWS, exchange_sync_rows), (_SYNC, prepare_mlp_sync_batch))
+HOOKS = ((_ROWS, exchange_sync_rows, "AROUND"), (_SYNC, prepare_mlp_sync_batch, "AROUND"))
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn in HOOKS:
-        hook(NAME, target, fn, "AROUND")
+    install_hooks(NAME, HOOKS)

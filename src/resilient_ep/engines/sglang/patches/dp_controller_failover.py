@@ -15,45 +15,30 @@ How (SGLang's ``HookRegistry``):
 
 from __future__ import annotations
 
-from . import check_version, expect_signature, hook, hooked
+from ..instance import failover_on
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-dp-controller-failover"
 TARGET_MODULE = "sglang.srt.managers.data_parallel_controller"
 _CLS = f"{TARGET_MODULE}.DataParallelController"
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     from sglang.srt.managers.data_parallel_controller import DataParallelController as C
 
-    expect_signature(NAME, _unwrapped(C.__init__),
+    expect_signature(NAME, unwrapped(C.__init__),
                      ("self", "server_args", "port_args", "run_scheduler_process_func",
                       "prelaunched_schedulers"))
     for name in ("maybe_external_dp_rank_routing", "dispatch_health_check"):
-        expect_signature(NAME, _unwrapped(getattr(C, name)), ("self", "req"))
-    expect_signature(NAME, _unwrapped(C.send_control_message), ("self", "obj"))
+        expect_signature(NAME, unwrapped(getattr(C, name)), ("self", "req"))
+    expect_signature(NAME, unwrapped(C.send_control_message), ("self", "obj"))
 
-
-_enabled: bool | None = None
-
-
-def _on() -> bool:
-    global _enabled
-    if _enabled is None:
-        from ..instance import failover_enabled
-
-        _enabled = failover_enabled()
-    return _enabled
 
 
 def after_init(result, self, *args, **kwargs):
-    if _on():
+    if failover_on():
         from sglang.srt.runtime_context import get_parallel
 
         from ..dp_controller import attach
@@ -63,7 +48,7 @@ def after_init(result, self, *args, **kwargs):
 
 
 def external_routing(original, self, req):
-    if not _on() or getattr(req, "routed_dp_rank", None) is None:
+    if not failover_on() or getattr(req, "routed_dp_rank", None) is None:
         return original(self, req)
     from ..dp_controller import send
 
@@ -72,7 +57,7 @@ def external_routing(original, self, req):
 
 
 def control_message(original, self, obj):
-    if not _on():
+    if not failover_on():
         return original(self, obj)
     from ..dp_controller import send
 
@@ -83,7 +68,7 @@ def control_message(original, self, obj):
 
 
 def health_check(original, self, req):
-    if not _on():
+    if not failover_on():
         return original(self, req)
     from ..dp_controller import send
 
@@ -103,9 +88,8 @@ HOOKS = ((f"{_CLS}.__init__", after_init, "AFTER"),
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn, _ in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn, kind in HOOKS:
-        hook(NAME, target, fn, kind)
+    install_hooks(NAME, HOOKS)

@@ -12,17 +12,12 @@ applies; elsewhere it does nothing.
 
 from __future__ import annotations
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hook, hooked, unwrapped
 
 NAME = "sglang-expert-location"
 TARGET_MODULE = "sglang.srt.model_executor.model_runner"
 _LOAD = f"{TARGET_MODULE}.ModelRunner.load_model"
 
-
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
 
 
 def check() -> None:
@@ -30,7 +25,7 @@ def check() -> None:
     from sglang.srt.eplb import expert_location as el
     from sglang.srt.model_executor.model_runner import ModelRunner
 
-    expect_signature(NAME, _unwrapped(ModelRunner.load_model), ("self",))
+    expect_signature(NAME, unwrapped(ModelRunner.load_model), ("self",))
     for field in ("logical_to_all_physical_map", "logical_to_all_physical_map_cpu",
                   "logical_to_all_physical_map_num_valid", "physical_to_logical_map_cpu"):
         if field not in el.ExpertLocationMetadata.__dataclass_fields__:

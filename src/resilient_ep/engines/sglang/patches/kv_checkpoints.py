@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from . import check_version, expect_signature, hook, hooked
+from ..instance import current, failover_on
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-kv-checkpoints"
 TARGET_MODULE = "sglang.srt.managers.scheduler"
@@ -29,19 +30,14 @@ _QUEUE = f"{TARGET_MODULE}.Scheduler._add_request_to_queue"
 log = logging.getLogger(__name__)
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
-    expect_signature(NAME, _unwrapped(Scheduler.process_batch_result), ("self", "batch", "result"))
-    expect_signature(NAME, _unwrapped(Scheduler._add_request_to_queue),
+    expect_signature(NAME, unwrapped(Scheduler.process_batch_result), ("self", "batch", "result"))
+    expect_signature(NAME, unwrapped(Scheduler._add_request_to_queue),
                      ("self", "req", "is_retracted"))
     if "key" not in InsertParams.__dataclass_fields__ or "value" not in InsertParams.__dataclass_fields__:
         from . import PatchError
@@ -49,20 +45,13 @@ def check() -> None:
         raise PatchError(f"{NAME}: InsertParams has no key/value; see docs/sglang.md")
 
 
-_enabled: bool | None = None
 
-
-def _on() -> bool:
-    global _enabled
-    if _enabled is None:
-        from ..instance import current, failover_enabled
-
-        _enabled = failover_enabled() and current()[0].kv_checkpoint.enabled
-    return _enabled
+def _kv_on() -> bool:
+    return failover_on() and current()[0].kv_checkpoint.enabled
 
 
 def after_batch_result(result, self, batch, batch_result):
-    if _on():
+    if _kv_on():
         from ..kv import checkpoints_for
 
         ckpt = checkpoints_for(self)
@@ -78,7 +67,7 @@ def after_batch_result(result, self, batch, batch_result):
 
 
 def after_add_request(result, self, req, is_retracted=False):
-    if not _on() or is_retracted:
+    if not _kv_on() or is_retracted:
         return result
     from ..instance import INCARNATION_SEP
 
@@ -102,13 +91,12 @@ def after_add_request(result, self, req, is_retracted=False):
     return result
 
 
-HOOKS = ((_RESULT, after_batch_result), (_QUEUE, after_add_request))
+HOOKS = ((_RESULT, after_batch_result, "AFTER"), (_QUEUE, after_add_request, "AFTER"))
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn in HOOKS:
-        hook(NAME, target, fn, "AFTER")
+    install_hooks(NAME, HOOKS)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-launch-failover"
 TARGET_MODULE = "sglang.srt.entrypoints.engine"
@@ -30,11 +30,6 @@ _ranks: set[int] = set()
 """Pids of the scheduler processes our liveness monitor watches."""
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
@@ -42,10 +37,10 @@ def check() -> None:
     from sglang.srt.utils.watchdog import SubprocessWatchdog
 
     raw = Engine.__dict__["_launch_scheduler_processes"]
-    expect_signature(NAME, _unwrapped(getattr(raw, "__func__", raw)),
+    expect_signature(NAME, unwrapped(getattr(raw, "__func__", raw)),
                      ("cls", "server_args", "port_args", "run_scheduler_process_func",
                       "placement_group"))
-    expect_signature(NAME, _unwrapped(SubprocessWatchdog.__init__),
+    expect_signature(NAME, unwrapped(SubprocessWatchdog.__init__),
                      ("self", "processes", "process_names", "interval"))
 
 
@@ -90,9 +85,8 @@ HOOKS = ((_LAUNCH, after_launch, "AFTER"), (_WATCHDOG, before_watchdog, "BEFORE"
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn, _ in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn, kind in HOOKS:
-        hook(NAME, target, fn, kind)
+    install_hooks(NAME, HOOKS)

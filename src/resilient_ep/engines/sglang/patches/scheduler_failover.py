@@ -24,7 +24,8 @@ import time
 
 from resilient_ep.transport.group import is_peer_lost
 
-from . import check_version, expect_signature, hook, hooked
+from ..instance import failover_on
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-scheduler-failover"
 TARGET_MODULE = "sglang.srt.managers.scheduler"
@@ -41,36 +42,20 @@ def _cls():
     return Scheduler
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     cls = _cls()
-    expect_signature(NAME, _unwrapped(cls.run_batch), ("self", "batch", "pp_proxy_tensors"))
-    expect_signature(NAME, _unwrapped(cls.run_event_loop), ("self",))
+    expect_signature(NAME, unwrapped(cls.run_batch), ("self", "batch", "pp_proxy_tensors"))
+    expect_signature(NAME, unwrapped(cls.run_event_loop), ("self",))
     from sglang.srt.managers.utils import GenerationBatchResult
 
     GenerationBatchResult()  # the empty result of a skipped idle step must still build
 
 
-_enabled: bool | None = None
-
-
-def _on() -> bool:
-    global _enabled
-    if _enabled is None:
-        from ..instance import failover_enabled
-
-        _enabled = failover_enabled()
-    return _enabled
-
 
 def run_batch(original, self, batch, pp_proxy_tensors=None):
-    if not _on():
+    if not failover_on():
         return original(self, batch, pp_proxy_tensors)
     from ..groups import COUNTERS
     from ..scheduler import MAX_RERUNS, resync, write_rank_file
@@ -102,7 +87,7 @@ def run_batch(original, self, batch, pp_proxy_tensors=None):
 
 
 def run_event_loop(original, self):
-    if not _on():
+    if not failover_on():
         return original(self)
     try:
         return original(self)
@@ -116,13 +101,12 @@ def run_event_loop(original, self):
         os._exit(FENCE_EXIT_CODE)
 
 
-HOOKS = ((_RUN, run_batch), (_LOOP, run_event_loop))
+HOOKS = ((_RUN, run_batch, "AROUND"), (_LOOP, run_event_loop, "AROUND"))
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn in HOOKS:
-        hook(NAME, target, fn, "AROUND")
+    install_hooks(NAME, HOOKS)

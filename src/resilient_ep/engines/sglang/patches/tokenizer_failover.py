@@ -18,17 +18,12 @@ How (SGLang's ``HookRegistry``; the logic is ``frontend.Frontend``):
 
 from __future__ import annotations
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-tokenizer-failover"
 TARGET_MODULE = "sglang.srt.managers.tokenizer_manager"
 _CLS = f"{TARGET_MODULE}.TokenizerManager"
 
-
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
 
 
 def check() -> None:
@@ -40,7 +35,7 @@ def check() -> None:
                          "_handle_batch_output": ("self", "recv_obj"),
                          "abort_request": ("self", "rid", "abort_all"),
                          "_handle_abort_req": ("self", "recv_obj")}.items():
-        expect_signature(NAME, _unwrapped(getattr(T, name)), params)
+        expect_signature(NAME, unwrapped(getattr(T, name)), params)
 
 
 def _frontend():
@@ -117,9 +112,8 @@ HOOKS = ((f"{_CLS}._send_one_request", before_send_one, "BEFORE"),
 
 
 def is_applied() -> bool:
-    return all(hooked(t, fn) for t, fn, _ in HOOKS)
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for target, fn, kind in HOOKS:
-        hook(NAME, target, fn, kind)
+    install_hooks(NAME, HOOKS)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_version, expect_signature, hook, hooked
+from . import check_version, expect_signature, hooks_installed, install_hooks, unwrapped
 
 NAME = "sglang-tp-collectives"
 TARGET_MODULE = "sglang.srt.distributed.parallel_state"
@@ -41,30 +41,19 @@ def _cls():
     return GroupCoordinator
 
 
-def _unwrapped(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
 
 def check() -> None:
     check_version(NAME)
     cls = _cls()
     for name, params in _SIGS.items():
-        expect_signature(NAME, _unwrapped(getattr(cls, name)), params)
-
-
-_enabled: bool | None = None
+        expect_signature(NAME, unwrapped(getattr(cls, name)), params)
 
 
 def live_group_for(coordinator):
     """The failover group that carries ``coordinator``'s collectives, or None (SGLang's own)."""
-    global _enabled
-    if _enabled is None:
-        from ..instance import failover_enabled
+    from ..instance import failover_on
 
-        _enabled = failover_enabled()
-    if not _enabled:
+    if not failover_on():
         return None
     from sglang.srt.runtime_context import get_parallel
 
@@ -128,15 +117,15 @@ def reduce_scatter_tensor(original, self, output, input):
     return output
 
 
-HOOKS = {"all_reduce": all_reduce, "_all_reduce_in_place": all_reduce_in_place,
-         "all_gather_into_tensor": all_gather_into_tensor,
-         "reduce_scatter_tensor": reduce_scatter_tensor}
+HOOKS = tuple((f"{_CLS}.{name}", fn, "AROUND") for name, fn in (
+    ("all_reduce", all_reduce), ("_all_reduce_in_place", all_reduce_in_place),
+    ("all_gather_into_tensor", all_gather_into_tensor),
+    ("reduce_scatter_tensor", reduce_scatter_tensor)))
 
 
 def is_applied() -> bool:
-    return all(hooked(f"{_CLS}.{name}", fn) for name, fn in HOOKS.items())
+    return hooks_installed(HOOKS)
 
 
 def apply() -> None:
-    for name, fn in HOOKS.items():
-        hook(NAME, f"{_CLS}.{name}", fn, "AROUND")
+    install_hooks(NAME, HOOKS)
