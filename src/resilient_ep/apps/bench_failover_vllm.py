@@ -22,7 +22,9 @@ Figures (same keys as the reference runtime's bench):
 - ``restart_s``: a full ``vllm serve`` restart, measured as process start -> first token of
   a completion, every server start of the run (both arms);
 - ``hang_stall_ms`` / ``hang_detect_ms``: the same for the frozen rank;
-- ``outputs_equal``: every stream of every failure trial equals the failure-free run.
+- ``outputs_equal``: every stream of every failure trial equals the failure-free run;
+- ``requests_lost``: streams of the failure trials that ended in an error or short of
+  ``--max-tokens``.
 
 With ``--context 64,1024,4096`` it adds ``contexts``: one object per context length
 (:func:`run_context`: prompts of that many random token ids, prefix caching off so nothing
@@ -369,6 +371,7 @@ def run(args: argparse.Namespace, log=print, *, server_cls=None, engine: str = "
                / f"bench-{engine}-{os.getpid()}")
     workdir.mkdir(parents=True, exist_ok=True)
     on, off, restart, stalls, detects, equal, readmitted = [], [], [], [], [], [], []
+    lost: list[int] = []  # per failure trial: streams that errored or came back short
     hang_stalls, hang_detects, trial_detail = [], [], []
 
     def fail_rank(server: _Server, sig: int, stalls_out: list, detects_out: list) -> None:
@@ -395,6 +398,8 @@ def run(args: argparse.Namespace, log=print, *, server_cls=None, engine: str = "
         events = status.get("failovers", [])
         equal.append(all(a.get("tokens") == b.get("tokens") and "error" not in b
                          for a, b in zip(clean, failed)))
+        lost.append(sum(1 for o in failed
+                        if "error" in o or len(o.get("tokens", ())) != max_tokens))
         stall = _stall_s(failed, killed_at)
         trial_detail.append({"signal": signal.Signals(sig).name, "epoch": status["epoch"],
                              "events": events,
@@ -449,6 +454,7 @@ def run(args: argparse.Namespace, log=print, *, server_cls=None, engine: str = "
         "restart_s_median": restart_med,
         "restart_over_crash_stall": (restart_med * 1000 / stall_med) if stall_med else None,
         "outputs_equal": all(equal) and len(equal) == 2 * trials,
+        "requests_lost": sum(lost),
         "trials": trials,
         "setup": setup or {
             "dp": 2, "tp": 1, "expert_parallel": True, "requests": n,
@@ -460,7 +466,7 @@ def run(args: argparse.Namespace, log=print, *, server_cls=None, engine: str = "
                     "restart_s": restart, "overhead_ratios": ratios,
                     "hang_stall_ms": [h * 1000 for h in hang_stalls],
                     "hang_detect_ms": [d * 1000 for d in hang_detects],
-                    "readmitted": readmitted, "outputs_equal": equal,
+                    "readmitted": readmitted, "outputs_equal": equal, "requests_lost": lost,
                     "failures": trial_detail},
     }
     if contexts:
@@ -505,7 +511,8 @@ def print_summary(res: dict) -> None:
     print(f"crash stall               median {res['crash_stall_ms_median']:.0f} ms, "
           f"p99 {res['crash_stall_ms_p99']:.0f} ms (failed over in "
           f"{res['crash_detect_ms_median']:.0f} ms)")
-    print(f"outputs equal             {res['outputs_equal']}")
+    print(f"outputs equal             {res['outputs_equal']} "
+          f"({res.get('requests_lost', 0)} request(s) lost)")
     print(f"full restart              median {res['restart_s_median']:.1f} s "
           f"({res['restart_over_crash_stall']:.0f}x the crash stall)")
     print(f"hang stall                median {res['hang_stall_ms_median']:.0f} ms "
