@@ -238,6 +238,11 @@ class Frontend:
             "handled_monotonic": time.monotonic(), "readmitted": moved,
             "readmitted_tokens": moved_tokens, "first_output_monotonic": None})
         log.warning("resilient-ep: re-admitted %d request(s) of rank %d on %s", moved, rank, live)
+        if not live:
+            # Nothing left to serve on: stop the instance the way SGLang stops it when a
+            # child fails (its SIGQUIT handler tears every process down).
+            log.error("resilient-ep: every scheduler rank is lost; stopping the instance")
+            os.kill(os.getpid(), signal.SIGQUIT)
 
     def _readmission(self, rid: str, target: int) -> Any | None:
         import copy
