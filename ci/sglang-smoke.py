@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Smoke run of the CPU-only SGLang venv made by ``ci/setup-sglang.sh`` (by hand; CI does not
-run it yet: the SGLang adapter and its tests are issue 14's next steps).
+"""Smoke run of the CPU-only SGLang venv made by ``ci/setup-sglang.sh`` (by hand; CI runs the
+SGLang adapter's tests instead, ``tests/engines/sglang``).
 
     .venv-sglang/bin/python ci/sglang-smoke.py all --model-dir /tmp/tiny-qwen3-moe
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite: unit and integration tests in .venv, then the real
-# vLLM engine tests in .venv-vllm (skip them with RESILIENT_EP_SKIP_ENGINES=1).
+# vLLM engine tests in .venv-vllm and the real SGLang engine tests in .venv-sglang (skip both
+# with RESILIENT_EP_SKIP_ENGINES=1, or one with RESILIENT_EP_SKIP_VLLM=1 /
+# RESILIENT_EP_SKIP_SGLANG=1).
 # pytest's exit code 5 ("no tests collected") counts as success for a group; any other
 # non-zero code fails the run.
 set -uo pipefail
@@ -22,11 +24,19 @@ bash ci/setup.sh || exit 1
 dirs=(); for d in tests/unit tests/integration tests/gpu; do [[ -d $d ]] && dirs+=("$d"); done
 run_group core .venv/bin/python -q "${dirs[@]}"
 
-if [[ "${RESILIENT_EP_SKIP_ENGINES:-0}" != 1 && -d tests/engines/vllm ]]; then
+if [[ "${RESILIENT_EP_SKIP_ENGINES:-0}" != 1 && "${RESILIENT_EP_SKIP_VLLM:-0}" != 1 && -d tests/engines/vllm ]]; then
   if bash ci/setup-vllm.sh; then
     run_group vllm .venv-vllm/bin/python -q tests/engines/vllm
   else
     echo "=== vllm: setup failed"; status=1
+  fi
+fi
+
+if [[ "${RESILIENT_EP_SKIP_ENGINES:-0}" != 1 && "${RESILIENT_EP_SKIP_SGLANG:-0}" != 1 && -d tests/engines/sglang ]]; then
+  if bash ci/setup-sglang.sh; then
+    run_group sglang .venv-sglang/bin/python -q tests/engines/sglang
+  else
+    echo "=== sglang: setup failed"; status=1
   fi
 fi
 exit $status

@@ -32,16 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the tiny model in the cache)")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--trials", type=int, default=None,
-                   help="failure trials (default 5; vllm: 2, each starts 2 servers)")
+                   help="failure trials (default 5; vllm/sglang: 2, each starts 3 servers)")
     p.add_argument("--requests", type=int, default=None,
                    help="concurrent requests (default 16; vllm: 4)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="tokens per request (default 64; vllm: 256)")
     p.add_argument("--throughput-runs", type=int, default=4, help="on/off pairs for (a)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--engine", default="reference", choices=["reference", "vllm"],
-                   help="runtime to measure: the reference runtime, or real vLLM "
-                        "(needs resilient-ep[vllm]; DP=2 + EP, SIGKILL of an engine rank)")
+    p.add_argument("--engine", default="reference", choices=["reference", "vllm", "sglang"],
+                   help="runtime to measure: the reference runtime, real vLLM (needs "
+                        "resilient-ep[vllm]; DP=2 + EP, SIGKILL of an engine rank) or real "
+                        "SGLang (DP attention 2 + EP 2, SIGKILL of a scheduler rank)")
     p.add_argument("--workdir", help="vllm: where server logs go (default $TMPDIR)")
     p.add_argument("--start-timeout", type=float, default=600,
                    help="vllm: seconds to wait for a server to be ready")
@@ -196,6 +197,10 @@ def main(args: argparse.Namespace) -> int:
         from . import bench_failover_vllm as vllm_bench
 
         return vllm_bench.main(args)
+    if args.engine == "sglang":
+        from . import bench_failover_sglang as sglang_bench
+
+        return sglang_bench.main(args)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     res = run(args, log=log)
     if args.json:

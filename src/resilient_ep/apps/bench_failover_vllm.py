@@ -22,7 +22,9 @@ Figures (same keys as the reference runtime's bench):
 - ``restart_s``: a full ``vllm serve`` restart, measured as process start -> first token of
   a completion, every server start of the run (both arms);
 - ``hang_stall_ms`` / ``hang_detect_ms``: the same for the frozen rank;
-- ``outputs_equal``: every stream of every failure trial equals the failure-free run.
+- ``outputs_equal``: every stream of every failure trial equals the failure-free run;
+- ``requests_lost``: streams of the failure trials that ended in an error or short of
+  ``--max-tokens``.
 
 With ``--context 64,1024,4096`` it adds ``contexts``: one object per context length
 (:func:`run_context`: prompts of that many random token ids, prefix caching off so nothing
@@ -352,18 +354,24 @@ def run_context(model: Path, workdir: Path, length: int, args, n: int, max_token
     return out
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
+def run(args: argparse.Namespace, log=print, *, server_cls=None, engine: str = "vllm",
+        setup: dict | None = None) -> dict:
+    """The benchmark on ``server_cls`` (default: vLLM's ``_Server``; the SGLang bench passes
+    its own, ``bench_failover_sglang.py``, with the same methods)."""
     from resilient_ep.runtime.workload import ensure_model
 
+    server_cls = server_cls or _Server
     model = ensure_model(args.model, quiet=args.json)
     trials = args.trials if args.trials is not None else 2
     n = args.requests if args.requests is not None else 4
     max_tokens = args.max_tokens if args.max_tokens is not None else 256
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
-    workdir = Path(args.workdir or os.environ.get("TMPDIR", "/tmp")) / f"bench-vllm-{os.getpid()}"
+    workdir = (Path(args.workdir or os.environ.get("TMPDIR", "/tmp"))
+               / f"bench-{engine}-{os.getpid()}")
     workdir.mkdir(parents=True, exist_ok=True)
     on, off, restart, stalls, detects, equal, readmitted = [], [], [], [], [], [], []
+    lost: list[int] = []  # per failure trial: streams that errored or came back short
     hang_stalls, hang_detects, trial_detail = [], [], []
 
     def fail_rank(server: _Server, sig: int, stalls_out: list, detects_out: list) -> None:
@@ -390,13 +398,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
         events = status.get("failovers", [])
         equal.append(all(a.get("tokens") == b.get("tokens") and "error" not in b
                          for a, b in zip(clean, failed)))
+        lost.append(sum(1 for o in failed
+                        if "error" in o or len(o.get("tokens", ())) != max_tokens))
         stall = _stall_s(failed, killed_at)
         trial_detail.append({"signal": signal.Signals(sig).name, "epoch": status["epoch"],
                              "events": events,
                              "streams": [_stream_detail(o, killed_at) for o in failed]})
         if events:
             readmitted.append(events[0]["readmitted"])
-        log(f"  {signal.Signals(sig).name} of DP rank 1: stall {stall * 1000:.0f} ms, outputs "
+        log(f"  {signal.Signals(sig).name} of rank 1: stall {stall * 1000:.0f} ms, outputs "
             f"equal {equal[-1]}, epoch {status['epoch']}, re-admitted "
             f"{events[0]['readmitted'] if events else '?'}")
         stalls_out.append(stall)
@@ -406,9 +416,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for trial in range(trials):
         order = ("off", "on") if trial % 2 == 0 else ("on", "off")
         for arm in (*order, "hang"):
-            log(f"[trial {trial}] starting vllm serve ({arm}) ...")
-            server = _Server(model, workdir, arm != "off", f"{trial}-{arm}",
-                             timeout_s=args.start_timeout, hang_timeout_ms=args.hang_timeout_ms)
+            log(f"[trial {trial}] starting {engine} server ({arm}) ...")
+            server = server_cls(model, workdir, arm != "off", f"{trial}-{arm}",
+                                timeout_s=args.start_timeout,
+                                hang_timeout_ms=args.hang_timeout_ms)
             try:
                 restart.append(server.restart_s)
                 log(f"[trial {trial}] {arm}: ready + first token {server.restart_s:.1f} s")
@@ -432,7 +443,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     restart_med = statistics.median(restart)
     stall_med = _pct(crash_ms, 0.5)
     res = {
-        "engine": "vllm",
+        "engine": engine,
         "overhead_ratio": statistics.median(ratios),
         "throughput_on_tok_s": on, "throughput_off_tok_s": off,
         "crash_stall_ms_median": stall_med, "crash_stall_ms_p99": _pct(crash_ms, 0.99),
@@ -443,17 +454,19 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "restart_s_median": restart_med,
         "restart_over_crash_stall": (restart_med * 1000 / stall_med) if stall_med else None,
         "outputs_equal": all(equal) and len(equal) == 2 * trials,
+        "requests_lost": sum(lost),
         "trials": trials,
-        "setup": {"dp": 2, "tp": 1, "expert_parallel": True, "requests": n,
-                  "max_tokens": max_tokens, "dtype": "float32", "enforce_eager": True,
-                  "heartbeat_interval_ms": 50, "heartbeat_timeout_ms": args.hang_timeout_ms,
-                  "restart": "process start -> first token of `resilient-ep serve --engine "
-                             "vllm` (vllm serve), every start of the run"},
+        "setup": setup or {
+            "dp": 2, "tp": 1, "expert_parallel": True, "requests": n,
+            "max_tokens": max_tokens, "dtype": "float32", "enforce_eager": True,
+            "heartbeat_interval_ms": 50, "heartbeat_timeout_ms": args.hang_timeout_ms,
+            "restart": "process start -> first token of `resilient-ep serve --engine "
+                       "vllm` (vllm serve), every start of the run"},
         "samples": {"crash_stall_ms": crash_ms, "crash_detect_ms": [d * 1000 for d in detects],
                     "restart_s": restart, "overhead_ratios": ratios,
                     "hang_stall_ms": [h * 1000 for h in hang_stalls],
                     "hang_detect_ms": [d * 1000 for d in hang_detects],
-                    "readmitted": readmitted, "outputs_equal": equal,
+                    "readmitted": readmitted, "outputs_equal": equal, "requests_lost": lost,
                     "failures": trial_detail},
     }
     if contexts:
@@ -488,21 +501,27 @@ def run_logged(run_fn, args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     res = run_logged(run, args)
     if not args.json:
-        print(f"throughput ratio on/off   {res['overhead_ratio']:.3f}")
-        print(f"crash stall               median {res['crash_stall_ms_median']:.0f} ms, "
-              f"p99 {res['crash_stall_ms_p99']:.0f} ms (failed over in "
-              f"{res['crash_detect_ms_median']:.0f} ms)")
-        print(f"outputs equal             {res['outputs_equal']}")
-        print(f"full restart              median {res['restart_s_median']:.1f} s "
-              f"({res['restart_over_crash_stall']:.0f}x the crash stall)")
-        print(f"hang stall                median {res['hang_stall_ms_median']:.0f} ms "
-              f"(fenced after {res['hang_detect_ms_median']:.0f} ms)")
-        for length, c in res.get("contexts", {}).items():
-            print(f"context {length:>6} tokens: crash stall {c['crash_stall_ms']:.0f} ms, hang "
-                  f"stall {c['hang_stall_ms']:.0f} ms, survivor recomputed "
-                  f"{c['crash_survivor_requests_recomputed']} request(s), re-admitted restored "
-                  f"{c['crash_readmitted_tokens_restored']} / recomputed "
-                  f"{c['crash_readmitted_tokens_recomputed']} tokens, on/off "
-                  f"{c.get('overhead_ratio', float('nan')):.3f}, CPU/token on/off "
-                  f"{c.get('cpu_per_token_ratio', float('nan')):.3f}")
+        print_summary(res)
     return 0 if res["outputs_equal"] else 1
+
+
+def print_summary(res: dict) -> None:
+    """The human-readable lines of a result (``run``)."""
+    print(f"throughput ratio on/off   {res['overhead_ratio']:.3f}")
+    print(f"crash stall               median {res['crash_stall_ms_median']:.0f} ms, "
+          f"p99 {res['crash_stall_ms_p99']:.0f} ms (failed over in "
+          f"{res['crash_detect_ms_median']:.0f} ms)")
+    print(f"outputs equal             {res['outputs_equal']} "
+          f"({res.get('requests_lost', 0)} request(s) lost)")
+    print(f"full restart              median {res['restart_s_median']:.1f} s "
+          f"({res['restart_over_crash_stall']:.0f}x the crash stall)")
+    print(f"hang stall                median {res['hang_stall_ms_median']:.0f} ms "
+          f"(fenced after {res['hang_detect_ms_median']:.0f} ms)")
+    for length, c in res.get("contexts", {}).items():
+        print(f"context {length:>6} tokens: crash stall {c['crash_stall_ms']:.0f} ms, hang "
+              f"stall {c['hang_stall_ms']:.0f} ms, survivor recomputed "
+              f"{c['crash_survivor_requests_recomputed']} request(s), re-admitted restored "
+              f"{c['crash_readmitted_tokens_restored']} / recomputed "
+              f"{c['crash_readmitted_tokens_recomputed']} tokens, on/off "
+              f"{c.get('overhead_ratio', float('nan')):.3f}, CPU/token on/off "
+              f"{c.get('cpu_per_token_ratio', float('nan')):.3f}")

@@ -33,7 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="4 ranks, a streaming workload, one rank killed mid-run (the main job)"))
     server.add_arguments(sub.add_parser(
         "serve", help="OpenAI-compatible server on the reference runtime "
-                      "(--engine vllm: run vllm serve with the plugin)"))
+                      "(--engine vllm / sglang: run the engine's server with the plugin)"))
 
     from . import chaos
     chaos.add_arguments(sub.add_parser(
@@ -60,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 EXTRAS = {"tokenizers": "runtime", "safetensors": "runtime", "transformers": "runtime",
           "matplotlib": "runtime", "fastapi": "runtime", "uvicorn": "runtime",
-          "starlette": "runtime", "openai": "runtime", "simpy": "sim", "vllm": "vllm"}
+          "starlette": "runtime", "openai": "runtime", "simpy": "sim", "vllm": "vllm",
+          "sglang": "sglang"}
 """Optional imports -> the extra of ``pyproject.toml`` that brings them."""
 
 
@@ -72,14 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_main(argv[1:])
     if argv and argv[0] == "serve" and _engine(argv) not in (None, "reference"):
         engine = _engine(argv)
+        if engine == "sglang":
+            from ..engines.sglang.launcher import main as sglang_main
+            return sglang_main(argv[1:])
         if engine != "vllm":
-            print(f"resilient-ep serve: error: --engine must be reference or vllm, got {engine!r}",
-                  file=sys.stderr)
+            print(f"resilient-ep serve: error: --engine must be reference, vllm or sglang, "
+                  f"got {engine!r}", file=sys.stderr)
             return 2
         from ..engines.vllm.launcher import main as vllm_main
         return vllm_main(argv[1:])
-    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference", "vllm"):
-        print(f"resilient-ep bench: error: --engine must be reference or vllm, "
+    if argv and argv[0] == "bench" and _engine(argv) not in (None, "reference", "vllm", "sglang"):
+        print(f"resilient-ep bench: error: --engine must be reference, vllm or sglang, "
               f"got {_engine(argv)!r}", file=sys.stderr)
         return 2
     if not (argv and argv[0] in ("bench", "chaos")):  # these take --engine themselves

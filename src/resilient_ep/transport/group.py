@@ -86,7 +86,7 @@ from ..liveness.detector import FailureDetector
 from ..membership import Membership, MembershipView, RankState
 from . import curve, wire
 
-__all__ = ["LiveGroup", "PeerLost", "GroupAborted", "PEER_LOST_MARK"]
+__all__ = ["LiveGroup", "PeerLost", "GroupAborted", "PEER_LOST_MARK", "is_peer_lost"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,16 @@ class PeerLost(RuntimeError):
         self.epoch = epoch
         super().__init__(f"{PEER_LOST_MARK}: group {group!r} lost rank(s) "
                          f"{sorted(self.dead)}, now epoch {epoch}")
+
+
+def is_peer_lost(exc: BaseException | None) -> bool:
+    """True when ``exc``, its cause chain or its text (engines forward a worker's error as a
+    string) is a :class:`PeerLost`."""
+    while exc is not None:
+        if isinstance(exc, PeerLost) or PEER_LOST_MARK in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class GroupAborted(RuntimeError):

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
-
-import pytest
 
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]
@@ -20,13 +17,3 @@ if importlib.util.find_spec("vllm") is None:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random Qwen3-MoE (2 layers, hidden 128, 8 experts, top-2) in fp32."""
-    from resilient_ep.runtime.model_builder import make_model
-
-    root = os.environ.get("RESILIENT_EP_TEST_MODEL_DIR")
-    out = Path(root) if root else tmp_path_factory.mktemp("model") / "tiny-moe"
-    return make_model(out)

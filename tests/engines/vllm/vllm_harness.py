@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from resilient_ep.engines.common.procs import free_port, kill_group  # noqa: F401 (tests import them)
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["the cat sat on the", "one two three", "i want to go home", "we say that the world"]
@@ -33,33 +34,6 @@ def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -
         env["RESILIENT_EP_PLUGIN_TRACE"] = str(trace)
     env.update(extra or {})
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (engine cores, workers)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def run_llm(model: Path, out: Path, log: Path, *, env: dict[str, str], timeout_s: float,

@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Any
 
+from ..common.flags import FLAGS, add_resilience_args, fold_flags
 from .config import KEY, is_enabled, new_instance_id, normalize
 
 __all__ = ["install", "is_installed", "STATUS_MIDDLEWARE", "WORKER_EXTENSION"]
@@ -34,45 +35,16 @@ log = logging.getLogger("vllm." + __name__)
 NAME = "vllm-engine-args-hooks"
 STATUS_MIDDLEWARE = "resilient_ep.engines.vllm.status.ResilienceStatusMiddleware"
 WORKER_EXTENSION = "resilient_ep.engines.vllm.worker.ResilienceWorkerExtension"
-_FLAGS = ("--enable-resilience", "--resilience-config", "--resilience-set")
-
-
-def add_resilience_args(parser: Any) -> Any:
-    """Add the Resilience group to ``parser`` (once per parser)."""
-    if "--enable-resilience" in getattr(parser, "_option_string_actions", {}):
-        return parser
-    group = parser.add_argument_group(
-        title="Resilience",
-        description="resilient-ep: keep serving when an expert-parallel rank fails.",
-    )
-    group.add_argument("--enable-resilience", action="store_true", default=False,
-                       help="Turn on the resilience layer (same as --additional-config "
-                            "'{\"resilience\": {}}').")
-    group.add_argument("--resilience-config", metavar="FILE.yaml", default=None,
-                       help="Resilience settings (YAML); implies --enable-resilience.")
-    group.add_argument("--resilience-set", metavar="KEY=VALUE", action="append", default=None,
-                       help="Override one setting, e.g. detector.heartbeat_interval_ms=20 "
-                            "(repeatable); implies --enable-resilience.")
-    return parser
+_FLAGS = FLAGS
 
 
 def merge_flags(args: argparse.Namespace, additional_config: dict[str, Any] | None) -> dict[str, Any]:
     """``additional_config`` with the resilience flags of ``args`` folded in."""
     out = dict(additional_config or {})
-    enable = bool(getattr(args, "enable_resilience", False))
-    path = getattr(args, "resilience_config", None)
-    overrides = list(getattr(args, "resilience_set", None) or [])
-    if not (enable or path or overrides):
-        return out
     raw = out.get(KEY)
-    section = dict(raw) if isinstance(raw, dict) else {}
-    section["enabled"] = True
-    if path:
-        section["config_file"] = str(path)
-    if overrides:
-        have = list(section.get("overrides") or [])
-        section["overrides"] = have + [o for o in overrides if o not in have]  # idempotent
-    out[KEY] = section
+    section = fold_flags(args, raw if isinstance(raw, dict) else None)
+    if section is not None:
+        out[KEY] = section
     return out
 
 

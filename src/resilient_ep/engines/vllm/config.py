@@ -17,18 +17,17 @@ A ``resilience`` key that is absent, or ``{"enabled": false}``, leaves vLLM unto
 from __future__ import annotations
 
 import logging
-
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from resilient_ep.config import ConfigError, ResilienceConfig, refuse_unsupported
 
+from ..common.settings import new_instance_id, resolve
+
 __all__ = ["KEY", "UNSUPPORTED", "VllmTopology", "resilience_settings", "is_enabled", "normalize",
            "resilience_config", "topology"]
 
 KEY = "resilience"
-_ADAPTER_KEYS = ("config_file", "overrides", "instance", "shadow_slots")
 
 
 def resilience_settings(additional_config: Any) -> dict[str, Any] | None:
@@ -56,24 +55,7 @@ def is_enabled(additional_config: Any) -> bool:
 
 def resilience_config(additional_config: Any) -> ResilienceConfig | None:
     """Validated config from an ``additional_config``; None when resilience is off."""
-    raw = resilience_settings(additional_config)
-    if raw is None:
-        return None
-    data = {k: v for k, v in raw.items() if k not in _ADAPTER_KEYS}
-    path = raw.get("config_file")
-    if path:
-        base = ResilienceConfig.from_yaml(path).to_dict()
-        cfg = ResilienceConfig.from_dict(_merge(base, data))
-    else:
-        cfg = ResilienceConfig.from_dict(data)
-    overrides = raw.get("overrides") or []
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    if not isinstance(overrides, (list, tuple)):
-        raise ConfigError(f"{KEY}.overrides", overrides, "must be a list of key.sub=value")
-    if overrides:
-        cfg = cfg.with_overrides(list(overrides))
-    return cfg if cfg.enabled else None
+    return resolve(resilience_settings(additional_config), key=KEY)
 
 
 log = logging.getLogger("vllm." + __name__)
@@ -117,20 +99,6 @@ def normalize(additional_config: dict[str, Any] | None) -> dict[str, Any] | None
         out["shadow_slots"] = int(raw["shadow_slots"])
     additional_config[KEY] = out
     return additional_config
-
-
-def new_instance_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 @dataclass(frozen=True)

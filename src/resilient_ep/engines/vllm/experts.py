@@ -40,13 +40,10 @@ import torch
 
 from resilient_ep.active_experts import active_slots, local_expert_map
 from resilient_ep.config import ResilienceConfig
-from resilient_ep.layout import ExpertLayout, LayoutError
+from resilient_ep.expert_plan import ExpertPlan, regular_slots  # noqa: F401 (re-exported)
 from resilient_ep.membership import Membership
-from resilient_ep.placement import place
-from resilient_ep.placement.budget import base_slots, mirror_redundancy, repairable_deaths
 from resilient_ep.recovery import RecoveryOrchestrator
 from resilient_ep.repair import HostBackup, RepairProgress, candidates
-from resilient_ep.shadow import ShadowLayout, plan_shadows
 
 from .expert_weights import copy_slot, disk_expert, slot_params
 
@@ -56,61 +53,6 @@ __all__ = ["ExpertPlan", "ExpertState", "state_for", "current", "reset", "set_de
 log = logging.getLogger("vllm." + __name__)
 
 WAIT_POLL_S = 0.05
-
-
-def regular_slots(num_experts: int, num_ranks: int, config: ResilienceConfig) -> tuple[int, int]:
-    """(redundant, regular) slots per rank for ``placement.redundant_slots_per_rank`` (None:
-    the full mirror). A rank holds an expert at most once: never more slots than experts."""
-    redundant = config.placement.redundant_slots_per_rank
-    if redundant is None:
-        redundant = mirror_redundancy(num_experts, num_ranks)
-    return int(redundant), min(base_slots(num_experts, num_ranks) + int(redundant), num_experts)
-
-
-class ExpertPlan:
-    """Where every copy of every expert lives (one row: all MoE layers of a vLLM model are
-    placed alike), the same in every process of an instance."""
-
-    def __init__(self, num_experts: int, num_ranks: int, config: ResilienceConfig | None = None,
-                 *, shadow_slots: int = 0):
-        cfg = config or ResilienceConfig()
-        if num_ranks < 1 or num_experts < 1:
-            raise LayoutError(f"experts ({num_experts}) and EP ranks ({num_ranks}) must be >= 1")
-        self.E, self.N = num_experts, num_ranks
-        self.redundant, self.regular = regular_slots(num_experts, num_ranks, cfg)
-        self.shadow_slots = max(0, min(int(shadow_slots), num_experts - self.regular))
-        pc = cfg.placement
-        nodes = max(1, num_ranks // pc.ranks_per_node)
-        if cfg.transport.node_addresses:  # across nodes: the real ones (EP ranks node-major)
-            nodes = len(cfg.transport.node_addresses)
-        if num_ranks % nodes:
-            nodes = 1
-        regular = place(num_layers=1, num_experts=num_experts, num_ranks=num_ranks,
-                        slots_per_rank=self.regular, num_nodes=nodes, fault_aware=pc.fault_aware,
-                        max_balancedness_loss=pc.max_balancedness_loss)
-        self.shadows: ShadowLayout = plan_shadows(regular, self.shadow_slots)
-        self.layout: ExpertLayout = self.shadows.layout
-        self.slots_per_rank = self.regular + self.shadow_slots
-        for r in range(num_ranks):
-            held = self.layout.experts_on_rank(0, r)
-            if len(set(held)) != len(held):
-                raise LayoutError(f"placement put two copies of one expert on rank {r}: {held}")
-
-    def held_map(self, rank: int) -> torch.Tensor:
-        """vLLM's ``expert_map`` for what ``rank`` holds: global expert -> local slot."""
-        m = torch.full((self.E,), -1, dtype=torch.int32)
-        S = self.slots_per_rank
-        for i, e in enumerate(self.layout.physical_to_logical[0, rank * S:(rank + 1) * S].tolist()):
-            if e >= 0:
-                m[e] = i
-        return m
-
-    def describe(self) -> dict[str, Any]:
-        return {"experts": self.E, "ranks": self.N, "regular_slots_per_rank": self.regular,
-                "redundant_slots_per_rank": self.redundant,
-                "shadow_slots_per_rank": self.shadow_slots,
-                "repairable_deaths": repairable_deaths(self.E, self.N, self.slots_per_rank),
-                "replicas": self.layout.replica_count[0].tolist()}
 
 
 @dataclass

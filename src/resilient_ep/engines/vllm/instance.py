@@ -20,13 +20,11 @@ directory's ``instance.key``, copied to the other nodes); only the head makes a 
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from resilient_ep.config import ResilienceConfig
 
+from ..common.instance import _keyed, endpoints, instance_dir, join_instance  # noqa: F401
 from .config import resilience_config, resilience_settings
 
 __all__ = ["instance_of", "failover_enabled", "instance_dir", "join_instance", "endpoints"]
@@ -53,74 +51,3 @@ def failover_enabled(vllm_config: Any) -> bool:
     pc = vllm_config.parallel_config
     return (instance_of(vllm_config) is not None and int(pc.data_parallel_size) > 1
             and bool(pc.enable_expert_parallel))
-
-
-def instance_dir(instance: str) -> Path:
-    """This instance's private directory (its Unix sockets, fault-injection triggers, key)."""
-    if not instance or "/" in instance or instance.startswith("."):
-        raise ValueError(f"instance id {instance!r} is not a plain name")
-    base = Path(tempfile.gettempdir()) / f"resilient-ep-{os.getuid()}"
-    root = base / instance
-    for d in (base, root):
-        _private_dir(d)
-    return root
-
-
-def join_instance(instance: str) -> Path:
-    """Make this process speak for ``instance``: every message it sends is tagged with the
-    instance's key and every one it receives checked (made by the first process to join).
-    Called by whatever builds one of the instance's socket addresses. Returns its directory."""
-    root = instance_dir(instance)
-    if instance not in _keyed:
-        from . import multinode
-        nodes = multinode.registered(instance)
-        if nodes is None:
-            _use_key(root / "instance.key")
-        else:
-            path, may_make = multinode.own_key_file(nodes, root)
-            _use_key(Path(path), make=may_make)
-        _keyed.add(instance)
-    return root
-
-
-_keyed: set[str] = set()
-
-
-def _private_dir(d: Path) -> None:
-    try:
-        d.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"{d} is not a directory (a link or a file is there)")
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{d} belongs to uid {st.st_uid}, not to this user "
-                              f"({os.getuid()}): refusing to put sockets there")
-    if st.st_mode & 0o077:
-        os.chmod(d, 0o700)
-
-
-def _use_key(path: Path, *, make: bool = True) -> None:
-    from resilient_ep.transport import curve, wire
-
-    if not make and not path.exists():
-        raise FileNotFoundError(
-            f"resilient-ep: the instance key {path} is missing on this node: copy it from the "
-            "head (the same path, mode 0600) or set transport.key_file (docs/multinode.md)")
-    try:
-        key = wire.new_key_file(path)
-    except FileExistsError:
-        key = wire.load_key(path)
-    wire.set_key(key, tag=not curve.enabled())  # CURVE authenticates every byte, or the tag
-
-
-def endpoints(instance: str, kind: str, size: int) -> list[str]:
-    """Where the ``size`` members of the instance's ``kind`` sockets bind: Unix sockets in its
-    directory, or TCP at each rank's node across nodes (``multinode.py``)."""
-    root = join_instance(instance)
-    from . import multinode
-    remote = multinode.endpoints(instance, kind, size)
-    if remote is not None:
-        return remote
-    return [f"ipc://{root}/{kind}-{r}" for r in range(size)]

@@ -26,6 +26,10 @@ import os
 import sys
 from collections.abc import MutableMapping, Sequence
 
+from ..common.launch import cpu_thread_binding
+from ..common.launch import flag_value as _flag_value
+from ..common.launch import strip_engine
+
 __all__ = ["main", "prepare_environment", "cpu_thread_binding", "parallel_sizes",
            "fix_version_lookup", "is_cpu_build", "serve_argv", "conflicting_wheels"]
 
@@ -50,17 +54,6 @@ def is_cpu_build() -> bool:
         return False
 
 
-def _flag_value(argv: Sequence[str], names: Sequence[str]) -> str | None:
-    value = None
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                value = argv[i + 1]
-            elif arg.startswith(name + "="):
-                value = arg.split("=", 1)[1]
-    return value
-
-
 def parallel_sizes(argv: Sequence[str]) -> dict[str, int]:
     """DP / TP / PP sizes named on a ``vllm serve`` command line (1 when absent)."""
     out = {}
@@ -72,31 +65,6 @@ def parallel_sizes(argv: Sequence[str]) -> dict[str, int]:
     out["pp"] = out["pp"] or 1
     out["dp_local"] = out["dp_local"] or out["dp"]
     return out
-
-
-def cpu_thread_binding(num_workers: int, cpus: Sequence[int] | None = None) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` giving each local worker its own CPUs.
-
-    ``cpus`` defaults to the CPUs this process may run on. With more workers than CPUs,
-    workers share CPUs round-robin (slow, but it runs): 2 CPUs, 4 workers -> ``0|1|0|1``.
-    """
-    if cpus is None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-            range(os.cpu_count() or 1))
-    cpus = list(cpus)
-    if num_workers <= 0:
-        raise ValueError(f"num_workers ({num_workers}) must be > 0")
-    if num_workers >= len(cpus):
-        return "|".join(str(cpus[i % len(cpus)]) for i in range(num_workers))
-    per, extra = divmod(len(cpus), num_workers)
-    groups, start = [], 0
-    for i in range(num_workers):
-        n = per + (1 if i < extra else 0)
-        group = cpus[start:start + n]
-        start += n
-        contiguous = group == list(range(group[0], group[-1] + 1))
-        groups.append(f"{group[0]}-{group[-1]}" if contiguous and n > 1 else ",".join(map(str, group)))
-    return "|".join(groups)
 
 
 def prepare_environment(argv: Sequence[str] = (), env: MutableMapping[str, str] | None = None,
@@ -161,20 +129,7 @@ def fix_version_lookup() -> None:
 
 def serve_argv(argv: Sequence[str]) -> list[str]:
     """The ``vllm serve`` arguments: ours stripped, loopback host added unless given."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == "--engine":
-            if i + 1 < len(argv) and argv[i + 1] != "vllm":
-                raise SystemExit(f"resilient-ep serve: this launcher runs vllm, not {argv[i + 1]}")
-            skip = True
-            continue
-        if arg.startswith("--engine="):
-            continue
-        out.append(arg)
+    out = strip_engine(argv, "vllm")
     if _flag_value(out, ("--host",)) is None and _flag_value(out, ("--uds",)) is None:
         out += ["--host", "127.0.0.1"]
     return out

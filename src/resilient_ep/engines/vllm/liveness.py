@@ -20,12 +20,10 @@ Either way the monitor hears the engine cores' beacons and the worker groups' lo
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
-from resilient_ep.liveness import LivenessMonitor, MembershipSubscriber, RankLoss
+from resilient_ep.liveness import LivenessMonitor, RankLoss
 from resilient_ep.membership import Membership
 
+from ..common.replica import MembershipReplica, replica
 from .fencing import RankProcesses
 from .instance import endpoints, instance_dir, instance_of, join_instance
 from .multinode import monitor_across_nodes
@@ -74,50 +72,6 @@ def start_monitor(vllm_config, procs: list, *,
     return monitor, ranks
 
 
-class MembershipReplica:
-    """This process's replica of the instance's membership: a
-    :class:`~resilient_ep.membership.Membership` kept equal to the authority's (epochs
-    included) by one :class:`~resilient_ep.liveness.MembershipSubscriber`, shared by every
-    part of the process that needs it (failover groups, the KV connector, a join).
-    ``on_loss(fn)`` / ``on_join(fn)`` callbacks run in the subscriber's thread, after the
-    replica has the event; ``events()`` is the authority's log as applied so far."""
-
-    def __init__(self, instance: str, size: int):
-        self.membership = Membership(size)
-        self._listeners: list[Callable[[RankLoss], None]] = []
-        self._join_listeners: list[Callable] = []
-        self._subscriber = MembershipSubscriber(membership_endpoint(instance), self.membership,
-                                                self._on_loss, on_join=self._on_join).start()
-
-    def on_loss(self, fn: Callable[[RankLoss], None]) -> None:
-        self._listeners.append(fn)
-
-    def on_join(self, fn: Callable) -> None:
-        self._join_listeners.append(fn)
-
-    def events(self) -> list:
-        return list(self._subscriber.events)
-
-    def _on_loss(self, loss: RankLoss) -> None:
-        for fn in list(self._listeners):
-            fn(loss)
-
-    def _on_join(self, join) -> None:
-        for fn in list(self._join_listeners):
-            fn(join)
-
-
-_replicas: dict[str, MembershipReplica] = {}
-_replicas_lock = threading.Lock()
-
-
 def membership_replica(instance: str, size: int) -> MembershipReplica:
     """The one replica of ``instance``'s membership in this process (made on first use)."""
-    with _replicas_lock:
-        rep = _replicas.get(instance)
-        if rep is None:
-            rep = _replicas[instance] = MembershipReplica(instance, size)
-        if rep.membership.num_ranks != size:
-            raise ValueError(f"instance {instance} has {rep.membership.num_ranks} ranks, "
-                             f"not {size}")
-        return rep
+    return replica(membership_endpoint(instance), size)

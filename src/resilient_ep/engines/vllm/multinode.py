@@ -46,6 +46,8 @@ from typing import Any
 from resilient_ep.config import ConfigError, ResilienceConfig
 from resilient_ep.transport.addressing import Addressing
 
+from ..common.instance import across_nodes
+
 __all__ = ["Nodes", "nodes_of", "register", "registered", "endpoints", "instance_id",
            "check_topology", "node_environment", "monitor_across_nodes", "start_leased_beacon",
            "follow_head", "MAX_TP"]
@@ -83,6 +85,11 @@ class Nodes:
                              f"{self.addressing.num_ranks} DP ranks")
         return self.addressing.rank_endpoints(kind)
 
+    def key_path(self, instance_dir) -> tuple[str, bool]:
+        """The key file and whether this process may make it (only the head makes a key;
+        another node without one refuses to start)."""
+        return own_key_file(self, instance_dir)
+
     def beacon_udp(self) -> tuple[str, int]:
         return self.addressing.frontend_udp("beacons")
 
@@ -115,6 +122,7 @@ def register(instance: str, cfg: ResilienceConfig, parallel_config: Any) -> Node
     nodes = _registered.get(instance)
     if nodes is None and cfg.transport.node_addresses:
         nodes = _registered[instance] = nodes_of(cfg, parallel_config)
+        across_nodes(instance, nodes)
     return nodes
 
 

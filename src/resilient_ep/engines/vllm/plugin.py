@@ -20,15 +20,13 @@ plugin loads in every process and patches only where model code runs.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
+
+from ..common.trace import TRACE_ENV, trace  # noqa: F401 (TRACE_ENV re-exported)
 
 __all__ = ["register", "activate", "deactivate_children", "is_active", "ACTIVE_ENV"]
 
 ACTIVE_ENV = "RESILIENT_EP_VLLM_ACTIVE"
-TRACE_ENV = "RESILIENT_EP_PLUGIN_TRACE"
 
 _registered = False
 _active = False
@@ -91,21 +89,5 @@ def _apply_backend_patches() -> None:
     apply_when_imported(CPU_EP_PATCHES + FAILOVER_PATCHES, on_applied=_patched)
 
 
-def _process_title() -> str:
-    """What ``ps`` shows (vLLM renames its processes, e.g. ``VLLM::EngineCore_DP0``)."""
-    try:
-        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return os.path.basename(sys.argv[0]) if sys.argv else ""
-
-
 def _trace(event: str, **extra) -> None:
-    path = os.environ.get(TRACE_ENV)
-    if not path:
-        return
-    record = {"event": event, "pid": os.getpid(), "ppid": os.getppid(), "time": time.time(),
-              "title": _process_title(),
-              "active": _active, "applied": list(_applied), **extra}
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    trace(event, active=_active, applied=list(_applied), **extra)

@@ -35,6 +35,8 @@ import json
 import os
 from typing import Any
 
+from ..common.procs import pid_state as _pid_state
+
 __all__ = ["ResilienceStatusMiddleware", "build_status", "PATH", "METRICS_PATH"]
 
 PATH = "/resilience/status"
@@ -44,24 +46,6 @@ METRICS_PATH = "/metrics"
 RPC_TIMEOUT_S = 10.0
 RANK_INFO_METHOD = "resilient_ep_rank_info"
 COUNTERS_METHOD = "resilient_ep_counters"
-
-
-def _pid_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return "dead" if state in ("Z", "X") else "live"
-    except FileNotFoundError:
-        return "dead"
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return "live"
-    except ProcessLookupError:
-        return "dead"
-    except PermissionError:
-        return "live"
 
 
 def build_status(infos: list[dict[str, Any]], epoch: int = 0,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 
-from resilient_ep.transport.group import PEER_LOST_MARK
+from resilient_ep.transport.group import is_peer_lost
 
 __all__ = ["COUNTERS", "MAX_RERUNS", "is_peer_lost", "rerun_on_peer_lost"]
 
@@ -40,16 +40,6 @@ MAX_RERUNS = 8
 
 COUNTERS = {"step_reruns": 0, "dummy_reruns": 0, "reruns_exhausted": 0, "rerun_s": 0.0}
 """This worker process's re-run counts (read by ``resilient_ep_counters``)."""
-
-
-def is_peer_lost(exc: BaseException | None) -> bool:
-    """True when ``exc`` (or its cause chain, or its text, as vLLM forwards a worker's error
-    as a string) is a lost peer."""
-    while exc is not None:
-        if PEER_LOST_MARK in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 JOIN_PASSES: list[dict] = []
