@@ -320,7 +320,7 @@ class Rejoiner:
             time.sleep(0.05)
 
     def _spawn(self, rank: int, handshake_address: str, export: str | None = None):
-        from vllm.utils.system_utils import get_mp_context
+        import multiprocessing
 
         from .replacement import EXPERTS_ENV, REJOIN_ENV
 
@@ -333,8 +333,12 @@ class Rejoiner:
                   "executor_class": start["executor_class"], "log_stats": start["log_stats"],
                   "tensor_queue": start.get("tensor_queue"), "dp_rank": rank,
                   "local_dp_rank": rank}
-        proc = get_mp_context().Process(target=run_replacement_engine_core,
-                                        name=f"EngineCore_DP{rank}", kwargs=kwargs)
+        # A fresh interpreter, never a fork: this process runs threads (the event loop, the
+        # liveness monitor, ZeroMQ's), and a fork child inherits whatever lock one of them
+        # held at that instant (a buffered stderr in the middle of a log line, for one) and
+        # can hang on it in its start. vLLM forks its first engine cores before any of that.
+        proc = multiprocessing.get_context("spawn").Process(
+            target=run_replacement_engine_core, name=f"EngineCore_DP{rank}", kwargs=kwargs)
         env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export}
         with self._spawn_lock:  # the environment a spawned child starts with
             old = {k: os.environ.get(k) for k in env}
