@@ -35,7 +35,8 @@ def test_bad_value_names_the_field():
 
 @pytest.mark.parametrize("key,value", [("recovery.respawn", True), ("shadow.enabled", True),
                                        ("placement.redundant_slots_per_rank", 1),
-                                       ("kv_checkpoint.max_stall_ms", 5)])
+                                       ("kv_checkpoint.max_stall_ms", 5),
+                                       ("detector.lease_ms", 100)])
 def test_what_sglang_does_not_implement_is_refused(key, value):
     with pytest.raises(ConfigError, match=f"{key}.*not supported on sglang"):
         config.normalize({"overrides": [f"{key}={value}"]})

@@ -95,7 +95,7 @@ def test_yaml_and_overrides_reach_the_record(tiny_model, tmp_path):
                  "--resilience-set", "detector.heartbeat_interval_ms=40"])
     got = config.settings_of(sa)
     assert got["detector"] == {"heartbeat_interval_ms": 40.0, "heartbeat_timeout_ms": 2500.0,
-                               "crash_detection": True}
+                               "crash_detection": True, "lease_ms": None}
     assert got["instance"]
     # TP=1: no failover topology, so SGLang's expert arguments stay untouched
     assert sa.ep_num_redundant_experts == 0 and sa.init_expert_location == "trivial"

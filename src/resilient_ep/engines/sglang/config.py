@@ -43,6 +43,10 @@ ENV = "RESILIENT_EP_SGLANG"
 
 UNSUPPORTED: dict[str, str] = {
     "transport.address": "SGLang's failover groups use Unix sockets within one host",
+    "transport.node_addresses": "SGLang runs on one node with resilience (across nodes: vLLM)",
+    "transport.base_port": "SGLang's sockets are Unix sockets within one host",
+    "transport.key_file": "SGLang's instance makes its own key in its private directory",
+    "detector.lease_ms": "leases are for ranks on other nodes; SGLang runs on one node",
     "kv_checkpoint.max_stall_ms": "the SGLang checkpoints never hold decoding back for a save",
     "recovery.migrate_requests": "SGLang always re-admits a lost rank's requests on the survivors",
     "recovery.max_failures": "SGLang serves on until one rank is left",
