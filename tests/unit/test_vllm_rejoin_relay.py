@@ -154,11 +154,17 @@ def test_api_servers_hand_their_rejoins_to_the_launcher(instance):
             remote.request(0)
         assert relay.RemoteRejoiner(instance).status() == \
             [{"rank": 1, "state": "queued", "reason": "api"}]
-        assert remote.snapshot()["joins"] == [{"dp_rank": 1, "epoch": 2}]
+        snap = remote.snapshot()
+        assert snap["joins"] == [{"dp_rank": 1, "epoch": 2}] and snap["stale"] is False
     finally:
         service.stop()
-    # the launcher gone: the last records known, and a request says why it failed
-    assert remote.status() == [{"rank": 1, "state": "queued", "reason": "api"}]
+    # the launcher gone: the last records known, marked stale, and a request says why it failed
+    relay.SNAPSHOT_TIMEOUT_S, old_snapshot = 0.3, relay.SNAPSHOT_TIMEOUT_S
+    try:
+        assert remote.status() == [{"rank": 1, "state": "queued", "reason": "api"}]
+        assert remote.snapshot()["stale"] is True
+    finally:
+        relay.SNAPSHOT_TIMEOUT_S = old_snapshot
     relay.REQUEST_TIMEOUT_S, old = 0.5, relay.REQUEST_TIMEOUT_S
     try:
         with pytest.raises(RejoinError, match="did not answer"):

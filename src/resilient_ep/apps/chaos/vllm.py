@@ -209,8 +209,17 @@ class VllmTarget(Target):
         while self.joining and time.monotonic() < end:
             time.sleep(1.0)
             self._settle_joins()
-        return [{"rank": r["rank"], "state": r["state"], "error": r.get("error")}
-                for r in self.status().get("rejoins") or []]
+        # The authority admits a rank before its rejoin reads "live" (the rejoiner checks the
+        # switch after the admission), and an API server shows the last rejoins it knows
+        # when the launcher is slow to answer: wait until every record has ended.
+        while True:
+            st = self.status()
+            recs = [{"rank": r["rank"], "state": r["state"], "error": r.get("error")}
+                    for r in st.get("rejoins") or []]
+            ended = all(r["state"] in ("live", "failed") for r in recs)
+            if (ended and not st.get("rejoins_stale")) or time.monotonic() >= end:
+                return recs
+            time.sleep(0.5)
 
     def signal_rank(self, rank: int, sig: int, worker: bool = False) -> None:
         engine, wpid = self.pids[rank]

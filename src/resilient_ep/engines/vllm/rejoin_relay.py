@@ -46,6 +46,9 @@ log = logging.getLogger("vllm." + __name__)
 
 PING_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0
+SNAPSHOT_TIMEOUT_S = 3.0
+"""How long an API server's status waits for the launcher's rejoin records (a launcher on a
+busy machine can take a second) before it shows the last known ones, marked stale."""
 RELAY_PREFIX = "engine-calls-"
 MAX_PAYLOAD = 256 << 20
 
@@ -314,16 +317,17 @@ class RemoteRejoiner:
         return body
 
     def snapshot(self) -> dict[str, Any]:
-        """The launcher's rejoin records and joins (the last known ones if it does not
-        answer within a second)."""
+        """The launcher's rejoin records and joins; the last known ones, marked ``stale``,
+        if it does not answer within :data:`SNAPSHOT_TIMEOUT_S`."""
         try:
-            _, body = _ask(self.endpoint, {"t": "rejoins"}, 1.0)
+            _, body = _ask(self.endpoint, {"t": "rejoins"}, SNAPSHOT_TIMEOUT_S)
             if isinstance(body, dict):
                 self._last = body
+                return dict(body, stale=False)
         except TimeoutError:
             log.warning("resilient-ep: the launcher's rejoin service did not answer; showing "
                         "the last known rejoins")
-        return self._last
+        return dict(self._last, stale=True)
 
     def status(self) -> list[dict[str, Any]]:
         return list(self.snapshot().get("rejoins") or [])

@@ -157,6 +157,16 @@ def _lost_rank_infos(infos: list[dict], lost: set[int]) -> list[dict]:
              "local_experts": []} for d in sorted(lost) for t in range(tp)]
 
 
+def _rejoins_of(rejoiner: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The rejoin records, and whether they are the last known ones (the launcher's rejoin
+    service, with several API servers, did not answer in time)."""
+    snapshot = getattr(rejoiner, "snapshot", None)
+    if snapshot is None:  # this process runs the rejoins
+        return rejoiner.status(), False
+    snap = snapshot()
+    return list(snap.get("rejoins") or []), bool(snap.get("stale"))
+
+
 class ResilienceStatusMiddleware:
     """Pure ASGI middleware answering ``GET /resilience/status`` and adding the resilience
     metrics (``resilient_ep.metrics``, :func:`.metrics.from_status`) to vLLM's own
@@ -244,9 +254,10 @@ class ResilienceStatusMiddleware:
             body["failovers"] = list(getattr(core, "resilient_events", []))
             rejoiner = getattr(core, "resilient_rejoiner", None)
             if rejoiner is not None:  # the launcher's, with several API servers: off this loop
-                rejoins = await asyncio.get_running_loop().run_in_executor(None,
-                                                                           rejoiner.status)
+                rejoins, stale = await asyncio.get_running_loop().run_in_executor(
+                    None, _rejoins_of, rejoiner)
                 body["rejoins"] = rejoins
+                body["rejoins_stale"] = stale  # the launcher did not answer: its last known
                 body["joins"] = list(getattr(core, "resilient_joins", []))
                 active = {r["rank"]: r["state"] for r in rejoins
                           if r["state"] in ("queued", "exporting", "joining", "warming",
