@@ -39,9 +39,17 @@ def register() -> None:
     first = not _registered
     if first:
         from .cli_args import install
+        from .replacement import REJOIN_ENV
 
         install()
         _registered = True
+        if os.environ.get(REJOIN_ENV) is not None:
+            import faulthandler
+            import signal
+
+            # a replacement's process that hangs in its start shows its stacks before the
+            # rejoiner stops it (rejoin._stop_replacement)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         if os.environ.get(ACTIVE_ENV) == "1":
             activate()
     _trace("register", first=first)

@@ -61,17 +61,12 @@ def run_replacement_engine_core(**kwargs) -> None:
     """A replacement engine core's process entry point: vLLM's own (``EngineCoreProc.
     run_engine_core``), with the plugins loaded first (vLLM loads them only inside
     ``EngineCore.__init__``, after the DP group a replacement must not form)."""
-    import faulthandler
-    import signal
-
     from vllm.plugins import load_general_plugins
     from vllm.v1.engine.core import EngineCoreProc
 
     from .patches import engine_rejoin
 
-    # a replacement that hangs in its start shows where before it is stopped (_stop_replacement)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    load_general_plugins()
+    load_general_plugins()  # also in its workers: plugin.register (stacks on SIGUSR1)
     engine_rejoin.check()
     engine_rejoin.apply()
     EngineCoreProc.run_engine_core(**kwargs)
@@ -304,11 +299,24 @@ class Rejoiner:
         from resilient_ep.membership import RankState
 
         if proc is not None and proc.is_alive():
-            try:  # its threads' stacks into the log (faulthandler, run_replacement_engine_core)
-                os.kill(proc.pid, signal.SIGUSR1)
-                time.sleep(1.0)
-            except OSError:
-                pass
+            import psutil
+
+            try:  # its processes' stacks into the log (faulthandler, plugin.register)
+                procs = [psutil.Process(proc.pid)]
+                procs += procs[0].children(recursive=True)
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    p.send_signal(signal.SIGUSR1)
+                except psutil.Error:
+                    pass
+            time.sleep(1.0)
+            for p in procs[1:]:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
             proc.kill()
             proc.join(timeout_s)
         membership = getattr(self.host.monitor, "membership", None)
@@ -339,7 +347,11 @@ class Rejoiner:
         # can hang on it in its start. vLLM forks its first engine cores before any of that.
         proc = multiprocessing.get_context("spawn").Process(
             target=run_replacement_engine_core, name=f"EngineCore_DP{rank}", kwargs=kwargs)
-        env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export}
+        # Its workers are fresh interpreters too: a fork of the replacement's engine core
+        # hung now and then in its start (right after vLLM made it, before its memory
+        # binding, twice in a row in one CI run), while the first engine cores' forks never did.
+        env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export,
+               "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
         with self._spawn_lock:  # the environment a spawned child starts with
             old = {k: os.environ.get(k) for k in env}
             for k, v in env.items():
