@@ -88,7 +88,7 @@ class Nodes:
     def key_path(self, instance_dir) -> tuple[str, bool]:
         """The key file and whether this process may make it (only the head makes a key;
         another node without one refuses to start)."""
-        return own_key_file(self, instance_dir)
+        return self.key_file or os.path.join(str(instance_dir), "instance.key"), self.head
 
     def beacon_udp(self) -> tuple[str, int]:
         return self.addressing.frontend_udp("beacons")
@@ -243,13 +243,6 @@ def node_environment(argv: Sequence[str], env: MutableMapping[str, str]) -> dict
         if iface is not None:
             env["GLOO_SOCKET_IFNAME"] = out["GLOO_SOCKET_IFNAME"] = iface
     return out
-
-
-def own_key_file(nodes: Nodes, instance_dir) -> tuple[str, bool]:
-    """The key file of a multi-node instance and whether this process may make it (only the
-    head makes a key; another node without one refuses to start)."""
-    path = nodes.key_file or os.path.join(str(instance_dir), "instance.key")
-    return path, nodes.head
 
 
 def monitor_across_nodes(instance: str, local: dict, size: int) -> dict:
