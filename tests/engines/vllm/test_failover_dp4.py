@@ -156,6 +156,17 @@ def _wait_rejoin(server, rank: int, state: str) -> dict:
                          f"{recs[-1] if recs else None}\n{server.tail(12000)}")
 
 
+def _assert_live(server, rec: dict) -> None:
+    """A rejoin record that must be live; else its error, the whole record and the log."""
+    if rec["state"] != "live":
+        log = server.tail(10**9)
+        at = log.rfind(f"rejoin of DP{rec['rank']} failed")
+        why = log[at:at + 8000] if at >= 0 else "(no traceback in the log)"
+        pytest.fail(f"DP{rec['rank']}'s rejoin {rec['state']}: {rec.get('error')}\n"
+                    f"{json.dumps(rec, indent=1, default=str)}\n--- its traceback:\n{why}\n"
+                    f"--- the log's end:\n{server.tail(12000)}")
+
+
 def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     """After the test above (DP0 and DP2 lost, their experts repaired onto DP1 and DP3): DP2
     rejoins; then DP0 rejoins and, while it warms up, DP1's engine core is SIGKILLed under
@@ -172,7 +183,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     assert all(len(r) == REJOIN_TOKENS for r in ref)
 
     assert server.post_empty("/resilience/ranks/2/rejoin")[0] == 202
-    assert _wait_rejoin(server, 2, "live")["state"] == "live"
+    _assert_live(server, _wait_rejoin(server, 2, "live"))
 
     code, rec = server.post_empty("/resilience/ranks/0/rejoin")
     assert code == 202 and rec["state"] == "queued", rec
@@ -190,7 +201,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     for i, o in enumerate(outs):
         assert "error" not in o and o["tokens"] == ref[i], o.get("error")
     rec0 = _wait_rejoin(server, 0, "live")
-    assert rec0["state"] == "live", rec0
+    _assert_live(server, rec0)
 
     st = json.loads(server.get("/resilience/status")[1])
     dp3 = next(r for r in st["ranks"] if r["dp_rank"] == 3)
@@ -212,7 +223,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     for i, o in enumerate(outs):
         assert "error" not in o and o["tokens"] == ref[i], o.get("error")
     rec1 = _wait_rejoin(server, 1, "live")
-    assert rec1["state"] == "live", rec1
+    _assert_live(server, rec1)
     assert rec1["export"]["failed"] == [3], rec1["export"]
     # What DP3 did not write came from the next source: the other survivors' exports when
     # they held every expert DP1 holds, else (vLLM's loader) the model files
@@ -223,7 +234,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
 
     assert server.post_empty("/resilience/ranks/3/rejoin")[0] == 202
     rec3 = _wait_rejoin(server, 3, "live")
-    assert rec3["state"] == "live", (rec3.get("error"), rec3, server.tail(8000))
+    _assert_live(server, rec3)
     assert list(rec3["verified"]["loaded"][0]) == ["peer"], rec3["verified"]  # from DP1
 
     after = json.loads(server.get("/resilience/status")[1])
