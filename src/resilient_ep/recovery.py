@@ -33,7 +33,7 @@ from .layout import ExpertLayout
 from .membership import Membership, MembershipView, RankState
 from .placement import ReplanResult, replan
 
-__all__ = ["RecoveryPlan", "JoinPlan", "RecoveryOrchestrator", "Assignment", "assign_requests"]
+__all__ = ["RecoveryPlan", "JoinPlan", "PreparedJoin", "RecoveryOrchestrator", "Assignment", "assign_requests"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,21 @@ class JoinPlan:
     """Layout to route by from the join on: the joined ranks hold their original slots."""
     uncovered: list[tuple[int, int]]
     """(layer, expert) still without a live replica."""
+
+
+@dataclass(frozen=True)
+class PreparedJoin:
+    """A join computed ahead (:meth:`RecoveryOrchestrator.prepare_join`)."""
+
+    ranks: tuple[int, ...]
+    reloaded: bool
+    epoch: int
+    """The membership epoch it was computed at."""
+    base: ExpertLayout
+    """The slots it started from (``physical`` then)."""
+    physical: ExpertLayout
+    replan: ReplanResult
+    layout: ExpertLayout
 
 
 class Assignment(NamedTuple):
@@ -195,23 +210,42 @@ class RecoveryOrchestrator:
         return RecoveryPlan(view, ranks, kind, self.layout, res, sorted(self.uncovered),
                             a.migrations, a.abandoned, a.exhausted)
 
-    def on_join(self, ranks: Iterable[int], load=None, *, reloaded: bool = True) -> JoinPlan:
-        """Admit repaired ranks (already loaded and warm, state ``joining``): one epoch bump,
-        and the layout over the new live set. ``reloaded``: each joined rank is a fresh
-        process that loaded the slots it held in the initial layout; False: a fenced rank
-        taken back as it is (its weights, repaired copies included, are what it held)."""
+    def prepare_join(self, ranks: Iterable[int], load=None, *,
+                     reloaded: bool = True) -> PreparedJoin:
+        """:meth:`on_join`'s computation, done ahead (when the join is heard, before the step
+        that switches to it) and nothing changed: the slots and routing layout the join of
+        ``ranks`` will give. :meth:`on_join` takes it when nothing happened in between (the
+        same epoch, the same slots), else computes afresh."""
         ranks = tuple(sorted(set(ranks)))
-        view = self.membership.join(ranks)
-        self._planned -= set(ranks)
         rows = self.physical.physical_to_logical.clone()
         for r in ranks if reloaded else ():  # a fresh process loaded its initial slots
             sl = list(self.initial_layout.slots_of_rank(r))
             rows[:, sl] = self.initial_layout.physical_to_logical[:, sl]
-        self.physical = self._with_rows(rows)
-        out = [r for r, s in enumerate(view.states) if s is not RankState.LIVE]
-        res = replan(self.physical, out, load)
-        self.layout, self._last = self._routing(res.layout), res
-        self.uncovered = set(res.uncovered)
+        physical = self._with_rows(rows)
+        states = self.membership.view().states
+        out = [r for r, s in enumerate(states) if s is not RankState.LIVE and r not in ranks]
+        res = replan(physical, out, load)
+        return PreparedJoin(ranks, reloaded, self.membership.epoch, self.physical, physical,
+                            res, self._routing(res.layout))
+
+    def on_join(self, ranks: Iterable[int], load=None, *, reloaded: bool = True,
+                prepared: PreparedJoin | None = None) -> JoinPlan:
+        """Admit repaired ranks (already loaded and warm, state ``joining``): one epoch bump,
+        and the layout over the new live set. ``reloaded``: each joined rank is a fresh
+        process that loaded the slots it held in the initial layout; False: a fenced rank
+        taken back as it is (its weights, repaired copies included, are what it held).
+        ``prepared``: :meth:`prepare_join`'s result for the same join (used only when still
+        current: nothing but a table write is left for the switch)."""
+        ranks = tuple(sorted(set(ranks)))
+        p = prepared
+        if (p is None or p.ranks != ranks or p.reloaded != reloaded or load is not None
+                or p.epoch != self.membership.epoch or p.base is not self.physical):
+            p = self.prepare_join(ranks, load, reloaded=reloaded)
+        view = self.membership.join(ranks)
+        self._planned -= set(ranks)
+        self.physical = p.physical
+        self.layout, self._last = p.layout, p.replan
+        self.uncovered = set(p.replan.uncovered)
         return JoinPlan(view, ranks, self.layout, sorted(self.uncovered))
 
     # ------------------------------------------------------------------ weight repair

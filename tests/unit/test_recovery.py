@@ -193,3 +193,45 @@ def test_requests_leave_a_failing_node_for_another():
     assert set(a.migrations.values()) <= {0, 1} and a.migrations == {"x": 1, "y": 0}
     assert assign_requests(owners, [3], [0, 1, 2]).migrations["x"] == 2  # one host: least work
     assert assign_requests({"x": 3}, [3], [2], nodes=nodes).migrations == {"x": 2}
+
+
+def test_a_join_prepared_ahead_equals_one_computed_at_the_switch_and_goes_stale():
+    """``prepare_join`` (when the join is heard) then ``on_join(prepared=...)`` gives what
+    ``on_join`` alone gives, over random histories; a loss or a finished repair between the
+    two makes the prepared join stale, and ``on_join`` computes afresh (the same result as
+    never having prepared)."""
+    import random
+
+    from resilient_ep.placement import place
+
+    for seed in range(30):
+        rng = random.Random(seed)
+        lay = place(num_layers=2, num_experts=8, num_ranks=4, slots_per_rank=3)
+        a = RecoveryOrchestrator(Membership(4), lay, ResilienceConfig())
+        b = RecoveryOrchestrator(Membership(4), lay, ResilienceConfig())
+        for _ in range(12):
+            live = list(a.membership.view().live_ranks)
+            out = [r for r in range(4) if r not in live]
+            if out and (len(live) <= 1 or rng.random() < 0.5):
+                r = rng.choice(out)
+                fresh = rng.random() < 0.7
+                prepared = b.prepare_join([r], reloaded=fresh)
+                assert b.membership.view().states[r] is not RankState.LIVE  # nothing changed
+                if rng.random() < 0.3 and len(live) > 1:  # a loss between heard and switch
+                    victim = rng.choice(live)
+                    a.on_failure([victim], "crash", {})
+                    b.on_failure([victim], "crash", {})
+                    if rng.random() < 0.5 and r == victim:
+                        continue
+                ja = a.on_join([r], reloaded=fresh)
+                jb = b.on_join([r], reloaded=fresh, prepared=prepared)
+                used = jb.layout is prepared.layout
+                assert used == (prepared.epoch + 1 == jb.view.epoch), seed
+                assert ja.view == jb.view and ja.uncovered == jb.uncovered
+            else:
+                victim = rng.choice(live)
+                a.on_failure([victim], "crash", {})
+                b.on_failure([victim], "crash", {})
+            assert a.layout.physical_to_logical.equal(b.layout.physical_to_logical)
+            assert a.physical.physical_to_logical.equal(b.physical.physical_to_logical)
+        assert a.uncovered == b.uncovered

@@ -33,6 +33,7 @@ def _join(rank: int, joined: bool, incarnation: int = 0, latest: int = 0):
     j.rank, j.joined, j.latest = rank, joined, latest
     j._incarnation = lambda kind: incarnation
     j.switched, j.switches, j.worker_switch, j.heard_at = [], [], [], 0.0
+    j.core_switch = {}
     j.engine.scheduler = SimpleNamespace(has_requests=lambda: True)
     j._measuring = None
     return j
@@ -218,3 +219,79 @@ def test_a_replacement_that_hangs_in_its_start_is_stopped_and_started_again(monk
     with pytest.raises(rejoin.StartTimeout):
         r._rejoin(1, {"rank": 1, "state": "queued"})
     assert stopped == ["procN"] * rejoin.START_ATTEMPTS
+
+
+def test_a_replacement_ready_but_deaf_to_its_checks_is_stopped_and_started_again(monkeypatch):
+    """A replacement that reached READY but does not answer the verification's call (hung
+    after its start: seen in CI) is a start that failed: stopped, another started, and the
+    rejoin goes on; a mismatch in the checks is not retried (a second start would load the
+    same weights)."""
+    from resilient_ep.engines.vllm import rejoin
+
+    host = SimpleNamespace(dead=lambda: {2}, rejoined=lambda rank, epoch: None, num_ranks=4,
+                           monitor=SimpleNamespace(admit=lambda rank: SimpleNamespace(epoch=5)))
+    r = rejoin.Rejoiner(host)
+    calls, stopped = [], []
+
+    def call(engine, utility, args, timeout_s, watch_loss=True):
+        calls.append((engine, args[0]))
+        if engine == 2 and len(stopped) == 0:
+            raise TimeoutError(f"DP2 did not answer {utility} in {timeout_s} s")
+        return [{"dense_digest": "d", "experts": {"mismatched": []}, "dense": {}}]
+
+    host.call = call
+    monkeypatch.setattr(r, "_export", lambda rank, record: None)
+    monkeypatch.setattr(r, "_start", lambda rank, record, export: record.update(_proc="p"))
+    monkeypatch.setattr(r, "_stop_replacement", lambda rank, proc: stopped.append(proc))
+    monkeypatch.setattr(r, "_wait_switched", lambda rank, epoch: None)
+    monkeypatch.setattr("resilient_ep.probe.compare", lambda a, b, names: [])
+    record = {"rank": 2, "state": "queued"}
+    r._rejoin(2, record)
+    assert stopped == ["p"] and record["attempts"] == 2 and record["state"] == "live"
+    assert "READY, but no answer to resilient_ep_verify" in record["retried"][0]
+
+    def differs(engine, utility, args, timeout_s, watch_loss=True):
+        return [{"dense_digest": "mine" if engine == 2 else "theirs"}]
+
+    host.call = differs
+    stopped.clear()
+    with pytest.raises(RuntimeError, match="dense weights differ"):
+        r._rejoin(2, {"rank": 2, "state": "queued"})
+    assert stopped == []
+
+
+def test_a_survivor_plans_a_join_when_it_hears_it_and_only_writes_the_maps_at_the_switch():
+    """The expert side of a join is computed when the join is heard (``prepare_joined``): at
+    the switch the maps written equal those of a survivor that computed everything at the
+    switch; a loss heard in between makes the prepared plan stale (computed afresh)."""
+    cfg = ResilienceConfig(placement=PlacementConfig(redundant_slots_per_rank=1),
+                           repair=RepairConfig(host_backup=False))
+    plan = ExpertPlan(8, 4, cfg)
+
+    def survivor():
+        s = ExpertState(plan, 3, cfg)
+        s._ensure_thread = lambda: None  # (no copy thread: the slots here are maps only)
+        s.register(None, torch.zeros(8, dtype=torch.int32), "l0")
+        s.set_dead({1}, copy=False)
+        s.set_dead({1, 2}, copy=False)
+        return s
+
+    ahead, at_switch = survivor(), survivor()
+    ahead.prepare_joined({1})
+    ahead.set_joined({1})
+    at_switch.set_joined({1})
+    assert ahead.counters["joins_prepared"] == 1
+    assert at_switch.counters["joins_computed_at_switch"] == 1
+    assert torch.equal(ahead.layers[0].active, at_switch.layers[0].active)
+    assert torch.equal(ahead.recovery.layout.physical_to_logical,
+                       at_switch.recovery.layout.physical_to_logical)
+
+    stale = survivor()
+    stale.prepare_joined({1, 2})
+    stale.set_dead({0, 1, 2}, copy=False)  # DP0 lost between the news and the switch
+    stale.set_joined({1, 2})
+    fresh = survivor()
+    fresh.set_dead({0, 1, 2}, copy=False)
+    fresh.set_joined({1, 2})
+    assert stale.counters["joins_computed_at_switch"] == 1
+    assert torch.equal(stale.layers[0].active, fresh.layers[0].active)

@@ -44,6 +44,7 @@ from ..repair import HostBackup, candidates
 from ..repair.host_backup import default_root
 from ..shadow import plan_shadows, residual_bytes, shadow_slots_for_memory
 from ..transport import curve, wire
+from ..transport.monitors import monitor_socket
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
 from ..liveness.datagrams import BeaconReceiver
@@ -266,7 +267,7 @@ class Coordinator:
             spec = self.ranks.spawn(r, fail_at=self.fail_at.get(r))
             s = curve.client(self.ctx.socket(zmq.PAIR), key=ckey)
             s.setsockopt(zmq.LINGER, 0)
-            self.mon.append(s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
+            self.mon.append(monitor_socket(s, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED))
             s.connect(spec["control"])
             self.ctl.append(s)
         self.ranks.await_ready(self.ctl, self.start_timeout_s, key=self._tag_key)
@@ -498,13 +499,14 @@ class Coordinator:
                             self._on_alive(got[1], got[2])
                 if self.beacons is not None and self.beacons.fileno() in events:
                     self._on_datagrams()
-                if not self.resilience:
-                    continue
-                for r, m in enumerate(self.mon):
+                for r, m in enumerate(self.mon):  # read even when unused (``monitors``)
                     if m in events:
                         while m.poll(0):
-                            if recv_monitor_message(m)["event"] == zmq.EVENT_DISCONNECTED:
+                            if (recv_monitor_message(m)["event"] == zmq.EVENT_DISCONNECTED
+                                    and self.resilience):
                                 self.liveness.disconnected(r)
+                if not self.resilience:
+                    continue
                 self._on_losses(self.liveness.poll())
         except BaseException as e:  # surfaced through errored(); requests are failed below
             self._error = e

@@ -85,6 +85,7 @@ from ..config import DetectorConfig
 from ..liveness.detector import FailureDetector
 from ..membership import Membership, MembershipView, RankState
 from . import curve, wire
+from .monitors import monitor_socket
 
 __all__ = ["LiveGroup", "PeerLost", "GroupAborted", "PEER_LOST_MARK", "is_peer_lost"]
 
@@ -213,7 +214,7 @@ class LiveGroup:
             s = _quick_reconnect(curve.client(self.ctx.socket(zmq.PUSH)))
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 0)
-            mon = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            mon = monitor_socket(s, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             s.connect(self.endpoints[peer])
             self._out[peer] = s
             self._monitors[mon] = peer
@@ -522,6 +523,24 @@ class LiveGroup:
                                                  and key[2] < self._seq - 1)
         return key[1] < self._lenient_seq - 1
 
+    def _read_monitors(self, now: float, ready=None) -> None:
+        """The connection events of the sockets to the peers (those ``ready`` says have
+        some; None: every one). Called with ``_busy`` held: by a collective, or by the
+        heartbeat thread while none runs (unread events would stall ZeroMQ: ``monitors``)."""
+        for mon, peer in self._monitors.items():
+            if ready is not None and mon not in ready:
+                continue
+            while True:
+                try:
+                    ev = recv_monitor_message(mon, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if ev["event"] == zmq.EVENT_CONNECTED:
+                    self._connected.add(peer)
+                elif ev["event"] == zmq.EVENT_DISCONNECTED and peer in self._connected:
+                    self._connected.discard(peer)
+                    self._detector.disconnected(peer, now)
+
     def _pump(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for messages and socket events; run the detector."""
         ready = dict(self._poller.poll(timeout_s * 1000))
@@ -534,18 +553,7 @@ class LiveGroup:
                     break
         self._apply_pending()
         self._sync_membership()
-        for mon, peer in self._monitors.items():
-            if mon in ready:
-                while True:
-                    try:
-                        ev = recv_monitor_message(mon, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if ev["event"] == zmq.EVENT_CONNECTED:
-                        self._connected.add(peer)
-                    elif ev["event"] == zmq.EVENT_DISCONNECTED and peer in self._connected:
-                        self._connected.discard(peer)
-                        self._detector.disconnected(peer, now)
+        self._read_monitors(now, ready)
         if self._inbox in ready:
             while True:
                 try:
@@ -629,6 +637,12 @@ class LiveGroup:
                                 self.name, self.rank)
                     time.sleep(0.05)  # let the goodbyes leave before the process dies
                     return
+                if self._busy.acquire(blocking=False):  # idle: nobody reads the monitors
+                    try:
+                        if not self._closed:
+                            self._read_monitors(time.monotonic())
+                    finally:
+                        self._busy.release()
                 frames = wire.encode({"t": "hb", "src": self.rank, "epoch": self.epoch,
                                       "dead": sorted(self.dead)})
                 for peer, s in socks.items():

@@ -26,6 +26,15 @@ COMMON_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.3", "--max-tota
                "--log-level", "info"]
 
 
+
+def signal_pid(pid, sig: int = signal.SIGKILL) -> None:
+    """Signal one process of the instance. A pid read from a status is checked first: a dead
+    rank's entry (0, None, -1) given to ``os.kill`` would signal this test's own process
+    group (pid 0) or every process it may signal (-1)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
+        raise AssertionError(f"not a process of the instance to signal: {pid!r}")
+    os.kill(pid, sig)
+
 def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -160,7 +169,7 @@ def stream_all(server: Server, prompts: list[str], max_tokens: int, *,
                 break
             time.sleep(0.005)
         outs.append({"failed_at_chunks": [o["chunks"] for o in outs]})
-        os.kill(fail_pid, sig)
+        signal_pid(fail_pid, sig)
     for t in threads:
         t.join(timeout_s)
         if t.is_alive():

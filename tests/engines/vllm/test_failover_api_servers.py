@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from vllm_harness import PROMPTS, Server, engine_env, kill_group, stream_completion
+from vllm_harness import PROMPTS, Server, engine_env, kill_group, signal_pid, stream_completion
 
 pytestmark = pytest.mark.engine
 
@@ -90,7 +90,7 @@ def test_default_api_servers_bench_serve_survives_a_killed_rank(server, tiny_mod
                     break
                 time.sleep(0.2)
             assert bench.poll() is None, "the benchmark ended before the kill"
-            os.kill(victim["engine_pid"], 9)
+            signal_pid(victim["engine_pid"])
             rc = bench.wait(timeout=BENCH_TIMEOUT_S)
         finally:
             kill_group(bench, grace_s=5)

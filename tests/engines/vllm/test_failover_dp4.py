@@ -14,15 +14,13 @@ outputs stay exact.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 import uuid
 
 import pytest
 
-from vllm_harness import PROMPTS, Server, engine_env, stream_completion
+from vllm_harness import PROMPTS, Server, engine_env, signal_pid, stream_completion
 
 pytestmark = pytest.mark.engine
 
@@ -79,7 +77,7 @@ def _streams(srv, pinned: list[int | None], kills: list[int] = ()):
         for i, pid in enumerate(kills):
             if i:
                 time.sleep(SECOND_KILL_AFTER_S)
-            os.kill(pid, signal.SIGKILL)
+            signal_pid(pid)
         assert all(len(o.get("tokens", ())) < TOKENS for o in outs), "raise TOKENS"
     for t in threads:
         t.join(timeout=400)
@@ -191,11 +189,12 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
     st = json.loads(server.get("/resilience/status")[1])
     assert {r["dp_rank"]: r["state"] for r in st["ranks"]}[0] == "warming"
     dp1 = next(r for r in st["ranks"] if r["dp_rank"] == 1)
+    assert dp1["state"] == "live", (st["ranks"], server.tail(8000))
     outs, threads = _short(server, [1, 3, 2, 1])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and min(len(o.get("tokens", ())) for o in outs) < 4:
         time.sleep(0.005)
-    os.kill(dp1["engine_pid"], signal.SIGKILL)  # a rank dies while DP0 joins
+    signal_pid(dp1["engine_pid"])  # a rank dies while DP0 joins
     for t in threads:
         t.join(timeout=300)
     for i, o in enumerate(outs):
@@ -205,6 +204,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
 
     st = json.loads(server.get("/resilience/status")[1])
     dp3 = next(r for r in st["ranks"] if r["dp_rank"] == 3)
+    assert dp3["state"] == "live", (st["ranks"], server.tail(8000))
     mark = server.export_marks / "export-ep3"
     mark.unlink(missing_ok=True)  # DP3 exported for the rejoins above
     outs, threads = _short(server, [3, 0, 2, None])
@@ -217,7 +217,7 @@ def test_lost_ranks_rejoin_and_a_rank_dies_while_another_joins(server):
                 pytest.fail(f"DP3 exported nothing for DP1's replacement:\n{server.tail()}")
             next_check = time.monotonic() + 2.0
         time.sleep(0.002)
-    os.kill(dp3["pid"], signal.SIGKILL)  # DP3's worker, in the middle of its export
+    signal_pid(dp3["pid"])  # DP3's worker, in the middle of its export
     for t in threads:
         t.join(timeout=300)
     for i, o in enumerate(outs):

@@ -25,6 +25,15 @@ COMMON_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512
                  "max_num_seqs": 8, "seed": 0}
 
 
+
+def signal_pid(pid, sig: int = signal.SIGKILL) -> None:
+    """Signal one process of the instance. A pid read from a status is checked first: a dead
+    rank's entry (0, None, -1) given to ``os.kill`` would signal this test's own process
+    group (pid 0) or every process it may signal (-1)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
+        raise AssertionError(f"not a process of the instance to signal: {pid!r}")
+    os.kill(pid, sig)
+
 def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -189,9 +198,9 @@ def stream_all(server, max_tokens: int, kill_pid: int | None = None, kill_signal
         assert all(len(o.get("tokens", ())) < max_tokens for o in outs), \
             "streams finished before the kill: raise max_tokens"
         killed_at = time.monotonic()
-        os.kill(kill_pid, kill_signal)
+        signal_pid(kill_pid, kill_signal)
         for pid in also_stop:
-            os.kill(pid, signal.SIGSTOP)
+            signal_pid(pid, signal.SIGSTOP)
     for t in threads:
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads)

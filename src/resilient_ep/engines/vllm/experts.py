@@ -42,12 +42,12 @@ from resilient_ep.active_experts import active_slots, local_expert_map
 from resilient_ep.config import ResilienceConfig
 from resilient_ep.expert_plan import ExpertPlan, regular_slots  # noqa: F401 (re-exported)
 from resilient_ep.membership import Membership
-from resilient_ep.recovery import RecoveryOrchestrator
+from resilient_ep.recovery import PreparedJoin, RecoveryOrchestrator
 from resilient_ep.repair import HostBackup, RepairProgress, candidates
 
 from .expert_weights import copy_slot, disk_expert, slot_params
 
-__all__ = ["ExpertPlan", "ExpertState", "state_for", "current", "reset", "set_dead_ranks",
+__all__ = ["ExpertPlan", "ExpertState", "state_for", "current", "reset", "set_dead_ranks", "prepare_joined",
            "before_moe", "after_load", "skip_disk_experts"]
 
 log = logging.getLogger("vllm." + __name__)
@@ -96,6 +96,8 @@ class ExpertState:
         self._thread: threading.Thread | None = None
         self._applying = 0
         self._applies = 0
+        self._prepared: PreparedJoin | None = None
+        """A join computed when it was heard (:meth:`prepare_joined`), for the switch."""
         self.wait_mode = self.config.recovery.on_uncovered == "wait"
         self.wait_timeout_s = self.config.transport.step_timeout_ms / 1000.0
 
@@ -159,6 +161,16 @@ class ExpertState:
         if mine:
             self._ensure_thread()
 
+    def prepare_joined(self, joined_ep_ranks) -> None:
+        """When a join is heard (the membership subscriber's thread, some steps before the
+        switch): the core's plan of it, computed now, so that :meth:`set_joined` at the
+        switch (between two steps) only writes the maps. A loss in between makes it stale:
+        the switch then computes afresh."""
+        with self._lock:
+            ranks = sorted(set(int(r) for r in joined_ep_ranks) & self._dead)
+            if ranks:
+                self._prepared = self.recovery.prepare_join(ranks, reloaded=True)
+
     def set_joined(self, joined_ep_ranks) -> None:
         """EP ranks taken back by a rejoin (fresh processes that loaded their initial slots):
         the core's ``on_join`` over the new live set, maps rewritten in place."""
@@ -167,7 +179,10 @@ class ExpertState:
             if not ranks:
                 return
             self._dead -= set(ranks)
-            plan = self.recovery.on_join(ranks, reloaded=True)
+            prepared, self._prepared = self._prepared, None
+            plan = self.recovery.on_join(ranks, reloaded=True, prepared=prepared)
+            self.counters["joins_prepared" if plan.layout is getattr(prepared, "layout", None)
+                          else "joins_computed_at_switch"] += 1
             S = self.plan.slots_per_rank
             for slot in [sl for sl in self._pending if sl // S in ranks]:
                 del self._pending[slot]  # a copy into a slot the joined rank reloaded
@@ -525,6 +540,13 @@ def set_dead_ranks(dead_ep_ranks) -> None:
     s = _state
     if s is not None and s.layers:
         s.set_dead(dead_ep_ranks)
+
+
+def prepare_joined(joined_ep_ranks) -> None:
+    """:meth:`ExpertState.prepare_joined` on this process's state (none: nothing)."""
+    s = _state
+    if s is not None and s.layers:
+        s.prepare_joined(joined_ep_ranks)
 
 
 def before_moe(expert_map: torch.Tensor, topk_ids: torch.Tensor) -> Callable[[], None] | None:

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import time
 
 import psutil
 
-__all__ = ["RankProcesses", "kill_all", "rank_of"]
+__all__ = ["RankProcesses", "kill_all", "rank_of", "STACKS_WAIT_S"]
+
+STACKS_WAIT_S = 0.03
+"""The wait after asking each live process of a fenced rank for its stacks (SIGUSR1:
+faulthandler, set up by ``plugin.register``, writes them from its signal handler even while
+the interpreter is stuck), before the next one and before the kill."""
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
@@ -63,8 +70,15 @@ class RankProcesses:
             victims = [*parent.children(recursive=True), parent]
         except psutil.NoSuchProcess:
             victims = []
-        log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it", proc.name,
-                    proc.pid, why)
+        log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it (its threads' "
+                    "stacks follow)", proc.name, proc.pid, why)
+        for p in victims:  # why it stopped, in the log (a SIGSTOPped one cannot say)
+            try:
+                if p.status() != psutil.STATUS_STOPPED:
+                    p.send_signal(signal.SIGUSR1)
+                    time.sleep(STACKS_WAIT_S)  # one at a time: dumps do not interleave
+            except psutil.Error:
+                pass
         kill_all([*self.children(rank), *victims])
 
     def reap(self, rank: int) -> None:

@@ -40,7 +40,7 @@ from .liveness import beacon_endpoint, membership_replica
 
 __all__ = ["worker_group", "core_group", "current_worker_group", "current_core_group",
            "add_worker_listener", "switch_worker_group", "switch_core_group", "incarnation",
-           "is_solo"]
+           "is_solo", "add_join_preparer"]
 
 log = logging.getLogger("vllm." + __name__)  # shown by vLLM's log handler
 
@@ -127,6 +127,12 @@ def _new_worker_group(vllm_config, dp_rank: int, dp_size: int, tp_rank: int,
     return group
 
 
+def add_join_preparer(kind: str, fn: Callable) -> None:
+    """Run ``fn(join)`` in this process's membership subscriber when it hears of a join it
+    takes part in as a survivor (``kind``: ``worker`` or ``core``)."""
+    _join_preparers[kind].append(fn)
+
+
 def add_worker_listener(fn: Callable) -> None:
     """``fn(dead, epoch)`` on every change of this worker's group, whichever incarnation
     (none while solo: a replacement's warm-up knows no peer)."""
@@ -194,6 +200,12 @@ def _new_core_group(vllm_config: Any, epoch: int) -> LiveGroup:
 
 
 _prepared: dict[tuple[str, int], LiveGroup] = {}
+switch_parts: dict[str, dict] = {}
+"""The last switch of each kind, in parts (ms): waiting for the membership replica, taking
+(or making) the join's group, retiring the old one; ``prepared``: its group was made ahead."""
+_join_preparers: dict[str, list[Callable]] = {"worker": [], "core": []}
+"""``fn(join)`` run when a survivor hears of a join, after its group is made: work the switch
+would do otherwise (the expert maps' plan)."""
 _preparing: set[str] = set()
 _prepared_lock = threading.Lock()
 
@@ -220,6 +232,13 @@ def _prepare_on_join(kind: str, vllm_config: Any, build: Callable[[int], LiveGro
             except Exception:  # the switch makes it then
                 log.exception("resilient-ep: preparing the %s group of epoch %d failed", kind,
                               join.epoch)
+        if _solo[kind]:
+            return  # a replacement replays the whole log at its flip
+        for fn in _join_preparers[kind]:
+            try:
+                fn(join)
+            except Exception:  # the switch computes it then
+                log.exception("resilient-ep: preparing the join of epoch %d failed", join.epoch)
 
     replica.on_join(on_join)
 
@@ -245,13 +264,19 @@ def _wait_replica(vllm_config: Any, epoch: int) -> None:
         time.sleep(0.002)
 
 
-def _retire(group: LiveGroup | None) -> None:
+def _retire(group: LiveGroup | None, *, background: bool = False) -> None:
     """A group nobody runs a collective on any more: it reports nothing, then closes (its
-    peers retire theirs at the same step, so none of them waits on it)."""
+    peers retire theirs at the same step, so none of them waits on it). ``background``: the
+    closing (its heartbeat thread joined, its sockets closed: milliseconds) in a thread of
+    its own, off the switch between two steps."""
     if group is None:
         return
     group._listeners.clear()
-    group.shutdown()
+    if background:
+        threading.Thread(target=group.shutdown, name=f"retire-{group.name}",
+                         daemon=True).start()
+    else:
+        group.shutdown()
 
 
 def switch_worker_group(vllm_config: Any, epoch: int, dp_rank: int, dp_size: int,
@@ -261,10 +286,17 @@ def switch_worker_group(vllm_config: Any, epoch: int, dp_rank: int, dp_size: int
     global _worker
     if epoch <= _incarnation["worker"]:
         return _worker
+    t0 = time.monotonic()
     _wait_replica(vllm_config, epoch)
+    t1 = time.monotonic()
+    prepared = ("worker", epoch) in _prepared
     old, _worker = _worker, _new_worker_group(vllm_config, dp_rank, dp_size, tp_rank, epoch)
+    t2 = time.monotonic()
     _incarnation["worker"], _solo["worker"] = epoch, False
-    _retire(old)
+    _retire(old, background=True)
+    switch_parts["worker"] = {"replica_ms": (t1 - t0) * 1e3, "group_ms": (t2 - t1) * 1e3,
+                              "retire_ms": (time.monotonic() - t2) * 1e3,
+                              "prepared": prepared}
     log.info("resilient-ep: worker group of join epoch %d up (dp rank %d, live %s)", epoch,
              dp_rank, _worker.live)
     return _worker
@@ -275,10 +307,16 @@ def switch_core_group(vllm_config: Any, epoch: int) -> LiveGroup:
     global _core
     if epoch <= _incarnation["core"] and _core is not None:
         return _core
+    t0 = time.monotonic()
     _wait_replica(vllm_config, epoch)
+    t1 = time.monotonic()
+    prepared = ("core", epoch) in _prepared
     old, _core = _core, _new_core_group(vllm_config, epoch)
+    t2 = time.monotonic()
     _incarnation["core"], _solo["core"] = epoch, False
-    _retire(old)
+    _retire(old, background=True)
+    switch_parts["core"] = {"replica_ms": (t1 - t0) * 1e3, "group_ms": (t2 - t1) * 1e3,
+                            "retire_ms": (time.monotonic() - t2) * 1e3, "prepared": prepared}
     return _core
 
 

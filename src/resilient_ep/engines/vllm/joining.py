@@ -143,6 +143,7 @@ class EngineJoin:
         self.latest = 0
         self.switches: list[dict] = []
         self.worker_switch: list[dict] = []
+        self.core_switch: dict = {}
         self.heard_at = 0.0
         self.step_ends: deque[float] = deque(maxlen=65)
         """When this engine's last steps (or dummy passes) ended (``note_step``)."""
@@ -213,7 +214,7 @@ class EngineJoin:
         t2 = time.monotonic()
         record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
                   "at": t0, "heard_ms_before": (t0 - self.heard_at) * 1e3,
-                  "workers": self.worker_switch}
+                  "workers": self.worker_switch, "core": self.core_switch}
         self.switches.append(record)
         if _has_requests(e):  # (an idle engine's next step waits for work, not for the join)
             self._measuring = record
@@ -245,9 +246,17 @@ class EngineJoin:
         history = history_of(self.replica.events(), epoch)
         got = self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
                                                         args=(epoch, history))
-        self.worker_switch = [{k: round(w[k], 2) for k in ("experts_ms", "group_ms")}
-                              for w in got]
-        return switch_core_group(self.engine.vllm_config, epoch)
+        self.worker_switch = [{**{k: round(w[k], 2) for k in ("experts_ms", "group_ms")},
+                               "group_parts": w.get("group_parts"),
+                               "experts_prepared": w.get("experts_prepared")} for w in got]
+        t = time.monotonic()
+        core = switch_core_group(self.engine.vllm_config, epoch)
+        from .groups import switch_parts
+
+        self.core_switch = {"ms": round((time.monotonic() - t) * 1e3, 2),
+                            **{k: round(v, 2) if isinstance(v, float) else v
+                               for k, v in switch_parts.get("core", {}).items()}}
+        return core
 
     def _flip(self, epoch: int) -> None:
         """The replacement: switch to the join's groups, learn where the survivors are, take
@@ -260,7 +269,7 @@ class EngineJoin:
         record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
                   "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
                   "heard_ms_before": (t0 - self.heard_at) * 1e3,
-                  "workers": self.worker_switch}
+                  "workers": self.worker_switch, "core": self.core_switch}
         self.switches.append(record)
         self._measuring = record  # its first step with the survivors
         theirs = [t[0] for r, t in got.items() if r != self.rank and int(t[0][0]) >= 0]

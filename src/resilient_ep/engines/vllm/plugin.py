@@ -43,12 +43,13 @@ def register() -> None:
 
         install()
         _registered = True
-        if os.environ.get(REJOIN_ENV) is not None:
+        if os.environ.get(REJOIN_ENV) is not None or os.environ.get(ACTIVE_ENV) == "1":
             import faulthandler
             import signal
 
-            # a replacement's process that hangs in its start shows its stacks before the
-            # rejoiner stops it (rejoin._stop_replacement)
+            # a rank that hangs shows every thread's stack in the log before it is fenced
+            # (fencing.RankProcesses.fence), a replacement that hangs in its start before the
+            # rejoiner stops it (rejoin._kill_with_stacks)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if os.environ.get(ACTIVE_ENV) == "1":
             activate()

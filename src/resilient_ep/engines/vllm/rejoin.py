@@ -81,7 +81,8 @@ class EngineLost(RuntimeError):
 
 
 class StartTimeout(TimeoutError):
-    """The replacement did not reach READY in time (it is stopped; the rejoin may retry)."""
+    """The replacement did not reach READY in time, or did not answer the checks after it
+    (it is stopped; the rejoin may retry)."""
 
 
 class RejoinHost(Protocol):
@@ -166,7 +167,7 @@ class Rejoiner:
                 self._set(record, "failed", error=f"{type(e).__name__}: {e}")
                 proc = record.pop("_proc", None)
                 if proc is not None and proc.is_alive():
-                    proc.kill()
+                    _kill_with_stacks(proc)
 
     def _set(self, record: dict, state: str, **extra) -> None:
         with self._lock:
@@ -185,6 +186,7 @@ class Rejoiner:
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:
                     self._start(rank, record, export)
+                    self._verify(rank, record, export)
                     break
                 except StartTimeout as e:
                     self._stop_replacement(rank, record.pop("_proc", None))
@@ -195,7 +197,7 @@ class Rejoiner:
                                 START_ATTEMPTS)
                     with self._lock:
                         record["attempts"] = attempt + 1
-            self._verify(rank, record, export)
+                        record.setdefault("retried", []).append(str(e))
         finally:
             if export is not None:
                 HostBackup(export).remove()
@@ -262,9 +264,14 @@ class Rejoiner:
 
     def _rpc_joining(self, engine: int, method: str, args: tuple = (),
                      timeout_s: float = RPC_TIMEOUT_S):
-        """``collective_rpc`` on the replacement (not live yet: no loss to watch for)."""
-        return self.host.call(engine, "collective_rpc", (method, timeout_s, args, None),
-                              timeout_s, watch_loss=False)
+        """``collective_rpc`` on the replacement (not live yet: no loss to watch for). One
+        that is READY but does not answer is hung: :class:`StartTimeout` (another start)."""
+        try:
+            return self.host.call(engine, "collective_rpc", (method, timeout_s, args, None),
+                                  timeout_s, watch_loss=False)
+        except TimeoutError as e:
+            raise StartTimeout(f"READY, but no answer to {method} within {timeout_s:.0f} s "
+                               f"({e})") from e
 
     def _start(self, rank: int, record: dict, export: str | None) -> None:
         """The replacement process, up to READY."""
@@ -299,25 +306,7 @@ class Rejoiner:
         from resilient_ep.membership import RankState
 
         if proc is not None and proc.is_alive():
-            import psutil
-
-            try:  # its processes' stacks into the log (faulthandler, plugin.register)
-                procs = [psutil.Process(proc.pid)]
-                procs += procs[0].children(recursive=True)
-            except psutil.Error:
-                procs = []
-            for p in procs:
-                try:
-                    p.send_signal(signal.SIGUSR1)
-                except psutil.Error:
-                    pass
-            time.sleep(1.0)
-            for p in procs[1:]:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            proc.kill()
+            _kill_with_stacks(proc)
             proc.join(timeout_s)
         membership = getattr(self.host.monitor, "membership", None)
         deadline = time.monotonic() + timeout_s
@@ -502,6 +491,31 @@ class Rejoiner:
                 raise TimeoutError(f"DP{rank} did not switch to epoch {epoch} within "
                                    f"{SWITCH_TIMEOUT_S} s")
             time.sleep(0.05)
+
+
+def _kill_with_stacks(proc) -> None:
+    """Kill a replacement that hung or failed (its engine core and its workers), after
+    having each of them write its threads' stacks into the log (faulthandler on SIGUSR1,
+    set up by ``plugin.register`` in a replacement's processes): what it was stuck in."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(0.3)  # one at a time: their dumps do not interleave in the log
+        except psutil.Error:
+            pass
+    for p in procs[1:]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

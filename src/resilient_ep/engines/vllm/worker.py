@@ -102,8 +102,14 @@ class ResilienceWorkerExtension:
         group = switch_worker_group(self.vllm_config,  # type: ignore[attr-defined]
                                     int(epoch), int(dp.rank_in_group), int(dp.world_size),
                                     int(tp.rank_in_group))
+        from .groups import switch_parts
+
+        parts = {k: round(v, 2) if isinstance(v, float) else v
+                 for k, v in switch_parts.get("worker", {}).items()}
         return {"epoch": int(epoch), "live": group.live, "experts_ms": (t1 - t0) * 1e3,
-                "group_ms": (time.monotonic() - t1) * 1e3}
+                "group_ms": (time.monotonic() - t1) * 1e3, "group_parts": parts,
+                "experts_prepared": bool(state is not None and state.layers
+                                         and state.counters["joins_prepared"])}
 
     def resilient_ep_export_experts(self, dp_rank: int, root: str) -> dict[str, Any]:
         """A survivor's part of a rejoin of ``dp_rank``: write the experts its replacement

@@ -62,7 +62,7 @@ def install_manager(comm) -> bool:
 
     from .. import experts
     from ..all2all import ResilientAll2AllManager
-    from ..groups import add_worker_listener, worker_group
+    from ..groups import add_join_preparer, add_worker_listener, worker_group
     from ..instance import failover_enabled
 
     if comm.all2all_manager is None:
@@ -80,7 +80,11 @@ def install_manager(comm) -> bool:
     def on_change(dead, epoch, tp_size=tp_size):
         experts.set_dead_ranks({d * tp_size + t for d in dead for t in range(tp_size)})
 
+    def on_join(join, tp_size=tp_size):  # heard some steps before the switch
+        experts.prepare_joined({int(join.rank) * tp_size + t for t in range(tp_size)})
+
     add_worker_listener(on_change)
+    add_join_preparer("worker", on_join)
     comm.all2all_manager = ResilientAll2AllManager(comm.cpu_group, group)
     return True
 
