@@ -98,6 +98,8 @@ class ExpertState:
         self._applies = 0
         self._prepared: PreparedJoin | None = None
         """A join computed when it was heard (:meth:`prepare_joined`), for the switch."""
+        self.last_join_prepared = False
+        """Whether the last join's plan was the one computed ahead."""
         self.wait_mode = self.config.recovery.on_uncovered == "wait"
         self.wait_timeout_s = self.config.transport.step_timeout_ms / 1000.0
 
@@ -181,7 +183,8 @@ class ExpertState:
             self._dead -= set(ranks)
             prepared, self._prepared = self._prepared, None
             plan = self.recovery.on_join(ranks, reloaded=True, prepared=prepared)
-            self.counters["joins_prepared" if plan.layout is getattr(prepared, "layout", None)
+            self.last_join_prepared = plan.layout is getattr(prepared, "layout", None)
+            self.counters["joins_prepared" if self.last_join_prepared
                           else "joins_computed_at_switch"] += 1
             S = self.plan.slots_per_rank
             for slot in [sl for sl in self._pending if sl // S in ranks]:

@@ -27,6 +27,7 @@ touch the survivors.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -273,10 +274,31 @@ def _retire(group: LiveGroup | None, *, background: bool = False) -> None:
         return
     group._listeners.clear()
     if background:
-        threading.Thread(target=group.shutdown, name=f"retire-{group.name}",
-                         daemon=True).start()
+        _retirer().put(group)
     else:
         group.shutdown()
+
+
+_retiring: queue.SimpleQueue | None = None
+
+
+def _retirer() -> queue.SimpleQueue:
+    """The queue of a thread that shuts retired groups down (started on first use: a
+    thread started per switch costs about a millisecond here)."""
+    global _retiring
+    if _retiring is None:
+        _retiring = queue.SimpleQueue()
+
+        def run(q=_retiring) -> None:
+            while True:
+                group = q.get()
+                try:
+                    group.shutdown()
+                except Exception:  # noqa: BLE001 - a group that fails to close is no one's
+                    log.exception("resilient-ep: retiring group %s failed", group.name)
+
+        threading.Thread(target=run, name="resilient-ep-retire", daemon=True).start()
+    return _retiring
 
 
 def switch_worker_group(vllm_config: Any, epoch: int, dp_rank: int, dp_size: int,

@@ -109,7 +109,7 @@ class ResilienceWorkerExtension:
         return {"epoch": int(epoch), "live": group.live, "experts_ms": (t1 - t0) * 1e3,
                 "group_ms": (time.monotonic() - t1) * 1e3, "group_parts": parts,
                 "experts_prepared": bool(state is not None and state.layers
-                                         and state.counters["joins_prepared"])}
+                                         and state.last_join_prepared)}
 
     def resilient_ep_export_experts(self, dp_rank: int, root: str) -> dict[str, Any]:
         """A survivor's part of a rejoin of ``dp_rank``: write the experts its replacement
