@@ -18,7 +18,7 @@ import time
 
 import psutil
 
-__all__ = ["RankProcesses", "kill_all", "rank_of", "STACKS_WAIT_S"]
+__all__ = ["RankProcesses", "kill_all", "rank_of", "kernel_state", "STACKS_WAIT_S"]
 
 STACKS_WAIT_S = 0.03
 """The wait after asking each live process of a fenced rank for its stacks (SIGUSR1:
@@ -41,6 +41,23 @@ def kill_all(procs) -> None:
             p.kill()
         except psutil.Error:
             pass
+
+
+def kernel_state(p) -> str:
+    """One process as the kernel sees it: pid, name, command line, state, wait channel and
+    (when readable: root) its kernel stack."""
+    try:
+        head = f"pid {p.pid} {p.name()!r} {' '.join(p.cmdline())[:160]!r} {p.status()}"
+    except psutil.Error as e:
+        return f"pid {p.pid}: {e!r}"
+    for what in ("wchan", "stack"):
+        try:
+            with open(f"/proc/{p.pid}/{what}") as f:
+                text = f.read().strip()
+            head += f"; {what}: " + " | ".join(text.splitlines()[:12])
+        except OSError:
+            pass
+    return head
 
 
 class RankProcesses:
@@ -73,6 +90,7 @@ class RankProcesses:
         log.warning("resilient-ep: engine core %s (pid %d) %s: fencing it (its threads' "
                     "stacks follow)", proc.name, proc.pid, why)
         for p in victims:  # why it stopped, in the log (a SIGSTOPped one cannot say)
+            log.warning("resilient-ep: fenced process %s", kernel_state(p))
             try:
                 if p.status() != psutil.STATUS_STOPPED:
                     p.send_signal(signal.SIGUSR1)

@@ -499,11 +499,15 @@ def _kill_with_stacks(proc) -> None:
     set up by ``plugin.register`` in a replacement's processes): what it was stuck in."""
     import psutil
 
+    from .fencing import kernel_state
+
     try:
         procs = [psutil.Process(proc.pid)]
         procs += procs[0].children(recursive=True)
     except psutil.Error:
         procs = []
+    for p in procs:  # what the kernel says of each (one in a syscall cannot dump its stacks)
+        log.warning("resilient-ep: replacement process %s", kernel_state(p))
     for p in procs:
         try:
             p.send_signal(signal.SIGUSR1)
