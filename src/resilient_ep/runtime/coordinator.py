@@ -44,7 +44,7 @@ from ..repair import HostBackup, candidates
 from ..repair.host_backup import default_root
 from ..shadow import plan_shadows, residual_bytes, shadow_slots_for_memory
 from ..transport import curve, wire
-from ..transport.monitors import monitor_socket
+from ..transport.monitors import close_monitored, monitor_socket
 from .kv_checkpointing import KVTracker
 from .model import MoEConfig
 from ..liveness.datagrams import BeaconReceiver
@@ -289,8 +289,10 @@ class Coordinator:
             self._thread.join(timeout)
         self.ranks.wait(timeout)
         self.ranks.kill_all()
-        for s in [*getattr(self, "ctl", []), *getattr(self, "mon", []),
-                  getattr(self, "hb", None), getattr(self, "wake_rx", None),
+        ctl, mon = getattr(self, "ctl", []), getattr(self, "mon", [])
+        for i, s in enumerate(ctl):  # each monitor stopped before either end closes
+            close_monitored(s, mon[i] if i < len(mon) else None)
+        for s in [*mon[len(ctl):], getattr(self, "hb", None), getattr(self, "wake_rx", None),
                   getattr(self, "wake_tx", None)]:
             if s is not None:
                 s.close(linger=0)

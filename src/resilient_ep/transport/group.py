@@ -85,7 +85,7 @@ from ..config import DetectorConfig
 from ..liveness.detector import FailureDetector
 from ..membership import Membership, MembershipView, RankState
 from . import curve, wire
-from .monitors import monitor_socket
+from .monitors import close_monitored, monitor_socket
 
 __all__ = ["LiveGroup", "PeerLost", "GroupAborted", "PEER_LOST_MARK", "is_peer_lost"]
 
@@ -395,8 +395,10 @@ class LiveGroup:
         try:
             self._hb.join(timeout=SHUTDOWN_WAIT_S)
             with self._wake_lock:
-                for s in (*self._out.values(), *self._monitors, self._inbox, self._wake_rx,
-                          self._wake_tx):
+                mons = {peer: mon for mon, peer in self._monitors.items()}
+                for peer, s in self._out.items():  # monitor stopped first (``monitors``)
+                    close_monitored(s, mons.get(peer))
+                for s in (self._inbox, self._wake_rx, self._wake_tx):
                     s.close(linger=0)
             self._out.clear()
             self._monitors.clear()

@@ -10,6 +10,11 @@ engine-core sockets. Seen in CI as a survivor "stopped answering" at a join and 
 READY but deaf to every call (``docs/vllm-rejoin.md``). :func:`monitor_socket` makes the
 reading end unbounded (the inproc pipe then has no limit), and its owner reads it
 regularly (``LiveGroup`` also while idle, from its heartbeat thread).
+
+The same blocking send hangs the I/O thread for good when the reading end is closed first:
+closing a monitored socket emits its last events later, from the I/O thread, into a PAIR
+that has no peer any more (every group retired at a join did that, in that order).
+:func:`close_monitored` stops the monitor before it closes either end.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import itertools
 
 import zmq
 
-__all__ = ["monitor_socket"]
+__all__ = ["monitor_socket", "close_monitored"]
 
 _seq = itertools.count()
 
@@ -33,3 +38,16 @@ def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
     mon.setsockopt(zmq.RCVHWM, 0)  # before connect: the inproc pipe's limit is set there
     mon.connect(addr)
     return mon
+
+
+def close_monitored(sock: zmq.Socket, mon: zmq.Socket | None) -> None:
+    """Close a monitored socket and its monitor's reading end, in the one safe order: the
+    monitor stopped first (no event is sent after), then the socket, then the reader."""
+    if not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        sock.close(linger=0)
+    if mon is not None and not mon.closed:
+        mon.close(linger=0)

@@ -51,14 +51,6 @@ def register() -> None:
             # (fencing.RankProcesses.fence), a replacement that hangs in its start before the
             # rejoiner stops it (rejoin._kill_with_stacks)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
-        if os.environ.get(REJOIN_ENV) is not None:
-            import subprocess
-
-            # A replacement's worker stopped, now and then, in vLLM's CPUWorker set-up, where
-            # it runs `lscpu` through subprocess (vfork by default) and where it could not be
-            # made to dump its stacks: the mark of a parent suspended in vfork. Plain fork
-            # there (docs/vllm-rejoin.md; the kernel's view of a hung replacement is logged).
-            subprocess._USE_VFORK = False
         if os.environ.get(ACTIVE_ENV) == "1":
             activate()
     _trace("register", first=first)

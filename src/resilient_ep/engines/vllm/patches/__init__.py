@@ -52,6 +52,7 @@ FAILOVER_PATCHES = (
     "resilient_ep.engines.vllm.patches.engine_manager_failover",
     "resilient_ep.engines.vllm.patches.engine_rejoin",
     "resilient_ep.engines.vllm.patches.replacement_world",
+    "resilient_ep.engines.vllm.patches.replacement_memory_bind",
 )
 
 
