@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from resilient_ep.engines.common.procs import free_port, kill_group
+from resilient_ep.engines.common.procs import free_port, kill_group, signal_pid
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["the cat sat on the", "a new world is", "one two three four", "the system program",
@@ -26,14 +26,6 @@ COMMON_ARGS = ["--dtype", "float32", "--mem-fraction-static", "0.3", "--max-tota
                "--log-level", "info"]
 
 
-
-def signal_pid(pid, sig: int = signal.SIGKILL) -> None:
-    """Signal one process of the instance. A pid read from a status is checked first: a dead
-    rank's entry (0, None, -1) given to ``os.kill`` would signal this test's own process
-    group (pid 0) or every process it may signal (-1)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
-        raise AssertionError(f"not a process of the instance to signal: {pid!r}")
-    os.kill(pid, sig)
 
 def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from resilient_ep.engines.common.procs import free_port, kill_group  # noqa: F401 (tests import them)
+from resilient_ep.engines.common.procs import free_port, kill_group, signal_pid  # noqa: F401 (tests import them)
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["the cat sat on the", "one two three", "i want to go home", "we say that the world"]
@@ -25,14 +25,6 @@ COMMON_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512
                  "max_num_seqs": 8, "seed": 0}
 
 
-
-def signal_pid(pid, sig: int = signal.SIGKILL) -> None:
-    """Signal one process of the instance. A pid read from a status is checked first: a dead
-    rank's entry (0, None, -1) given to ``os.kill`` would signal this test's own process
-    group (pid 0) or every process it may signal (-1)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
-        raise AssertionError(f"not a process of the instance to signal: {pid!r}")
-    os.kill(pid, sig)
 
 def engine_env(trace: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)

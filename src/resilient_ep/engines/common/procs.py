@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 
-__all__ = ["pid_state", "free_port", "kill_group"]
+__all__ = ["pid_state", "free_port", "kill_group", "signal_pid"]
 
 
 def pid_state(pid: int) -> str:
@@ -38,7 +39,6 @@ def free_port() -> int:
 def kill_group(proc, grace_s: float = 15.0) -> None:
     """SIGTERM the process group of ``proc`` (a ``subprocess.Popen`` started with
     ``start_new_session=True``), then SIGKILL what is left after ``grace_s``."""
-    import signal
     import subprocess
 
     if proc.poll() is None:
@@ -58,3 +58,12 @@ def kill_group(proc, grace_s: float = 15.0) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def signal_pid(pid, sig: int = signal.SIGKILL) -> None:
+    """Signal one process of an instance. A pid read from a status is checked first: a dead
+    rank's entry (0, None, -1) given to ``os.kill`` would signal the caller's own process
+    group (pid 0) or every process it may signal (-1)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
+        raise AssertionError(f"not a process of the instance to signal: {pid!r}")
+    os.kill(pid, sig)
