@@ -91,8 +91,10 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
         self._re_relay = None  # rejoin_relay.EngineCallRelay, with several API servers
         # (this API server's index: vLLM sets ``client_index`` only after the monitor starts)
         self._re_index = int(kwargs.get("client_index", args[4] if len(args) > 4 else 0))
+        self._re_loop_watch = None
         try:  # vLLM makes the client inside the API server's event loop
             self._re_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._watch_loop()
         except RuntimeError:
             self._re_loop = None
         super().__init__(vllm_config, *args, **kwargs)
@@ -108,6 +110,13 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
 
         settings = instance_of(self.vllm_config)
         self._re_max_failures = settings[0].recovery.max_request_failures if settings else 0
+
+    def _watch_loop(self) -> None:
+        """Log this API server's event loop when it stops running (``loop_watch.py``)."""
+        from resilient_ep.engines.common.loop_watch import LoopWatch
+
+        self._re_loop_watch = LoopWatch(self._re_loop, name=f"API server {self._re_index}",
+                                        logger=log).start()
 
     @property
     def resilient_epoch(self) -> int:
@@ -283,6 +292,7 @@ class ResilientDPLBAsyncMPClient(DPLBAsyncMPClient):
     async def add_request_async(self, request) -> None:
         if self._re_loop is None:
             self._re_loop = asyncio.get_running_loop()
+            self._watch_loop()
         if request.prompt_token_ids is not None and request.sampling_params is not None:
             self._re_requests[request.request_id] = request
             self._re_generated[request.request_id] = []
