@@ -46,7 +46,7 @@ def _sum(*joins):
 def test_survivors_switch_only_when_every_one_names_the_same_join():
     j = _join(0, joined=True, latest=4)
     group = _Group(0, {})
-    j._switch = lambda epoch: (j.switched.append(epoch), group)[1]
+    j._switch = lambda epoch: (j.switched.append(epoch), (group, lambda: None))[1]
     j.after_sum(_sum(4, 0, 4), has_unfinished=True)  # DP1 has not heard of it yet
     assert j.switched == []
     j.after_sum(_sum(0, 0), has_unfinished=True)  # no join anywhere
@@ -64,7 +64,7 @@ def test_the_replacement_takes_the_survivors_step_and_wave():
     busy = _join(1, joined=False, latest=3)
     busy.engine.step_counter, busy.engine.current_wave, busy.engine.engines_running = 0, 0, False
     group = _Group(1, {0: torch.tensor([33, 9, 1]), 2: torch.tensor([33, 9, 1])})
-    busy._switch = lambda epoch: (busy.switched.append(epoch), group)[1]
+    busy._switch = lambda epoch: (busy.switched.append(epoch), (group, lambda: None))[1]
     busy._flip(3)
     e = busy.engine
     assert busy.joined and busy.switched == [3] and group.sent == [[-1, -1, -1]]
@@ -72,10 +72,50 @@ def test_the_replacement_takes_the_survivors_step_and_wave():
 
     idle = _join(1, joined=False, latest=3)
     group = _Group(1, {0: torch.tensor([1, 9, 0])})
-    idle._switch = lambda epoch: group
+    idle._switch = lambda epoch: (group, lambda: None)
     idle._flip(3)
     e = idle.engine  # the survivors just ended wave 9: the next one starts at step 0
     assert (e.step_counter, e.current_wave, e.engines_running) == (0, 10, False)
+
+
+def test_the_workers_switch_overlaps_the_core_switch_and_is_awaited_before_the_next_step(
+        monkeypatch):
+    """The workers' switch is sent without waiting (vLLM's executor runs it before any later
+    call); the core switches and says hello meanwhile; the engine waits for the workers'
+    answer before it returns to its busy loop (their errors surface there)."""
+    import types
+
+    order = []
+
+    class Pending:
+        def result(self):
+            order.append("workers answered")
+            return [{"experts_ms": 0.5, "group_ms": 2.0, "group_parts": {}, "experts_prepared": True}]
+
+    class Executor:
+        def collective_rpc(self, method, args=(), non_block=False, **kw):
+            assert method == "resilient_ep_switch_groups" and non_block, (method, non_block)
+            order.append("workers sent")
+            return Pending()
+
+    j = _join(0, joined=True, latest=4)
+    j.engine.model_executor = Executor()
+    j.engine.vllm_config = None
+    j.replica = SimpleNamespace(events=lambda: [RankLoss(1, "exit", -9, 1.0, 1),
+                                                RankJoin(1, 2.0, 4)])
+    group = _Group(0, {})
+    real_allgather = group.allgather
+    group.allgather = lambda t, strict=True: (order.append("hello"), real_allgather(t))[1]
+    groups = types.ModuleType("resilient_ep.engines.vllm.groups")  # (the real one needs psutil)
+    groups.switch_parts = {}
+    groups.switch_core_group = lambda cfg, epoch: (order.append("core switched"), group)[1]
+    monkeypatch.setitem(sys.modules, groups.__name__, groups)
+    j.after_sum(_sum(4, 4), has_unfinished=True)
+    assert order == ["workers sent", "core switched", "hello", "workers answered"]
+    [record] = j.switches
+    assert record["workers"] == [{"experts_ms": 0.5, "group_ms": 2.0, "group_parts": {},
+                                  "experts_prepared": True}]
+    assert record["workers_wait_ms"] >= 0
 
 
 def test_history_stops_at_the_join():

@@ -205,23 +205,27 @@ class EngineJoin:
         if epoch <= self._incarnation("core"):
             return
         t0 = time.monotonic()
-        core = self._switch(epoch)
+        core, workers_done = self._switch(epoch)
         t1 = time.monotonic()
         e = self.engine
         mine = torch.tensor([e.step_counter, e.current_wave, int(has_unfinished)],
                             dtype=torch.int64)
         core.allgather([mine], strict=False)
         t2 = time.monotonic()
+        workers_done()
+        t3 = time.monotonic()
         record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
-                  "at": t0, "heard_ms_before": (t0 - self.heard_at) * 1e3,
+                  "workers_wait_ms": (t3 - t2) * 1e3, "at": t0,
+                  "heard_ms_before": (t0 - self.heard_at) * 1e3,
                   "workers": self.worker_switch, "core": self.core_switch}
         self.switches.append(record)
         if _has_requests(e):  # (an idle engine's next step waits for work, not for the join)
             self._measuring = record
         log.info("resilient-ep: DP%d switched to the groups of join epoch %d at step %d of "
-                 "wave %d (switch %.1f ms, of which in the workers %s; hello with the joined "
-                 "rank %.1f ms)", self.rank, epoch, e.step_counter, e.current_wave,
-                 (t1 - t0) * 1e3, self.worker_switch, (t2 - t1) * 1e3)
+                 "wave %d (switch %.1f ms; hello with the joined rank %.1f ms; then waited "
+                 "%.1f ms for the workers, whose switch took %s)", self.rank, epoch,
+                 e.step_counter, e.current_wave, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                 (t3 - t2) * 1e3, self.worker_switch)
 
     def note_step(self) -> None:
         """A step (or a dummy pass) of this engine ended. The first one after a switch made
@@ -241,33 +245,41 @@ class EngineJoin:
         self.step_ends.append(now)
 
     def _switch(self, epoch: int):
-        from .groups import switch_core_group
+        """Switch this engine core's group to the join's, and send its workers theirs
+        without waiting: the executor's queue runs the workers' switch before any later call
+        (the next step), so it overlaps this core's switch and hello. Returns the core group
+        and the call that waits for the workers (it must come before the next step)."""
+        from .groups import switch_core_group, switch_parts
 
         history = history_of(self.replica.events(), epoch)
-        got = self.engine.model_executor.collective_rpc("resilient_ep_switch_groups",
-                                                        args=(epoch, history))
-        self.worker_switch = [{**{k: round(w[k], 2) for k in ("experts_ms", "group_ms")},
-                               "group_parts": w.get("group_parts"),
-                               "experts_prepared": w.get("experts_prepared")} for w in got]
+        pending = self.engine.model_executor.collective_rpc(
+            "resilient_ep_switch_groups", args=(epoch, history), non_block=True)
         t = time.monotonic()
         core = switch_core_group(self.engine.vllm_config, epoch)
-        from .groups import switch_parts
-
         self.core_switch = {"ms": round((time.monotonic() - t) * 1e3, 2),
                             **{k: round(v, 2) if isinstance(v, float) else v
                                for k, v in switch_parts.get("core", {}).items()}}
-        return core
+
+        def workers_done() -> None:
+            got = pending.result() if hasattr(pending, "result") else pending
+            self.worker_switch = [{**{k: round(w[k], 2) for k in ("experts_ms", "group_ms")},
+                                   "group_parts": w.get("group_parts"),
+                                   "experts_prepared": w.get("experts_prepared")} for w in got]
+
+        return core, workers_done
 
     def _flip(self, epoch: int) -> None:
         """The replacement: switch to the join's groups, learn where the survivors are, take
         their step count and wave."""
         t0 = time.monotonic()
-        core = self._switch(epoch)
+        core, workers_done = self._switch(epoch)
         t1 = time.monotonic()
         none = torch.tensor([-1, -1, -1], dtype=torch.int64)
         got = core.allgather([none], strict=False)
-        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3,
-                  "hello_ms": (time.monotonic() - t1) * 1e3, "at": t0,
+        t2 = time.monotonic()
+        workers_done()
+        record = {"epoch": epoch, "switch_ms": (t1 - t0) * 1e3, "hello_ms": (t2 - t1) * 1e3,
+                  "workers_wait_ms": (time.monotonic() - t2) * 1e3, "at": t0,
                   "heard_ms_before": (t0 - self.heard_at) * 1e3,
                   "workers": self.worker_switch, "core": self.core_switch}
         self.switches.append(record)
