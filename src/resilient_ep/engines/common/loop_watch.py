@@ -1,11 +1,8 @@
 """A watch on an asyncio event loop: when the loop has run no callback for ``stall_s``, the
 stack of the loop's thread is logged once (and the stall's length when it ends).
 
-Why: an API server serves every HTTP connection it accepted from one event loop. A loop
-stuck for a few seconds stalls each of those requests, and once the loop runs again the
-keep-alive timers of idle connections may fire before the requests that came in meanwhile
-are read (libuv runs due timers before it polls): those clients see the server hang up. The
-stack names the code that held the loop.
+Why: an API server serves every HTTP connection it accepted from one event loop; a loop
+stuck for a second stalls each of those requests, and the stack names the code that held it.
 
 Cost: one callback on the loop every ``tick_s`` and one thread that wakes as often.
 """
