@@ -64,10 +64,10 @@ class LoopWatch:
                 stack = traceback.format_stack(frame) if frame is not None else []
                 current = {"at": last, "s": quiet, "stack": stack}
                 self.log.warning("resilient-ep: %s event loop has run nothing for %.1f s; its "
-                            "thread is at:\n%s", self.name, quiet, "".join(stack[-12:]))
+                                 "thread is at:\n%s", self.name, quiet, "".join(stack[-12:]))
             elif current is not None and last > current["at"]:
                 current["s"] = last - current["at"]
                 self.stalls.append(current)
-                self.log.warning("resilient-ep: %s event loop ran again after %.1f s", self.name,
-                            current["s"])
+                self.log.warning("resilient-ep: %s event loop ran again after %.1f s",
+                                 self.name, current["s"])
                 current = None

@@ -261,7 +261,7 @@ class EngineJoin:
                                for k, v in switch_parts.get("core", {}).items()}}
 
         def workers_done() -> None:
-            got = pending.result() if hasattr(pending, "result") else pending
+            got = pending.result()  # (every vLLM executor answers a non-blocking call so)
             self.worker_switch = [{**{k: round(w[k], 2) for k in ("experts_ms", "group_ms")},
                                    "group_parts": w.get("group_parts"),
                                    "experts_prepared": w.get("experts_prepared")} for w in got]
