@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -215,6 +216,24 @@ def test_a_replacement_takes_part_only_in_its_own_join():
     assert own_join_epoch(log, 1) == 10 and not takes_part(log, 1, 6, replacement=True)
     assert all(takes_part(log, 3, e.epoch, replacement=False) for e in log)  # never left
 
+
+def test_a_second_replacement_replaying_the_log_skips_its_predecessors_join():
+    """DP2 lost (epoch 1), its replacement joined (3), lost again (4): the second replacement,
+    started at epoch 4, replays the log; after the first join is applied and before the loss
+    that follows it, the first join looks like the rank's newest. It is not this process's:
+    the join it takes part in comes after the epoch it was started at (a local chaos run:
+    the second replacement flipped to epoch 3 and hung in the hello for 120 s)."""
+    from resilient_ep.engines.vllm.replacement import takes_part
+
+    log = [RankLoss(2, "exit", -9, 1.0, 1), RankJoin(2, 2.0, 3), RankLoss(2, "exit", -9, 3.0, 4),
+           RankLoss(3, "exit", -9, 4.0, 5), RankJoin(3, 5.0, 6), RankJoin(2, 6.0, 7)]
+    replaying = log[:2]  # the subscriber has applied the first join, not the loss after it
+    assert takes_part(replaying, 2, 3, replacement=True, since=0)  # (without the start epoch)
+    assert not takes_part(replaying, 2, 3, replacement=True, since=4)
+    assert not takes_part(log[:5], 2, 6, replacement=True, since=4)  # DP3's: not yet its own
+    assert takes_part(log, 2, 7, replacement=True, since=4)
+    assert not takes_part(log, 2, 3, replacement=True, since=4)
+
 def test_a_replacement_that_hangs_in_its_start_is_stopped_and_started_again(monkeypatch):
     """The rejoin's start watchdog: the first replacement never reaches READY, so it is
     stopped (and its loss seen by the authority) and another is started; the rejoin then
@@ -335,3 +354,90 @@ def test_a_survivor_plans_a_join_when_it_hears_it_and_only_writes_the_maps_at_th
     fresh.set_joined({1, 2})
     assert stale.counters["joins_computed_at_switch"] == 1
     assert torch.equal(stale.layers[0].active, fresh.layers[0].active)
+
+
+class _Replica:
+    """A membership replica that has heard ``events`` (DP ranks of 4)."""
+
+    def __init__(self, events=()):
+        from resilient_ep.membership import Membership
+
+        self.membership = Membership(4)
+        self._events = []
+        for e in events:
+            self.hear(e)
+
+    def hear(self, e):
+        if isinstance(e, RankJoin):
+            self.membership.join([e.rank])
+        else:
+            self.membership.fail([e.rank])
+        self._events.append(e)
+
+    def events(self):
+        return list(self._events)
+
+
+def _replacement(monkeypatch, replica):
+    """DP1's replacement, not joined, whose flip switches to a group where DP0 is busy."""
+    import queue
+
+    monkeypatch.setenv("RESILIENT_EP_REJOIN", "1")
+    fake = SimpleNamespace(EngineCoreRequestType=SimpleNamespace(WAKEUP="wakeup"))
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.v1", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine", fake)
+    j = _join(1, joined=False)
+    j.engine.step_counter, j.engine.engines_running = 0, False
+    j.engine.input_queue = queue.Queue()
+    j._lock, j.replica, j.held, j.held_total = threading.Lock(), replica, [], 0
+    j.flipped_by_request = 0
+    group = _Group(1, {0: torch.tensor([40, 3, 1])})
+    j._switch = lambda epoch: (j.switched.append(epoch), (group, lambda: None))[1]
+    return j
+
+
+def test_a_request_before_the_replacement_heard_of_its_admission_is_held_until_the_flip(
+        monkeypatch):
+    """The front end routes to a rank from its admission on; a replacement that has not
+    heard of it yet must not run the request on its solo groups (CI: one completion whose
+    prefill had every expert missing). It holds it, drops it on an abort, and hands it on in
+    order once it has flipped."""
+    loss = RankLoss(1, "exit", -9, 1.0, 1)
+    replica = _Replica([loss])
+    j = _replacement(monkeypatch, replica)
+    assert j.before_request("add", "a", "item-a") is False
+    assert j.before_request("add", "b", "item-b") is False
+    assert j.before_request("add", "c", "item-c") is False
+    assert j.before_request("abort", ["b"], None) is True
+    assert j.switched == [] and not j.joined and j.take_held() == []
+    assert j.before_request("utility", "", None) is True  # (status calls go on)
+
+    replica.hear(RankJoin(1, 2.0, 2))  # the news arrives, the busy loop wakes
+    j._heard(RankJoin(1, 2.0, 2))
+    assert j.engine.input_queue.get_nowait() == ("wakeup", None)
+    j.on_wake()
+    assert j.joined and j.switched == [2]
+    assert (j.engine.step_counter, j.engine.current_wave) == (40, 3)
+    assert j.take_held() == ["item-a", "item-c"] and j.take_held() == []
+    assert j.held_total == 3
+    assert j.before_request("add", "d", "item-d") is True  # joined: taken as it comes
+
+
+def test_a_request_after_the_admission_reached_the_replica_flips_the_replacement_first(
+        monkeypatch):
+    """The replica holds the admission but its news (the WAKEUP) is still on the way: the
+    request flips the replacement at once, then is taken."""
+    replica = _Replica([RankLoss(1, "exit", -9, 1.0, 1), RankJoin(1, 2.0, 2)])
+    j = _replacement(monkeypatch, replica)
+    assert j.before_request("add", "a", "item-a") is True
+    assert j.joined and j.switched == [2] and j.held == [] and j.held_total == 0
+    assert j.flipped_by_request == 1
+    j.on_wake()  # the late wake-up: nothing left to do
+    assert j.switched == [2]
+
+
+def test_a_survivor_takes_every_request():
+    j = _join(0, joined=True)
+    j.held, j.held_total, j.flipped_by_request = [], 0, 0
+    assert j.before_request("add", "a", "item-a") is True and j.held == []

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_vllm_chaos_loses_nothing_and_stays_exact(tiny_model, tmp_path):
         capture_output=True, text=True, timeout=1500, env=engine_env())
     assert out.exists(), (proc.stdout[-2000:], proc.stderr[-4000:])
     r = json.loads(out.read_text())
-    detail = json.dumps({k: v for k, v in r.items() if k != "event_log"}, indent=1)[:4000]
+    detail = _detail(r, proc.stderr)
     assert r["events"] == EVENTS, detail
     assert r["requests"] > 20 and r["requests_lost"] == 0, detail
     assert r["differing"] == 0, detail
@@ -42,3 +43,23 @@ def test_vllm_chaos_loses_nothing_and_stays_exact(tiny_model, tmp_path):
                if k in ("kill", "kill-worker", "stop", "stop-worker")) >= 1, detail
     assert r["rejoins_completed"] == r["rejoins"] and not r["rejoins_unfinished"], detail
     assert proc.returncode == 0, detail
+
+
+def _detail(r: dict, stderr: str) -> str:
+    """The report (less its event log), the events' times from the start of the load and the
+    instance's own resilience log lines: what a failure on CI needs, where the files are gone."""
+    t0 = r["t_start_monotonic"]
+    timeline = [{"s": round(e["t"] - t0, 3), **{k: v for k, v in e.items()
+                                                if k in ("kind", "rank", "pause_s", "rejoin_s")}}
+                for e in r["event_log"]]
+    lines = []
+    if "log: " in stderr:
+        path = Path(stderr.split("log: ", 1)[1].split()[0])
+        if path.exists():
+            lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                     if "resilient-ep" in ln][-60:]
+    return (json.dumps({k: v for k, v in r.items() if k not in ("event_log", "metrics")},
+                       indent=1)[:4000]
+            + "\nmetrics: " + json.dumps(r.get("metrics"))
+            + "\nevents (s from the start of the load): " + json.dumps(timeline)
+            + "\nresilience log:\n" + "\n".join(ln[:300] for ln in lines))

@@ -6,9 +6,12 @@ SIGKILLed at a seeded random point of its streams. The front end fails DP1 over,
 replacement engine core at once, and the replacement loads, compiles and warms up alone,
 verifies its weights against the survivor's and the model files, and is admitted with one
 epoch. All the while DP0 serves a stream of requests; at the join it switches groups at one
-step boundary (no restart, no recompile, no step re-run). Every stream, before, across the
-kill, during the join and pinned to the new DP1 afterwards, equals the failure-free run.
-One engine start.
+step boundary (no restart, no recompile, no step re-run). The replacement hears of its own
+admission late (fault injection, ``RESILIENT_EP_JOIN_WAKE_DELAY_MS``) while short balanced
+streams keep arriving: the front end routes some to it before its flip, which it must not
+run on its solo groups (they would miss the survivor's experts). Every stream, before,
+across the kill, during the join and pinned to the new DP1 afterwards, equals the
+failure-free run. One engine start.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ SERVE_TIMEOUT_S = 900
 JOIN_TIMEOUT_S = 400
 TOKENS = 400  # long enough that the kill (timed by what the client has) finds DP1 busy
 SEED = 1203
+WAKE_DELAY_MS = 3000  # the replacement hears of its admission this late
+PROBE_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,8 @@ def server(tmp_path_factory, tiny_model):
             "--resilience-set", "detector.heartbeat_timeout_ms=5000",
             # a replacement that hangs in its start is retried in time
             "--resilience-set", "recovery.rejoin_start_timeout_s=180"]
-    srv = Server(tiny_model, args, work / "serve.log", engine_env())
+    srv = Server(tiny_model, args, work / "serve.log", engine_env(extra={
+        "RESILIENT_EP_FAULT_INJECTION": "1", "RESILIENT_EP_JOIN_WAKE_DELAY_MS": str(WAKE_DELAY_MS)}))
     try:
         srv.wait_ready(SERVE_TIMEOUT_S)
         yield srv
@@ -114,8 +120,21 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
             bad.extend((i, x.get("error"), len(x.get("tokens") or ()))
                        for i, x in enumerate(o) if x.get("tokens") != clean[i])
 
+    def probe() -> None:  # short streams the front end balances (to DP1 once admitted)
+        k = 0
+        while not done.is_set():
+            i = k % 4
+            k += 1
+            o = {}
+            stream_completion(srv, PROMPTS[i], PROBE_TOKENS, o)
+            served.append(1)
+            if o.get("tokens") != clean[i][:PROBE_TOKENS]:
+                bad.append(("probe", i, o.get("error"), o.get("tokens")))
+
     loader = threading.Thread(target=load)
+    prober = threading.Thread(target=probe)
     loader.start()
+    prober.start()
     try:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         states = []
@@ -131,6 +150,7 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
     finally:
         done.set()
         loader.join(timeout=300)
+        prober.join(timeout=300)
     assert rec.get("state") == "live", (rec, srv.tail())
     assert rec["reason"] == "respawn" and rec["epoch"] == 2
     assert states[-1] == "live" and "warming" in states, states
@@ -149,6 +169,10 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
 
     after = _status(srv)
     assert after["epoch"] == 2 and [j["dp_rank"] for j in after["joins"]] == [1]
+    # the race was there: requests reached the replacement before its join's news did
+    early = {c["dp_rank"]: c.get("requests_before_join") for c in after["counters"]}
+    assert early[1] and early[1]["held"] + early[1]["flipped_by_request"] >= 1, early
+    assert early[0] == {"held": 0, "flipped_by_request": 0}, early
     new = {r["dp_rank"]: r for r in after["ranks"]}
     assert [new[d]["state"] for d in (0, 1)] == ["live", "live"]
     assert (new[0]["pid"], new[0]["engine_pid"]) == (ranks[0]["pid"], ranks[0]["engine_pid"])

@@ -62,7 +62,9 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "equal_to_failure_free": len(done) - len(differing), "differing": len(differing),
         "differing_streamed": sum(1 for a in differing if a.stream),
         "differing_examples": [{"prompt": a.prompt, "stream": a.stream, "got": a.text,
-                                "want": w.reference[a.prompt]} for a in differing[:3]],
+                                "want": w.reference[a.prompt],
+                                "sent_s": round(a.t0 - t_start, 3),
+                                "answered_s": round(a.t1 - t_start, 3)} for a in differing[:3]],
         "longest_client_stall_s": round(max((a.max_gap_s for a in done if a.stream),
                                             default=0.0), 3),
         "poison_requests": len(chaos.poison),
@@ -107,7 +109,7 @@ def summary(r: dict) -> str:
     ]
     for e in r["lost_examples"]:
         lines.append(f"  lost: {e}")
-    if r["lost_examples"]:
+    if r["lost_examples"] or r["differing_examples"]:
         t0 = r.get("t_start_monotonic")
         for e in r["event_log"]:
             lines.append(f"  event {e['n']} at {e['t'] - t0:.3f} s: {e['kind']} "

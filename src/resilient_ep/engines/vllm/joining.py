@@ -22,6 +22,13 @@ ranks that are serving, without them noticing:
   news, switches its workers, waits for that exchange and adopts the survivors' step count
   and wave: from the next step on it runs in step with them. An idle survivor wakes for one
   pass to reach the sum.
+- **No request before the flip.** The front ends route to the rank from its admission on; the
+  replacement's own subscriber may hear of it a moment later. A request that reached it first
+  would run on the solo groups with a fresh process's expert maps: without the survivors'
+  experts, its prefill and its KV wrong (seen once in CI: every expert missing from one
+  prefill). So a request that arrives before the flip flips it at once when the admission is
+  already in this process's replica, else waits, held, until the flip (:meth:`EngineJoin.
+  before_request`).
 
 Survivors never restart, recompile or recapture anything: their only cost is the switch (a
 worker RPC and two new sockets per group) at one step boundary.
@@ -30,6 +37,7 @@ worker RPC and two new sockets per group) at one step boundary.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import time
@@ -153,15 +161,26 @@ class EngineJoin:
         _, instance = instance_of(cfg)
         self.replica = membership_replica(instance, int(cfg.parallel_config.data_parallel_size))
         self._lock = threading.Lock()
+        self.held: list[tuple[str, Any]] = []
+        """Requests (id, the engine's request item) that arrived before the flip."""
+        self.held_total = 0
+        self.flipped_by_request = 0
+        """Flips a request that arrived before the join's news made (:meth:`catch_up`)."""
         from .groups import prepare_core_groups
 
         prepare_core_groups(cfg)  # a join's group connects before the switch needs it
-        self.replica.on_join(self._heard)
+        self.replica.on_join(self._news)
         for e in self.replica.events():  # a join published before we listened
             if isinstance(e, RankJoin):
                 self._heard(e)
 
     # -- the news (the membership subscriber's thread)
+    def _news(self, join) -> None:
+        delay = _injected_wake_delay_s()
+        if delay:  # fault injection: a replacement that hears of its admission late
+            time.sleep(delay)
+        self._heard(join)
+
     def _heard(self, join) -> None:
         from .replacement import takes_part
 
@@ -175,6 +194,53 @@ class EngineJoin:
         from vllm.v1.engine import EngineCoreRequestType
 
         self.engine.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
+
+    def catch_up(self) -> None:
+        """A replacement not joined yet: a join of its own that this process's replica has
+        applied while its news (the subscriber's call of :meth:`_heard`) is still on the way,
+        acted on now (the busy loop's thread, between two steps: :meth:`on_wake`)."""
+        if self.joined:
+            return
+        for e in self.replica.events():
+            if isinstance(e, RankJoin):
+                self._heard(e)  # (it keeps the joins this process takes part in)
+        self.on_wake()
+        if self.joined:
+            self.flipped_by_request += 1
+            log.info("resilient-ep: DP%d got a request before the news of its join: joined "
+                     "first", self.rank)
+
+    def before_request(self, kind: str, rid: str | list[str], item: Any) -> bool:
+        """Whether the engine takes a client request now (the busy loop's thread). A
+        replacement before its flip: an ``add`` flips it first when its admission is known
+        here, else is held (:meth:`take_held` hands it over after the flip); an ``abort``
+        also drops the held requests it names. Anything else, and every request of a joined
+        engine, is taken as it comes."""
+        if self.joined:
+            return True
+        if kind == "abort":
+            ids = {rid} if isinstance(rid, str) else set(rid)
+            self.held = [(r, it) for r, it in self.held if r not in ids]
+            return True
+        if kind != "add":
+            return True
+        self.catch_up()
+        if self.joined:
+            return True
+        self.held.append((str(rid), item))
+        self.held_total += 1
+        log.info("resilient-ep: DP%d got request %s before its join took effect here: held "
+                 "until it has joined (%d held)", self.rank, rid, len(self.held))
+        return False
+
+    def take_held(self) -> list[Any]:
+        """The requests held before the flip, in arrival order, once joined (else none)."""
+        if not self.joined or not self.held:
+            return []
+        out, self.held = [it for _, it in self.held], []
+        log.info("resilient-ep: DP%d joined: takes the %d request(s) it held", self.rank,
+                 len(out))
+        return out
 
     def pending(self) -> int:
         """The newest join epoch this engine has not switched to (0: none)."""
@@ -300,6 +366,15 @@ class EngineJoin:
             e.engines_running, e.step_counter, e.current_wave = False, 0, wave + 1
         log.info("resilient-ep: DP%d joined at epoch %d: step %d of wave %d, busy %s",
                  self.rank, epoch, step, wave, bool(busy))
+
+
+def _injected_wake_delay_s() -> float:
+    """Tests: ``RESILIENT_EP_FAULT_INJECTION=1`` with ``RESILIENT_EP_JOIN_WAKE_DELAY_MS``
+    makes a replacement's subscriber pass the news of a join on that much later (the front
+    ends route to the rank meanwhile: the race of :meth:`EngineJoin.before_request`)."""
+    if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1" or not is_replacement():
+        return 0.0
+    return float(os.environ.get("RESILIENT_EP_JOIN_WAKE_DELAY_MS", "0") or 0) / 1000.0
 
 
 def _has_requests(engine: Any) -> bool:

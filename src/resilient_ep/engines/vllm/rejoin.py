@@ -319,7 +319,7 @@ class Rejoiner:
     def _spawn(self, rank: int, handshake_address: str, export: str | None = None):
         import multiprocessing
 
-        from .replacement import EXPERTS_ENV, REJOIN_ENV
+        from .replacement import EXPERTS_ENV, REJOIN_ENV, SINCE_ENV
 
         h = self.host
         manager = h.manager
@@ -339,7 +339,10 @@ class Rejoiner:
         # Its workers are fresh interpreters too: a fork of the replacement's engine core
         # hung now and then in its start (right after vLLM made it, before its memory
         # binding, twice in a row in one CI run), while the first engine cores' forks never did.
-        env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export,
+        membership = getattr(h.monitor, "membership", None)
+        # Its own join comes after this epoch (``replacement.takes_part``).
+        since = str(membership.epoch) if membership is not None else None
+        env = {REJOIN_ENV: str(rank), EXPERTS_ENV: export, SINCE_ENV: since,
                "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
         with self._spawn_lock:  # the environment a spawned child starts with
             old = {k: os.environ.get(k) for k in env}

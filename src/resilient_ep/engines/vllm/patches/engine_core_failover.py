@@ -232,7 +232,10 @@ def apply() -> None:
                 "fallback_recoveries": len(RECOVERIES),
                 "fallback_requests_recomputed": sum(r["requests"] for r in RECOVERIES),
                 **_group_view(current_core_group()), "workers": workers,
-                "join_switches": list(join.switches) if join is not None else []}
+                "join_switches": list(join.switches) if join is not None else [],
+                "requests_before_join": {"held": join.held_total,
+                                         "flipped_by_request": join.flipped_by_request}
+                if join is not None else {}}
 
     def _group_view(group):
         return {} if group is None else {"epoch": group.epoch, "live": group.live,

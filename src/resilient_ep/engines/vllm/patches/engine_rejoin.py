@@ -9,8 +9,12 @@ coordinator's ``START_DP_WAVE`` before it has joined.
 How (only in a process with ``RESILIENT_EP_REJOIN`` set, i.e. a replacement, or for the
 join wake-ups of any failover-enabled engine): ``_init_data_parallel`` sets the DP rank and
 size and no DP group (its only per-step use, the busy sum, runs on the failover group);
-``_handle_client_request`` ignores ``START_DP_WAVE`` until the replacement joined, and after
-each ``WAKEUP`` lets the engine act on a join it heard of
+``_handle_client_request`` ignores ``START_DP_WAVE`` until the replacement joined, holds a
+request that reaches it before its flip (the front end routes to it from its admission on;
+run on the solo groups, the request would miss the survivors' experts) unless the admission
+is known here already, which flips it first (:meth:`~resilient_ep.engines.vllm.joining.
+EngineJoin.before_request`), hands the held requests on once joined, and after each
+``WAKEUP`` lets the engine act on a join it heard of
 (:meth:`~resilient_ep.engines.vllm.joining.EngineJoin.on_wake`). Otherwise the originals run.
 """
 
@@ -76,11 +80,20 @@ def apply() -> None:
         from ..joining import engine_join
 
         join = engine_join(self)
-        if request_type == EngineCoreRequestType.START_DP_WAVE and not join.joined:
-            return None  # a replacement steps only once it has joined
+        if not join.joined:  # a replacement, before its flip
+            if request_type == EngineCoreRequestType.START_DP_WAVE:
+                return None  # it steps only once it has joined
+            if request_type == EngineCoreRequestType.ADD:
+                if not join.before_request("add", request[0].request_id,
+                                           (request_type, request)):
+                    return None  # held: it would run without the survivors' experts
+            elif request_type == EngineCoreRequestType.ABORT:
+                join.before_request("abort", list(request), None)
         out = orig_handle(self, request_type, request)
         if request_type == EngineCoreRequestType.WAKEUP:
             join.on_wake()
+        for held_type, held in join.take_held():  # joined now: what it held, in order
+            orig_handle(self, held_type, held)
         return out
 
     cls._init_data_parallel = mark(_init_data_parallel, NAME, orig_init)
