@@ -7,9 +7,9 @@ replacement engine core at once, and the replacement loads, compiles and warms u
 verifies its weights against the survivor's and the model files, and is admitted with one
 epoch. All the while DP0 serves a stream of requests; at the join it switches groups at one
 step boundary (no restart, no recompile, no step re-run). The replacement hears of its own
-admission late (fault injection, ``RESILIENT_EP_JOIN_WAKE_DELAY_MS``) while short balanced
-streams keep arriving: the front end routes some to it before its flip, which it must not
-run on its solo groups (they would miss the survivor's experts). Every stream, before,
+admission late (fault injection, ``RESILIENT_EP_JOIN_WAKE_DELAY_MS``) while short streams
+for DP1 keep arriving: the front end routes them to it from its admission on, before its
+flip; it must not run them on its solo groups (they would miss the survivor's experts). Every stream, before,
 across the kill, during the join and pinned to the new DP1 afterwards, equals the
 failure-free run. One engine start.
 """
@@ -120,16 +120,21 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
             bad.extend((i, x.get("error"), len(x.get("tokens") or ()))
                        for i, x in enumerate(o) if x.get("tokens") != clean[i])
 
-    def probe() -> None:  # short streams the front end balances (to DP1 once admitted)
+    probes: list[tuple[int, dict, threading.Thread]] = []
+
+    def probe() -> None:
+        """A short stream for DP1 every 0.25 s, each in its own thread (one still running on
+        DP0 while it waits for the join's hello must not hold the next back): sent to DP0
+        while DP1 is out, to the replacement from its admission on."""
         k = 0
         while not done.is_set():
-            i = k % 4
+            i, o = k % 4, {}
             k += 1
-            o = {}
-            stream_completion(srv, PROMPTS[i], PROBE_TOKENS, o)
-            served.append(1)
-            if o.get("tokens") != clean[i][:PROBE_TOKENS]:
-                bad.append(("probe", i, o.get("error"), o.get("tokens")))
+            t = threading.Thread(target=stream_completion,
+                                 args=(srv, PROMPTS[i], PROBE_TOKENS, o, 1))
+            t.start()
+            probes.append((i, o, t))
+            done.wait(0.25)
 
     loader = threading.Thread(target=load)
     prober = threading.Thread(target=probe)
@@ -151,6 +156,12 @@ def test_a_killed_worker_respawns_and_rejoins_while_the_survivor_serves(server):
         done.set()
         loader.join(timeout=300)
         prober.join(timeout=300)
+        for i, o, t in probes:
+            t.join(timeout=300)
+            served.append(1)
+            if o.get("tokens") != clean[i][:PROBE_TOKENS]:
+                bad.append(("probe", i, o.get("error"), o.get("tokens")))
+    assert not any(t.is_alive() for _, _, t in probes)
     assert rec.get("state") == "live", (rec, srv.tail())
     assert rec["reason"] == "respawn" and rec["epoch"] == 2
     assert states[-1] == "live" and "warming" in states, states
