@@ -214,8 +214,11 @@ class VllmTarget(Target):
         # when the launcher is slow to answer: wait until every record has ended.
         while True:
             st = self.status()
-            recs = [{"rank": r["rank"], "state": r["state"], "error": r.get("error")}
-                    for r in st.get("rejoins") or []]
+            if "error" in st:  # the status did not answer: nothing is known to have ended
+                recs = [{"rank": None, "state": "unknown", "error": st["error"]}]
+            else:
+                recs = [{"rank": r["rank"], "state": r["state"], "error": r.get("error")}
+                        for r in st.get("rejoins") or []]
             ended = all(r["state"] in ("live", "failed") for r in recs)
             if (ended and not st.get("rejoins_stale")) or time.monotonic() >= end:
                 return recs
