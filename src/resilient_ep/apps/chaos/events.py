@@ -144,6 +144,7 @@ class Chaos:
                                        or after[0] - before[0] != len(joined))
         if joined:
             ev["joined_meanwhile"] = sorted(joined)
+            ev["joining_before"] = sorted(joining)
         self.forged += sent
         self.forged_changes += int(changed)
 

@@ -74,6 +74,7 @@ def run_chaos(target: Target, *, events: int, seed: int, clients: int, prompts: 
         "rejoins": sum(1 for e in chaos.events if e["kind"] == "rejoin" and "rejoin_s" in e),
         "rejoins_completed": sum(1 for r in rejoins if r["state"] == "live"),
         "rejoins_unfinished": [r for r in rejoins if r["state"] != "live"],
+        "rejoins_given_up": list(getattr(target, "dropped_joins", [])),
         "clients_drained": drained,
         "final": {"epoch": status.get("epoch"),
                   "live": [r["rank"] for r in status.get("ranks", []) if r.get("state") == "live"]},

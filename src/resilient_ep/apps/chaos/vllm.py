@@ -112,6 +112,7 @@ class VllmTarget(Target):
                 "repairable_deaths", 1))
             self.replica = membership_replica(self.instance, dp)
             self.joining: set[int] = set()  # rejoins asked for, not admitted yet
+            self.dropped_joins: list[dict] = []  # rejoins the status said had failed
         except BaseException:
             self.close()
             raise
@@ -192,6 +193,9 @@ class VllmTarget(Target):
             for r in st.get("ranks", []):
                 if r["dp_rank"] in done and r.get("pid"):
                     self.pids[r["dp_rank"]] = (r["engine_pid"], r["pid"])
+        if failed:  # (a rank taken out of the joins by its status, not by the membership)
+            self.dropped_joins.extend({"rank": r, "at": round(time.monotonic(), 3),
+                                       "record": last.get(r)} for r in sorted(failed))
         self.joining -= done | failed
 
     def victims(self) -> list[int]:
