@@ -132,19 +132,20 @@ class Chaos:
     def _forge(self, ev) -> None:
         self._quiescent()
         joining = set(getattr(self.t, "joining", ()))  # rejoins under way may land meanwhile
-        before = (self.t.epoch(), set(self.t.live()))
+        before = self.t.membership_now()
         ev["epoch_before"] = before[0]
         ev["packets"] = sent = self.t.forge(self.rng, 300)
         time.sleep(max(0.3, self.t.hang_timeout_s * 0.5))
-        after = (self.t.epoch(), set(self.t.live()))
+        after = self.t.membership_now()
         joined = after[1] - before[1]
         # a change is a rank lost, a rank taken in that was not joining, or an epoch moved
         # by anything but those joins
         ev["changed"] = changed = bool(before[1] - after[1] or joined - joining
                                        or after[0] - before[0] != len(joined))
-        if joined:
+        if joined or changed:
             ev["joined_meanwhile"] = sorted(joined)
             ev["joining_before"] = sorted(joining)
+            ev["live_before_after"] = [sorted(before[1]), sorted(after[1])]
         self.forged += sent
         self.forged_changes += int(changed)
 

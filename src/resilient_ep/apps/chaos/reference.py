@@ -61,6 +61,10 @@ class ReferenceTarget(Target):
     def epoch(self) -> int:
         return self.coord.membership.epoch
 
+    def membership_now(self) -> tuple[int, set[int]]:
+        view = self.coord.membership.view()
+        return view.epoch, set(view.live_ranks)
+
     def rejoinable(self) -> list[int]:
         """Dead ranks (a fenced one wakes up and is taken back by the coordinator itself)."""
         from ...membership import RankState

@@ -158,6 +158,12 @@ class VllmTarget(Target):
     def epoch(self) -> int:
         return self.replica.membership.epoch
 
+    def membership_now(self) -> tuple[int, set[int]]:
+        if getattr(self, "joining", None):
+            self._settle_joins()  # a rank just admitted: its new processes
+        view = self.replica.membership.view()
+        return view.epoch, set(view.live_ranks)
+
     def rejoinable(self) -> list[int]:
         self._settle_joins()
         return [r for r in self.lost() if r not in self.joining]
