@@ -147,9 +147,7 @@ class VllmTarget(Target):
 
     # ------------------------------------------------------------------ the target
     def live(self) -> list[int]:
-        if getattr(self, "joining", None):
-            self._settle_joins()  # a rank just admitted: its new processes
-        return list(self.replica.membership.view().live_ranks)
+        return sorted(self.membership_now()[1])
 
     def lost(self) -> list[int]:
         view = self.replica.membership.view()

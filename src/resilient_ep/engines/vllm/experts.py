@@ -46,6 +46,7 @@ from resilient_ep.recovery import PreparedJoin, RecoveryOrchestrator
 from resilient_ep.repair import HostBackup, RepairProgress, candidates
 
 from .expert_weights import copy_slot, disk_expert, slot_params
+from .faults import injected_delay_s
 
 __all__ = ["ExpertPlan", "ExpertState", "state_for", "current", "reset", "set_dead_ranks", "prepare_joined",
            "before_moe", "after_load", "skip_disk_experts"]
@@ -262,7 +263,7 @@ class ExpertState:
         for r in ep_ranks:
             wanted |= set(self.plan.layout.experts_on_rank(0, int(r)))
         wrote, nbytes, t0 = [], 0, time.monotonic()
-        delay = _injected_delay_s("RESILIENT_EP_EXPORT_DELAY_MS")
+        delay = injected_delay_s("RESILIENT_EP_EXPORT_DELAY_MS")
         if delay and wanted & set(mine):  # fault injection: a slow export, to die in the middle
             mark = os.environ.get("RESILIENT_EP_EXPORT_MARK_DIR")
             if mark:  # of: it says when it starts
@@ -390,7 +391,7 @@ class ExpertState:
                            host_has=self._host_has, disk=self.disk_ok is not False,
                            exclude_slots=[slot])
         local = slot - self.rank * self.plan.slots_per_rank
-        delay = _injected_delay_s("RESILIENT_EP_REPAIR_DELAY_MS")
+        delay = injected_delay_s("RESILIENT_EP_REPAIR_DELAY_MS")
         if delay:
             time.sleep(delay)  # fault injection: a slow source (the MoE passes must wait)
         for c in cands:
@@ -492,16 +493,6 @@ class ExpertState:
         S = self.plan.slots_per_rank
         slots = active[0][(active[0] >= self.rank * S) & (active[0] < (self.rank + 1) * S)]
         return int(self.shadow_mask[slots].sum())
-
-
-def _injected_delay_s(name: str) -> float:
-    """Tests: ``RESILIENT_EP_FAULT_INJECTION=1`` with ``RESILIENT_EP_REPAIR_DELAY_MS`` makes
-    every repair copy start that much later (a slow source), with
-    ``RESILIENT_EP_EXPORT_DELAY_MS`` every expert a survivor exports for a rejoin (and the
-    export, when it starts, creates ``export-ep<rank>`` in ``RESILIENT_EP_EXPORT_MARK_DIR``)."""
-    if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1":
-        return 0.0
-    return float(os.environ.get(name, "0") or 0) / 1000.0
 
 
 # ---------------------------------------------------------------------- per process

@@ -27,8 +27,8 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["ACTIONS", "InjectedDeviceError", "arm", "enabled", "fired_at", "maybe_fault",
-           "trigger_path"]
+__all__ = ["ACTIONS", "InjectedDeviceError", "arm", "enabled", "fired_at", "injected_delay_s",
+           "maybe_fault", "trigger_path"]
 
 _ENABLED = os.environ.get("RESILIENT_EP_FAULT_INJECTION") == "1"
 
@@ -41,6 +41,18 @@ class InjectedDeviceError(RuntimeError):
 
 def enabled() -> bool:
     return _ENABLED
+
+
+def injected_delay_s(name: str) -> float:
+    """Seconds of an injected slowness, ``0`` unless ``RESILIENT_EP_FAULT_INJECTION=1``:
+    ``RESILIENT_EP_REPAIR_DELAY_MS`` makes every repair copy start that much later (a slow
+    source), ``RESILIENT_EP_EXPORT_DELAY_MS`` every expert a survivor exports for a rejoin
+    (and the export, when it starts, creates ``export-ep<rank>`` in
+    ``RESILIENT_EP_EXPORT_MARK_DIR``), ``RESILIENT_EP_JOIN_WAKE_DELAY_MS`` a replacement's
+    news of its join (the front ends route to the rank meanwhile)."""
+    if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1":
+        return 0.0
+    return float(os.environ.get(name, "0") or 0) / 1000.0
 
 
 def trigger_path(instance: str, dp_rank: int) -> Path:

@@ -37,7 +37,6 @@ worker RPC and two new sockets per group) at one step boundary.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import threading
 import time
@@ -176,7 +175,9 @@ class EngineJoin:
 
     # -- the news (the membership subscriber's thread)
     def _news(self, join) -> None:
-        delay = _injected_wake_delay_s()
+        from .faults import injected_delay_s
+
+        delay = injected_delay_s("RESILIENT_EP_JOIN_WAKE_DELAY_MS") if is_replacement() else 0
         if delay:  # fault injection: a replacement that hears of its admission late
             time.sleep(delay)
         self._heard(join)
@@ -366,15 +367,6 @@ class EngineJoin:
             e.engines_running, e.step_counter, e.current_wave = False, 0, wave + 1
         log.info("resilient-ep: DP%d joined at epoch %d: step %d of wave %d, busy %s",
                  self.rank, epoch, step, wave, bool(busy))
-
-
-def _injected_wake_delay_s() -> float:
-    """Tests: ``RESILIENT_EP_FAULT_INJECTION=1`` with ``RESILIENT_EP_JOIN_WAKE_DELAY_MS``
-    makes a replacement's subscriber pass the news of a join on that much later (the front
-    ends route to the rank meanwhile: the race of :meth:`EngineJoin.before_request`)."""
-    if os.environ.get("RESILIENT_EP_FAULT_INJECTION") != "1" or not is_replacement():
-        return 0.0
-    return float(os.environ.get("RESILIENT_EP_JOIN_WAKE_DELAY_MS", "0") or 0) / 1000.0
 
 
 def _has_requests(engine: Any) -> bool:
